@@ -1,0 +1,81 @@
+"""`bnlab` command line: parse, validate early, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bnlab.config import ConfigError, apply_overrides, load_config, validate
+from bnlab.data import DataError
+
+OVERRIDE_PREFIX = "--config."
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments."""
+    rest, overrides, i = [], {}, 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            key, eq, value = arg[len(OVERRIDE_PREFIX) :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnlab", description="Batch normalization research on MNIST with JAX/Flax."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train one model from an experiment file",
+        description="Train one model. Override any config field with --config.GROUP.FIELD=VALUE "
+        "(e.g. --config.model.norm=none --config.train.epochs=1).",
+    )
+    train.add_argument("--config", required=True, help="experiment file defining get_config()")
+    train.add_argument(
+        "--workdir", required=True, help="output folder (created; never overwritten)"
+    )
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from bnlab.run import prepare_workdir, run  # heavy imports only once the input is valid
+
+    cfg = validate(apply_overrides(load_config(args.config), overrides))
+    prepare_workdir(args.workdir)
+    summary = run(cfg, args.workdir, progress=not args.no_progress)
+    print(
+        f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
+        f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={args.workdir}"
+    )
+    return 0 if summary["status"] == "ok" else 3
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = split_overrides(argv)
+        args = _parser().parse_args(rest)
+        return COMMANDS[args.command](args, overrides)
+    except (ConfigError, DataError) as err:
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

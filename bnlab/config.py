@@ -1,0 +1,295 @@
+"""The default configuration, loading experiment files, dotted overrides, and validation.
+
+Experiments are Python files whose `get_config()` returns an `ml_collections.ConfigDict`
+(usually `default_config()` with a few fields changed). The code uses the validated, typed,
+frozen `Config` that `validate` returns.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+MNIST_DIR_ENV = "BNLAB_MNIST_DIR"
+TASKS = ("mnist10", "binary01")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Base config: the reference CNN with BN on 10-class MNIST, SGD with momentum."""
+    c = ml_collections.ConfigDict()
+    c.model = dict(
+        name="cnn",  # "cnn" (reference CNN) | "mlp" (Ioffe & Szegedy Fig. 1 MLP)
+        norm="batchnorm",  # "batchnorm" | "none"
+        placement="before",  # normalization "before" | "after" the nonlinearity
+        activation="relu",  # "relu" | "sigmoid" | "tanh"
+        init="lecun_normal",  # kernel init: "lecun_normal" | "he_normal" | "normal"
+        init_std=0.01,  # standard deviation of the "normal" init
+        conv_impl="im2col",  # CNN convolutions: "im2col" (fast on CPU) | "xla" (cuDNN on GPU)
+    )
+    c.norm = dict(
+        momentum=0.99,  # weight of the old running statistics (flax convention)
+        epsilon=1e-5,  # added to the variance
+        convention="flax",  # running variance "flax" (biased) | "torch" (unbiased)
+        backward="analytic",  # gradient: "analytic" (custom VJP) | "autodiff"
+    )
+    c.opt = dict(
+        name="momentum",  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad
+        lr=0.05,  # peak learning rate
+        momentum=0.9,  # momentum / nesterov / rmsprop momentum
+        b1=0.9,  # adam/adamw first-moment decay
+        b2=0.999,  # adam/adamw second-moment decay
+        eps=1e-8,  # adam/adamw/rmsprop/adagrad denominator epsilon
+        decay=0.9,  # rmsprop squared-gradient decay
+        weight_decay=0.0,  # L2 factor added to the gradient (decoupled for adamw)
+        schedule="constant",  # constant | step | exponential | cosine | warmup_cosine
+        boundaries=(0.5, 0.75),  # step: fractions of training where lr *= decay_rate
+        decay_rate=0.1,  # step: factor per boundary; exponential: factor over the whole run
+        warmup_steps=0,  # warmup_cosine: linear warmup length in steps
+        clip="none",  # none | global_norm | value
+        clip_value=1.0,  # max global norm ("global_norm") or max |g| ("value")
+    )
+    c.data = dict(
+        mnist_dir=config_dict.placeholder(
+            str
+        ),  # local IDX folder; None: $BNLAB_MNIST_DIR or TFDS download
+        tfds_dir=config_dict.placeholder(str),  # TFDS data dir; None: TFDS's default
+        task="mnist10",  # "mnist10" (10 classes) | "binary01" (digits 0 vs 1)
+        train_size=0,  # use the first N training examples (0: all)
+    )
+    c.train = dict(
+        epochs=2,  # passes over the training set
+        batch_size=128,  # examples per step
+        eval_batch_size=1000,  # examples per evaluation step
+        seed=0,  # seeds init and data order
+        log_every_steps=50,  # train metrics averaged over this many steps per record
+    )
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    norm: str
+    placement: str
+    activation: str
+    init: str
+    init_std: float
+    conv_impl: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+    momentum: float
+    epsilon: float
+    convention: str
+    backward: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    name: str
+    lr: float
+    momentum: float
+    b1: float
+    b2: float
+    eps: float
+    decay: float
+    weight_decay: float
+    schedule: str
+    boundaries: tuple[float, ...]
+    decay_rate: float
+    warmup_steps: int
+    clip: str
+    clip_value: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    mnist_dir: str | None
+    tfds_dir: str | None
+    task: str
+    train_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    log_every_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    norm: NormConfig
+    opt: OptConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_GROUPS = {
+    "model": ModelConfig,
+    "norm": NormConfig,
+    "opt": OptConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Imports an experiment file and returns its `get_config()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass e.g. experiments/mnist_cnn.py"
+        )
+    spec = importlib.util.spec_from_file_location(f"bnlab_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(); an experiment file must define one.")
+    return module.get_config()
+
+
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: dict[str, str]
+) -> ml_collections.ConfigDict:
+    """Sets dotted keys (`"opt.lr" -> "0.1"`) on a copy of `cfg`, parsing values as literals."""
+    cfg = copy.deepcopy(cfg)
+    for key, text in overrides.items():
+        parent, leaf = _resolve(cfg, key)
+        value = parse_value(text)
+        old = parent[leaf]
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            parent[leaf] = value
+        except TypeError as err:
+            raise ConfigError(
+                f"--config.{key}={text}: expected a value of type {type(old).__name__}, "
+                f"got {type(value).__name__} ({value!r})."
+            ) from err
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """`"0.1" -> 0.1`, `"(1, 2)" -> (1, 2)`, `"None" -> None`, `"true" -> True`, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _resolve(cfg, key):
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(
+                f"unknown config key {key!r}: {where} has no field {part!r}. Known fields: {known}."
+            )
+        if i < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def validate(cfg: ml_collections.ConfigDict) -> Config:
+    """Checks every field and returns the typed config; `ConfigError` lists all problems."""
+    raw = cfg.to_dict()
+    problems = [f"unknown config group {g!r}" for g in raw if g not in _GROUPS]
+    groups = {}
+    for name, cls in _GROUPS.items():
+        values = dict(raw.get(name, {}))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        problems += [f"unknown field {name}.{k}" for k in values if k not in fields]
+        problems += [f"missing field {name}.{k}" for k in sorted(fields - values.keys())]
+        groups[name] = {k: v for k, v in values.items() if k in fields}
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    data = groups["data"]
+    if data["mnist_dir"] is None:
+        data["mnist_dir"] = os.environ.get(MNIST_DIR_ENV) or None
+    groups["opt"]["boundaries"] = tuple(groups["opt"]["boundaries"])
+    config = Config(**{name: cls(**groups[name]) for name, cls in _GROUPS.items()})
+    problems = _check_values(config)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _check_values(c: Config) -> list[str]:
+    # Local imports keep config a leaf: these modules only provide the name tables.
+    from bnlab import models, norm, optim
+
+    p = []
+
+    def choice(key, value, options):
+        if value not in options:
+            p.append(f"{key}={value!r} is not one of {sorted(options)}")
+
+    choice("model.name", c.model.name, models.MODELS)
+    choice("model.norm", c.model.norm, models.NORMS)
+    choice("model.placement", c.model.placement, models.PLACEMENTS)
+    choice("model.activation", c.model.activation, models.ACTIVATIONS)
+    choice("model.init", c.model.init, models.INITS)
+    choice("model.conv_impl", c.model.conv_impl, models.CONV_IMPLS)
+    choice("norm.convention", c.norm.convention, norm.CONVENTIONS)
+    choice("norm.backward", c.norm.backward, norm.BACKWARDS)
+    choice("opt.name", c.opt.name, optim.OPTIMIZERS)
+    choice("opt.schedule", c.opt.schedule, optim.SCHEDULES)
+    choice("opt.clip", c.opt.clip, optim.CLIPS)
+    choice("data.task", c.data.task, TASKS)
+    if not 0.0 <= c.norm.momentum <= 1.0:
+        p.append(
+            f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of the old statistics)"
+        )
+    for key, value in (
+        ("norm.epsilon", c.norm.epsilon),
+        ("opt.lr", c.opt.lr),
+        ("opt.clip_value", c.opt.clip_value),
+        ("model.init_std", c.model.init_std),
+        ("train.epochs", c.train.epochs),
+        ("train.batch_size", c.train.batch_size),
+        ("train.eval_batch_size", c.train.eval_batch_size),
+        ("train.log_every_steps", c.train.log_every_steps),
+    ):
+        if not value > 0:
+            p.append(f"{key}={value} must be > 0")
+    for key, value in (
+        ("opt.weight_decay", c.opt.weight_decay),
+        ("data.train_size", c.data.train_size),
+    ):
+        if value < 0:
+            p.append(f"{key}={value} must be >= 0")
+    if not all(0.0 < b < 1.0 for b in c.opt.boundaries):
+        p.append(f"opt.boundaries={c.opt.boundaries} must be fractions of training in (0, 1)")
+    if c.data.train_size and c.data.train_size < c.train.batch_size:
+        p.append(
+            f"data.train_size={c.data.train_size} is smaller than train.batch_size="
+            f"{c.train.batch_size}; raise train_size or lower batch_size"
+        )
+    return p

@@ -1,0 +1,86 @@
+"""Thin Flax linen wrappers around `bnlab.norm`: they only declare variables and delegate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bnlab import norm
+from bnlab.types import Array
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization whose variables match `flax.linen.BatchNorm` exactly.
+
+    Variables: `params/scale`, `params/bias`, `batch_stats/mean`, `batch_stats/var`, so a
+    variable dict moves between this module and flax's unchanged. Call it with
+    `mutable=["batch_stats"]` when `use_running_average=False` (training).
+    """
+
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    axis: int | Sequence[int] = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_scale: bool = True
+    use_bias: bool = True
+    convention: norm.Convention = "flax"
+    backward: norm.Backward = "analytic"
+    param_dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool) -> Array:
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        feature_shape = tuple(x.shape[a] for a in axes)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+        scale = (
+            self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+            if self.use_scale
+            else None
+        )
+        bias = (
+            self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        training = not use_running_average
+        initializing = self.is_initializing()
+        if training and not initializing and not self.is_mutable_collection("batch_stats"):
+            raise ValueError(
+                f"{self.name or 'BatchNorm'}: training mode (use_running_average=False) updates "
+                "the running statistics; call apply(..., mutable=['batch_stats']) and keep the "
+                "returned batch_stats, or pass use_running_average=True to evaluate."
+            )
+        y, new_stats = norm.batch_norm(
+            x,
+            {"mean": mean.value, "var": var.value},
+            scale,
+            bias,
+            training=training,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            convention=self.convention,
+            backward=self.backward,
+        )
+        # Like flax: initialization computes the output but leaves the statistics at 0/1.
+        if training and not initializing:
+            mean.value, var.value = new_stats["mean"], new_stats["var"]
+        return y
+
+
+class Identity(nn.Module):
+    """The "none" normalization: same call signature as `BatchNorm`, no variables."""
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool) -> Array:
+        del use_running_average  # nothing to normalize
+        return x

@@ -1,0 +1,152 @@
+"""Models with an injected normalization layer, so an ablation swaps it without touching them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnlab.layers import BatchNorm, Identity
+from bnlab.types import Array
+
+ModuleDef = Any
+
+NORMS: dict[str, ModuleDef] = {"batchnorm": BatchNorm, "none": Identity}
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+}
+PLACEMENTS = ("before", "after")
+INITS: dict[str, Callable[[float], Callable]] = {
+    "lecun_normal": lambda std: nn.initializers.lecun_normal(),
+    "he_normal": lambda std: nn.initializers.he_normal(),
+    "normal": nn.initializers.normal,  # "small random Gaussian values" of Ioffe & Szegedy
+}
+
+
+class _NormAct(nn.Module):
+    """Normalization and nonlinearity in the order that `placement` names."""
+
+    norm: ModuleDef
+    act: Callable[[Array], Array]
+    placement: str = "before"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        layer = self.norm(name="norm")
+        if self.placement == "before":
+            return self.act(layer(x, use_running_average=not train))
+        return layer(self.act(x), use_running_average=not train)
+
+
+class MLP(nn.Module):
+    """Ioffe & Szegedy (2015) Fig. 1 network: 784-100-100-100-10, sigmoid by default."""
+
+    norm: ModuleDef = Identity
+    hidden: Sequence[int] = (100, 100, 100)
+    num_classes: int = 10
+    act: Callable[[Array], Array] = nn.sigmoid
+    placement: str = "before"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, kernel_init=self.kernel_init, name=f"dense{i}")(x)
+            x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
+
+
+class Conv(nn.Module):
+    """Stride-1 SAME convolution with the variables of `flax.linen.Conv` (`kernel` HWIO, `bias`).
+
+    `impl="im2col"` gathers the kh*kw shifted copies of the input and does one matmul. On CPU,
+    XLA's convolution gradient w.r.t. the kernel is slow, and over 10x slower inside a loop
+    (`lax.scan`), while matmuls stay fast; `impl="xla"` uses `lax.conv_general_dilated`.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    impl: str = "im2col"
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: Array) -> Array:
+        kh, kw = self.kernel_size
+        cin = x_BxHxWxC.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.impl == "xla":
+            y = jax.lax.conv_general_dilated(
+                x_BxHxWxC, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        else:
+            y = _im2col_conv(x_BxHxWxC, kernel)
+        return y + bias
+
+
+def _im2col_conv(x_BxHxWxC: Array, kernel: Array) -> Array:
+    kh, kw, cin, cout = kernel.shape
+    b, h, w, _ = x_BxHxWxC.shape
+    top, left = (kh - 1) // 2, (kw - 1) // 2  # SAME padding, as lax.conv
+    padded = jnp.pad(x_BxHxWxC, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    patches = jnp.concatenate(
+        [padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    return (patches.reshape(b * h * w, kh * kw * cin) @ kernel.reshape(-1, cout)).reshape(
+        b, h, w, cout
+    )
+
+
+CONV_IMPLS = ("im2col", "xla")
+
+
+class CNN(nn.Module):
+    """Reference CNN: conv3x3(32)-N-relu-avgpool2, conv3x3(64)-N-relu-avgpool2,
+    dense(256)-N-relu, dense(10)."""
+
+    norm: ModuleDef = BatchNorm
+    num_classes: int = 10
+    act: Callable[[Array], Array] = nn.relu
+    placement: str = "before"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    conv_impl: str = "im2col"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        for i, features in enumerate((32, 64)):
+            conv = Conv(
+                features, kernel_init=self.kernel_init, impl=self.conv_impl, name=f"conv{i}"
+            )
+            x = conv(x)
+            x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
+            x = avg_pool2(x)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(256, kernel_init=self.kernel_init, name="dense")(x)
+        x = _NormAct(self.norm, self.act, self.placement, name="block2")(x, train)
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
+
+
+def avg_pool2(x_BxHxWxC: Array) -> Array:
+    """2x2 average pooling with stride 2 (odd trailing rows/columns dropped, as VALID pooling)."""
+    b, h, w, c = x_BxHxWxC.shape
+    x = x_BxHxWxC[:, : h // 2 * 2, : w // 2 * 2]
+    return jnp.mean(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+
+
+def make_norm(name: str, **kwargs) -> ModuleDef:
+    """A normalization layer factory by name; `kwargs` go to the layer (e.g. momentum)."""
+    if name not in NORMS:
+        raise ValueError(f"unknown norm {name!r}; known: {sorted(NORMS)}")
+    if name == "none":
+        return Identity
+    return functools.partial(NORMS[name], **kwargs)

@@ -1,0 +1,195 @@
+"""Training: an explicit train state, a pure train step, epochs scanned on device, evaluation."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from bnlab import data as data_lib
+from bnlab import models
+from bnlab.config import Config
+from bnlab.types import Array, BatchStats, Params
+
+Metrics = dict[str, Array]
+
+
+class TrainState(NamedTuple):
+    step: Array  # int32[], optimizer steps taken
+    params: Params
+    batch_stats: BatchStats  # running statistics of every BN layer ({} without BN)
+    opt_state: optax.OptState
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model that `cfg.model`/`cfg.norm` describe, with its normalization layer injected."""
+    m, n = cfg.model, cfg.norm
+    norm = models.make_norm(
+        m.norm,
+        momentum=n.momentum,
+        epsilon=n.epsilon,
+        convention=n.convention,
+        backward=n.backward,
+    )
+    kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
+    return models.MODELS[m.name](
+        norm=norm,
+        num_classes=data_lib.num_classes(cfg.data.task),
+        act=models.ACTIVATIONS[m.activation],
+        placement=m.placement,
+        kernel_init=models.INITS[m.init](m.init_std),
+        **kwargs,
+    )
+
+
+def init_state(
+    model: nn.Module, tx: optax.GradientTransformation, key: Array, sample: Array
+) -> TrainState:
+    """Initial state from a sample batch (statistics start at mean 0, variance 1)."""
+    variables = model.init(key, sample, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(
+    state: TrainState,
+    batch: tuple[Array, Array],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[Array], Array],
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step on `batch = (images f32[B,28,28,1], labels i32[B])`."""
+    images, labels = batch
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return cross_entropy(logits, labels), (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": optax.global_norm(grads),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+    }
+    return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+def epoch_batches(key: Array, num_examples: int, batch_size: int) -> Array:
+    """Indices `i32[steps, batch_size]` of one shuffled epoch (the remainder is dropped)."""
+    steps = num_examples // batch_size
+    perm = jax.random.permutation(key, num_examples)
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def train_epoch(
+    state: TrainState,
+    images: Array,
+    labels: Array,
+    key: Array,
+    *,
+    batch_size: int,
+    step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
+) -> tuple[TrainState, Metrics]:
+    """A full epoch on device: `lax.scan` over shuffled batches; metrics stacked per step."""
+
+    def body(state, idx):
+        return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]))
+
+    return lax.scan(body, state, epoch_batches(key, labels.shape[0], batch_size))
+
+
+def evaluate(
+    params: Params,
+    batch_stats: BatchStats,
+    images: Array,
+    labels: Array,
+    *,
+    model: nn.Module,
+    batch_size: int,
+) -> Metrics:
+    """Mean loss and accuracy over a whole split, with the running statistics."""
+    n = labels.shape[0]
+    steps = -(-n // batch_size)
+    idx = jnp.arange(steps * batch_size).reshape(steps, batch_size)
+    valid = idx < n
+    idx = jnp.minimum(idx, n - 1)  # padded rows repeat the last example and are masked out
+
+    def body(totals, xs):
+        i, mask = xs
+        logits = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            data_lib.to_float(images[i]),
+            train=False,
+        )
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[i])
+        correct = jnp.argmax(logits, -1) == labels[i]
+        return (totals[0] + jnp.sum(losses * mask), totals[1] + jnp.sum(correct * mask)), None
+
+    (loss, correct), _ = lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (idx, valid))
+    return {"loss": loss / n, "accuracy": correct / n}
+
+
+class Programs(NamedTuple):
+    """The compiled pieces of a run, built once from its config."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: Callable[[Array], Array]
+    init: Callable[..., TrainState]
+    train_epoch: Callable[..., tuple[TrainState, Metrics]]
+    evaluate: Callable[..., Metrics]
+    steps_per_epoch: int
+
+
+def make_programs(cfg: Config, num_train: int) -> Programs:
+    """Model, optimizer and the jitted `init`/`train_epoch`/`evaluate` for `cfg`."""
+    from bnlab import optim  # optim depends on config only; imported here to keep one direction
+
+    steps_per_epoch = num_train // cfg.train.batch_size
+    model = build_model(cfg)
+    tx, schedule = optim.make_optimizer(cfg.opt, steps_per_epoch * cfg.train.epochs)
+    step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
+    return Programs(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        init=jax.jit(functools.partial(init_state, model, tx)),
+        train_epoch=jax.jit(
+            functools.partial(train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn),
+            donate_argnums=0,
+        ),
+        evaluate=jax.jit(
+            functools.partial(evaluate, model=model, batch_size=cfg.train.eval_batch_size)
+        ),
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def run_keys(seed: int) -> tuple[Array, Array]:
+    """`(init_key, data_key)` of a run; epoch `e` shuffles with `fold_in(data_key, e)`."""
+    root = jax.random.key(seed)
+    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)

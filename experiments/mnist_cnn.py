@@ -1,0 +1,24 @@
+"""Reference CNN with BN on MNIST: the main job.
+
+Hypothesis: conv3x3(32)-BN-relu-avgpool2, conv3x3(64)-BN-relu-avgpool2, dense(256)-BN-relu,
+dense(10), trained 2 epochs with SGD momentum 0.9 at batch 128, reaches >= 99.2% test accuracy
+(mean over 3 seeds).
+Command: bnlab train --config experiments/mnist_cnn.py --workdir runs/mnist_cnn
+Runtime: about 2 minutes on a 2-core CPU.
+Expected: test_accuracy ~0.992; with --config.model.norm=none it trains lower at this lr.
+"""
+
+from bnlab.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.name = "cnn"
+    c.model.norm = "batchnorm"
+    c.model.activation = "relu"
+    c.opt.name = "momentum"
+    c.opt.lr = 0.05
+    c.opt.momentum = 0.9
+    c.train.batch_size = 128
+    c.train.epochs = 2
+    return c

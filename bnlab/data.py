@@ -177,11 +177,16 @@ class BnlabMnist(tfds.core.GeneratorBasedBuilder):
                     f"could not download MNIST ({err}). Offline? Point data.mnist_dir or "
                     f"${MNIST_DIR_ENV} to a folder with the four standard IDX files."
                 ) from err
-        return {split: self._generate_examples(paths, prefix) for split, prefix in SPLITS.items()}
+        # Check all four files before generating anything: a bad file fails fast.
+        arrays = {name: read_idx(paths[name], name) for name in IDX_FILES}
+        return {
+            split: self._generate_examples(
+                arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
+            )
+            for split, prefix in SPLITS.items()
+        }
 
-    def _generate_examples(self, paths, prefix):
-        images = read_idx(paths[f"{prefix}-images-idx3-ubyte"], f"{prefix}-images-idx3-ubyte")
-        labels = read_idx(paths[f"{prefix}-labels-idx1-ubyte"], f"{prefix}-labels-idx1-ubyte")
+    def _generate_examples(self, images, labels):
         for i in range(len(labels)):
             yield i, {"image": images[i, :, :, None], "label": int(labels[i])}
 

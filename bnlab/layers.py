@@ -35,8 +35,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool) -> Array:
-        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
-        feature_shape = tuple(x.shape[a] for a in axes)
+        feature_shape = tuple(x.shape[a] for a in norm.feature_axes_of(self.axis, x.ndim))
         mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
         scale = (
@@ -51,6 +50,8 @@ class BatchNorm(nn.Module):
         )
         training = not use_running_average
         initializing = self.is_initializing()
+        # As flax: init runs outside pmap/vmap, so it computes local statistics.
+        axis_name = None if initializing else self.axis_name
         if training and not initializing and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
                 f"{self.name or 'BatchNorm'}: training mode (use_running_average=False) updates "
@@ -66,7 +67,7 @@ class BatchNorm(nn.Module):
             momentum=self.momentum,
             epsilon=self.epsilon,
             axis=self.axis,
-            axis_name=self.axis_name,
+            axis_name=axis_name,
             axis_index_groups=self.axis_index_groups,
             convention=self.convention,
             backward=self.backward,

@@ -83,7 +83,7 @@ def batch_norm(
         unknown `convention`/`backward`.
       NameError: if `axis_name` is not bound by an enclosing transform.
     """
-    feature_axes = _feature_axes(axis, x.ndim)
+    feature_axes = feature_axes_of(axis, x.ndim)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     _check_args(stats, scale, bias, feature_shape, momentum, epsilon, convention, backward)
     reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
@@ -145,8 +145,14 @@ def _affine(x, mean, rstd, scale, bias):
 
 def _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
     x32 = x.astype(jnp.float32)
-    mean = _global_mean(x32, reduce_axes, axis_name, groups)
-    # Two-pass variance: no cancellation, never negative, exact 0 for constant features.
+    shift = 0.0
+    if axis_name is None:
+        # Shifting by one sample makes the mean of a constant feature exact (so its variance is
+        # exactly 0); the shift is a constant of the math, hence stop_gradient.
+        first = tuple(slice(0, 1) if a in reduce_axes else slice(None) for a in range(x.ndim))
+        shift = lax.stop_gradient(x32[first])
+    mean = shift + _global_mean(x32 - shift, reduce_axes, axis_name, groups)
+    # Two-pass variance: no cancellation and never negative.
     var = _global_mean(jnp.square(x32 - mean), reduce_axes, axis_name, groups)
     rstd = lax.rsqrt(var + epsilon)
     return _affine(x, mean, rstd, scale, bias), mean, var, rstd
@@ -165,7 +171,7 @@ def _train_analytic(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
 def _train_analytic_fwd(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
     y, mean, var, rstd = _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups)
     # Keep x rather than x_hat: the previous layer holds x already, so this costs no memory.
-    return (y, mean, var), (x, mean, rstd, scale)
+    return (y, mean, var), (x, mean, rstd, scale, bias)
 
 
 def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents):
@@ -179,7 +185,7 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
     where dmean/dvar are the cotangents of the returned batch statistics (usually zero).
     """
     del epsilon
-    x, mean, rstd, scale = res
+    x, mean, rstd, scale, bias = res
     dy, dmean, dvar = cotangents
     dy32 = dy.astype(jnp.float32)
     x_hat = (x.astype(jnp.float32) - mean) * rstd
@@ -196,7 +202,7 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
         + dmean / n
         + (2.0 / n) * dvar * x_hat / rstd
     )
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 _train_analytic.defvjp(_train_analytic_fwd, _train_analytic_bwd)
@@ -235,7 +241,8 @@ def _psum(tree, axis_name, groups):
         ) from err
 
 
-def _feature_axes(axis, ndim: int) -> tuple[int, ...]:
+def feature_axes_of(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """The sorted, non-negative feature axes that `axis` names; raises on a bad axis."""
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     out = []
     for a in axes:

@@ -92,7 +92,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics

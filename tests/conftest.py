@@ -1,0 +1,50 @@
+"""Strict test setup: 8 CPU devices, the offline MNIST folder, one TFDS preparation per session."""
+
+import os
+from pathlib import Path
+
+# Several CPU devices for the multi-device tests; must precede the first jax import.
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("BNLAB_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+
+import pytest  # noqa: E402
+
+MNIST_DIR = Path(os.environ["BNLAB_MNIST_DIR"])
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder with the four standard MNIST IDX files (required: the tests use real MNIST)."""
+    if not MNIST_DIR.is_dir():
+        pytest.fail(
+            f"MNIST IDX files not found at {MNIST_DIR}; set BNLAB_MNIST_DIR to their folder."
+        )
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory, mnist_dir) -> str:
+    """A TFDS data dir prepared once per session from the IDX files."""
+    from bnlab import config, data
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    cfg = config.validate(config.apply_overrides(config.default_config(), {"data.tfds_dir": path}))
+    data.load(cfg.data, "test")  # prepares both splits
+    return path
+
+
+@pytest.fixture
+def make_config(tfds_dir):
+    """`make_config(path_or_None, **{"opt.lr": "0.1"})` -> validated Config on real MNIST."""
+    from bnlab import config
+
+    def make(path=None, **overrides):
+        base = config.load_config(ROOT / path) if path else config.default_config()
+        overrides = {"data.tfds_dir": tfds_dir, **{k: str(v) for k, v in overrides.items()}}
+        return config.validate(config.apply_overrides(base, overrides))
+
+    return make

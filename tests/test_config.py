@@ -1,0 +1,82 @@
+"""Configs: dotted overrides keep types; bad values fail with the reason, before any compile."""
+
+import pytest
+
+from bnlab import config
+
+
+def test_overrides_parse_and_keep_types():
+    c = config.apply_overrides(
+        config.default_config(),
+        {"opt.lr": "1", "model.norm": "none", "opt.boundaries": "(0.3, 0.6)", "train.epochs": "3"},
+    )
+    assert c.opt.lr == 1.0 and isinstance(c.opt.lr, float)
+    assert c.model.norm == "none" and c.train.epochs == 3 and c.opt.boundaries == (0.3, 0.6)
+    assert config.default_config().opt.lr != 1.0  # the base is not modified
+
+
+def test_placeholder_string_field_accepts_a_path(monkeypatch):
+    monkeypatch.delenv(config.MNIST_DIR_ENV, raising=False)
+    c = config.apply_overrides(config.default_config(), {"data.mnist_dir": "/some/dir"})
+    assert config.validate(c).data.mnist_dir == "/some/dir"
+    assert config.validate(config.default_config()).data.mnist_dir is None
+
+
+def test_env_var_is_the_default_mnist_dir(monkeypatch):
+    monkeypatch.setenv(config.MNIST_DIR_ENV, "/from/env")
+    assert config.validate(config.default_config()).data.mnist_dir == "/from/env"
+
+
+def test_unknown_key_lists_known_fields():
+    with pytest.raises(config.ConfigError, match="no field 'lrr'.*'lr'"):
+        config.apply_overrides(config.default_config(), {"opt.lrr": "0.1"})
+    with pytest.raises(config.ConfigError, match="no field 'optim'"):
+        config.apply_overrides(config.default_config(), {"optim.lr": "0.1"})
+
+
+def test_wrong_type_says_expected_type():
+    with pytest.raises(config.ConfigError, match="expected a value of type float"):
+        config.apply_overrides(config.default_config(), {"opt.lr": "fast"})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("opt.lr", "-0.1", "opt.lr=-0.1 must be > 0"),
+        ("opt.lr", "0", "opt.lr=0.0 must be > 0"),
+        ("train.batch_size", "0", "train.batch_size=0 must be > 0"),
+        ("train.epochs", "-1", "train.epochs=-1 must be > 0"),
+        ("model.norm", "layernorm", "model.norm='layernorm' is not one of"),
+        ("opt.name", "lion", "opt.name='lion' is not one of"),
+        ("norm.momentum", "1.5", "norm.momentum=1.5 must lie in"),
+        ("data.task", "cifar", "data.task='cifar'"),
+    ],
+)
+def test_validate_rejects_bad_values(key, value, message):
+    c = config.apply_overrides(config.default_config(), {key: value})
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config.validate(c)
+
+
+def test_validate_lists_every_problem():
+    c = config.apply_overrides(config.default_config(), {"opt.lr": "-1", "train.epochs": "0"})
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(c)
+    assert "opt.lr" in str(err.value) and "train.epochs" in str(err.value)
+
+
+def test_experiment_files_load_and_validate():
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        cfg = config.validate(config.load_config(path))
+        assert cfg.train.epochs > 0, path
+
+
+def test_missing_config_file_and_get_config(tmp_path):
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load_config(tmp_path / "nope.py")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(config.ConfigError, match="get_config"):
+        config.load_config(empty)

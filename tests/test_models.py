@@ -1,0 +1,81 @@
+"""Models: the im2col convolution equals flax's, pooling equals flax's, norms are injected."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnlab import layers, models
+
+
+@pytest.mark.parametrize("shape, features", [((4, 28, 28, 1), 32), ((3, 7, 5, 6), 4)])
+def test_im2col_conv_equals_flax_conv(shape, features):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = models.Conv(features)
+    ref = nn.Conv(features, (3, 3), padding="SAME")
+    variables = ref.init(jax.random.key(1), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.key(1), x))
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+
+    def grads(module):
+        return jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))), argnums=(0, 1))(
+            variables, x
+        )
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads(ours), grads(ref)
+    )
+    xla = models.Conv(features, impl="xla")
+    np.testing.assert_allclose(xla.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+
+
+def test_avg_pool2_equals_flax():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    want = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    np.testing.assert_allclose(models.avg_pool2(x), want, rtol=1e-6)
+
+
+def _variables(model, x):
+    return model.init(jax.random.key(0), x, train=False)
+
+
+def test_cnn_with_and_without_batchnorm():
+    x = jnp.ones((2, 28, 28, 1))
+    with_bn = _variables(models.CNN(norm=layers.BatchNorm), x)
+    without = _variables(models.CNN(norm=layers.Identity), x)
+    assert set(with_bn["batch_stats"]) == {"block0", "block1", "block2"}
+    assert with_bn["batch_stats"]["block1"]["norm"]["mean"].shape == (64,)
+    assert "batch_stats" not in without
+    assert jax.tree.structure(with_bn["params"]["conv0"]) == jax.tree.structure(
+        without["params"]["conv0"]
+    )
+
+
+def test_mlp_is_the_paper_network():
+    variables = _variables(models.MLP(norm=layers.BatchNorm), jnp.ones((2, 28, 28, 1)))
+    kernels = [variables["params"][f"dense{i}"]["kernel"].shape for i in range(3)]
+    assert kernels == [(784, 100), (100, 100), (100, 100)]
+    assert variables["params"]["head"]["kernel"].shape == (100, 10)
+
+
+def test_placement_before_and_after_differ_as_defined():
+    x = jax.random.normal(jax.random.key(1), (8, 5))
+    for placement, expected in (
+        ("before", lambda z: nn.sigmoid((z - z.mean(0)) / jnp.sqrt(z.var(0) + 1e-5))),
+        (
+            "after",
+            lambda z: (
+                (nn.sigmoid(z) - nn.sigmoid(z).mean(0)) / jnp.sqrt(nn.sigmoid(z).var(0) + 1e-5)
+            ),
+        ),
+    ):
+        block = models._NormAct(layers.BatchNorm, nn.sigmoid, placement)
+        v = block.init(jax.random.key(0), x, train=False)
+        y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
+        np.testing.assert_allclose(y, expected(x), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_norm_lists_known():
+    with pytest.raises(ValueError, match="unknown norm 'groupnorm'"):
+        models.make_norm("groupnorm")

@@ -1,0 +1,117 @@
+"""Training: the scanned epoch equals step-by-step training, no retracing, real MNIST learning."""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bnlab import data, train
+from bnlab.run import run
+
+MLP = "experiments/bn_paper_mlp.py"
+
+
+def _setup(make_config, **overrides):
+    cfg = make_config(MLP, **{"data.train_size": 600, **overrides})
+    train_set = data.load(cfg.data, "train")
+    programs = train.make_programs(cfg, train_set.size)
+    init_key, data_key = train.run_keys(cfg.train.seed)
+    state = programs.init(init_key, data.to_float(train_set.images[:60]))
+    return cfg, train_set, programs, state, data_key
+
+
+def test_scanned_epoch_equals_step_loop(make_config):
+    cfg, ds, programs, state, key = _setup(make_config)
+    step = jax.jit(
+        functools.partial(
+            train.train_step, model=programs.model, tx=programs.tx, schedule=programs.schedule
+        )
+    )
+    looped = state
+    for idx in train.epoch_batches(key, ds.size, cfg.train.batch_size):
+        looped, _ = step(looped, (data.to_float(ds.images[idx]), ds.labels[idx]))
+    scanned, metrics = programs.train_epoch(state, ds.images, ds.labels, key)
+    assert metrics["loss"].shape == (programs.steps_per_epoch,)
+    assert int(scanned.step) == int(looped.step) == 10
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), scanned, looped
+    )
+
+
+def test_train_step_compiles_once(make_config):
+    cfg, ds, programs, state, key = _setup(make_config)
+    traces = []
+
+    def counted(state, batch):
+        traces.append(1)
+        return train.train_step(
+            state, batch, model=programs.model, tx=programs.tx, schedule=programs.schedule
+        )
+
+    step = jax.jit(counted)
+    batch = (data.to_float(ds.images[:60]), ds.labels[:60])
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    assert len(traces) == 1
+    cache_size = programs.train_epoch._cache_size()
+    state, _ = programs.train_epoch(state, ds.images, ds.labels, key)
+    state, _ = programs.train_epoch(state, ds.images, ds.labels, jax.random.fold_in(key, 1))
+    assert programs.train_epoch._cache_size() == cache_size + 1
+
+
+def test_evaluate_is_independent_of_eval_batch_size(make_config):
+    cfg, ds, programs, state, key = _setup(make_config)
+    state, _ = programs.train_epoch(state, ds.images, ds.labels, key)
+    test = data.load(cfg.data, "test")
+    images, labels = test.images[:1000], test.labels[:1000]
+    whole = train.evaluate(
+        state.params, state.batch_stats, images, labels, model=programs.model, batch_size=1000
+    )
+    ragged = train.evaluate(
+        state.params, state.batch_stats, images, labels, model=programs.model, batch_size=300
+    )
+    np.testing.assert_allclose(ragged["accuracy"], whole["accuracy"])
+    np.testing.assert_allclose(ragged["loss"], whole["loss"], rtol=1e-5)
+
+
+def test_evaluation_leaves_batch_stats_untouched(make_config):
+    cfg, ds, programs, state, key = _setup(make_config)
+    state, _ = programs.train_epoch(state, ds.images, ds.labels, key)
+    before = jax.tree.map(np.array, state.batch_stats)
+    programs.evaluate(state.params, state.batch_stats, ds.images, ds.labels)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, state.batch_stats))
+
+
+@pytest.mark.parametrize("norm, low, high", [("batchnorm", 0.75, 1.0), ("none", 0.0, 0.5)])
+def test_paper_mlp_learns_real_mnist_only_with_bn(make_config, tmp_path, norm, low, high):
+    """200 steps (one epoch of 12,000 real examples, batch 60, lr 0.5), small Gaussian init.
+
+    Measured on this config: BN 0.835 test accuracy, no BN 0.096 (the sigmoid MLP has not
+    started to learn): the early-training gap of Ioffe & Szegedy's Fig. 1.
+    """
+    cfg = make_config(MLP, **{"model.norm": norm, "data.train_size": 12000, "train.epochs": 1})
+    summary = run(cfg, tmp_path / norm)
+    assert summary["status"] == "ok"
+    assert low <= summary["test_accuracy"] <= high
+    records = [json.loads(line) for line in (tmp_path / norm / "metrics.jsonl").open()]
+    assert {r["split"] for r in records} == {"train", "test"}
+    assert {"step", "loss", "accuracy", "grad_norm", "lr"} <= set(records[0])
+
+
+def test_nonfinite_loss_marks_run_diverged(make_config, tmp_path):
+    cfg = make_config(
+        MLP,
+        **{
+            "model.norm": "none",
+            "model.activation": "relu",
+            "opt.lr": 1e4,
+            "data.train_size": 600,
+            "train.epochs": 3,
+        },
+    )
+    summary = run(cfg, tmp_path / "run")
+    assert summary["status"] == "diverged"
+    assert summary["epochs"] == 1  # stopped at the first epoch with a non-finite loss
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from bnlab import config, data
+from bnlab import config, data, tfds_mnist
 
 # Class counts of the standard MNIST splits (LeCun et al.; shared/data/mnist/README.md).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -86,7 +86,7 @@ def test_prepare_fails_on_corrupt_file_and_writes_nothing_complete(mnist_dir, tm
     bad = folder / "t10k-labels-idx1-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:1000])
     tfds_dir = tmp_path / "tfds"
-    builder = data.BnlabMnist(
+    builder = tfds_mnist.BnlabMnist(
         mnist_dir=str(folder), data_dir=str(tfds_dir), file_format="array_record"
     )
     with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz"):

@@ -51,10 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.run import prepare_workdir, run  # heavy imports only once the input is valid
+    from bnlab.run import run  # heavy imports only once the input is valid
 
     cfg = validate(apply_overrides(load_config(args.config), overrides))
-    prepare_workdir(args.workdir)
     summary = run(cfg, args.workdir, progress=not args.no_progress)
     print(
         f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "

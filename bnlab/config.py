@@ -11,6 +11,7 @@ import ast
 import copy
 import dataclasses
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import ml_collections
 from ml_collections import config_dict
 
 MNIST_DIR_ENV = "BNLAB_MNIST_DIR"
-TASKS = ("mnist10", "binary01")
+TASKS = {"mnist10": 10, "binary01": 2}  # task -> number of classes
 
 
 class ConfigError(ValueError):
@@ -47,7 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.opt = dict(
         name="momentum",  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad
         lr=0.05,  # peak learning rate
-        momentum=0.9,  # momentum / nesterov / rmsprop momentum
+        momentum=0.9,  # momentum / nesterov: momentum coefficient
+        rmsprop_momentum=0.0,  # rmsprop: momentum coefficient (0: none)
         b1=0.9,  # adam/adamw first-moment decay
         b2=0.999,  # adam/adamw second-moment decay
         eps=1e-8,  # adam/adamw/rmsprop/adagrad denominator epsilon
@@ -102,6 +104,7 @@ class OptConfig:
     name: str
     lr: float
     momentum: float
+    rmsprop_momentum: float
     b1: float
     b2: float
     eps: float
@@ -162,10 +165,17 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
         )
     spec = importlib.util.spec_from_file_location(f"bnlab_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        message = f"config file {path} failed to load: {type(err).__name__}: {err}"
+        raise ConfigError(message) from err
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(); an experiment file must define one.")
-    return module.get_config()
+    try:
+        return module.get_config()
+    except Exception as err:
+        raise ConfigError(f"{path}: get_config() raised {type(err).__name__}: {err}") from err
 
 
 def apply_overrides(
@@ -177,6 +187,8 @@ def apply_overrides(
         parent, leaf = _resolve(cfg, key)
         value = parse_value(text)
         old = parent[leaf]
+        if isinstance(value, bool) and not isinstance(old, bool) and old is not None:
+            raise ConfigError(f"--config.{key}={text}: expected {type(old).__name__}, got a bool.")
         if isinstance(old, tuple) and isinstance(value, list):
             value = tuple(value)
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -264,12 +276,12 @@ def _check_values(c: Config) -> list[str]:
     choice("opt.clip", c.opt.clip, optim.CLIPS)
     choice("data.task", c.data.task, TASKS)
     if not 0.0 <= c.norm.momentum <= 1.0:
-        p.append(
-            f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of the old statistics)"
-        )
+        p.append(f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of old statistics)")
     for key, value in (
         ("norm.epsilon", c.norm.epsilon),
         ("opt.lr", c.opt.lr),
+        ("opt.eps", c.opt.eps),
+        ("opt.decay_rate", c.opt.decay_rate),
         ("opt.clip_value", c.opt.clip_value),
         ("model.init_std", c.model.init_std),
         ("train.epochs", c.train.epochs),
@@ -277,10 +289,20 @@ def _check_values(c: Config) -> list[str]:
         ("train.eval_batch_size", c.train.eval_batch_size),
         ("train.log_every_steps", c.train.log_every_steps),
     ):
-        if not value > 0:
-            p.append(f"{key}={value} must be > 0")
+        if not (value > 0 and math.isfinite(value)):
+            p.append(f"{key}={value} must be finite and > 0")
+    for key, value in (
+        ("opt.momentum", c.opt.momentum),
+        ("opt.rmsprop_momentum", c.opt.rmsprop_momentum),
+        ("opt.b1", c.opt.b1),
+        ("opt.b2", c.opt.b2),
+        ("opt.decay", c.opt.decay),
+    ):
+        if not 0.0 <= value < 1.0:
+            p.append(f"{key}={value} must lie in [0, 1)")
     for key, value in (
         ("opt.weight_decay", c.opt.weight_decay),
+        ("opt.warmup_steps", c.opt.warmup_steps),
         ("data.train_size", c.data.train_size),
     ):
         if value < 0:

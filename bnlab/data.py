@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnlab.config import MNIST_DIR_ENV, DataConfig
+from bnlab.config import MNIST_DIR_ENV, TASKS, ConfigError, DataConfig
 
 MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 SPLITS = {"train": "train", "test": "t10k"}
@@ -160,17 +160,31 @@ def load(cfg: DataConfig, split: str) -> Dataset:
     """Loads a split ("train" or "test") for `cfg.task` into device memory."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)}")
-    images, labels = _load_numpy(cfg.mnist_dir, cfg.tfds_dir, split)
+    mnist_dir = None if cfg.mnist_dir is None else str(Path(cfg.mnist_dir).expanduser())
+    if mnist_dir is not None:
+        local_paths(mnist_dir)  # a wrong folder fails even when TFDS has the data cached
+    try:
+        images, labels = _load_numpy(mnist_dir, cfg.tfds_dir, split)
+    except OSError as err:
+        raise DataError(
+            f"cannot prepare or read MNIST in the TFDS data dir {cfg.tfds_dir or '(default)'}: "
+            f"{err}. Set data.tfds_dir to a writable folder."
+        ) from err
     if cfg.task == "binary01":
         keep = labels <= 1
         images, labels = images[keep], labels[keep]
     if split == "train" and cfg.train_size:
+        if cfg.train_size > len(labels):
+            raise ConfigError(
+                f"data.train_size={cfg.train_size} exceeds the {len(labels)} training examples "
+                f"of task {cfg.task!r}; lower it (0 uses all)."
+            )
         images, labels = images[: cfg.train_size], labels[: cfg.train_size]
     return Dataset(jax.device_put(images), jax.device_put(labels))
 
 
 def num_classes(task: str) -> int:
-    return {"mnist10": 10, "binary01": 2}[task]
+    return TASKS[task]
 
 
 def to_float(images: jax.Array) -> jax.Array:

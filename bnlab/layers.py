@@ -17,9 +17,12 @@ class BatchNorm(nn.Module):
 
     Variables: `params/scale`, `params/bias`, `batch_stats/mean`, `batch_stats/var`, so a
     variable dict moves between this module and flax's unchanged. Call it with
-    `mutable=["batch_stats"]` when `use_running_average=False` (training).
+    `mutable=["batch_stats"]` when `use_running_average=False` (training). As in flax,
+    `use_running_average` may be a field or a call argument (not both). The output has the
+    dtype of `x` unless `dtype` is set (flax instead promotes bf16 inputs with float32 params).
     """
 
+    use_running_average: bool | None = None
     momentum: float = 0.99
     epsilon: float = 1e-5
     axis: int | Sequence[int] = -1
@@ -29,12 +32,16 @@ class BatchNorm(nn.Module):
     use_bias: bool = True
     convention: norm.Convention = "flax"
     backward: norm.Backward = "analytic"
+    dtype: Any = None
     param_dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool) -> Array:
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
         feature_shape = tuple(x.shape[a] for a in norm.feature_axes_of(self.axis, x.ndim))
         mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
@@ -75,7 +82,7 @@ class BatchNorm(nn.Module):
         # Like flax: initialization computes the output but leaves the statistics at 0/1.
         if training and not initializing:
             mean.value, var.value = new_stats["mean"], new_stats["var"]
-        return y
+        return y if self.dtype is None else y.astype(self.dtype)
 
 
 class Identity(nn.Module):

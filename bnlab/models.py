@@ -22,9 +22,9 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": nn.tanh,
 }
 PLACEMENTS = ("before", "after")
-INITS: dict[str, Callable[[float], Callable]] = {
-    "lecun_normal": lambda std: nn.initializers.lecun_normal(),
-    "he_normal": lambda std: nn.initializers.he_normal(),
+INITS: dict[str, Callable[[float], Callable]] = {  # name -> (std -> initializer)
+    "lecun_normal": lambda std: nn.initializers.lecun_normal(),  # std unused: fan-in scaled
+    "he_normal": lambda std: nn.initializers.he_normal(),  # std unused: fan-in scaled
     "normal": nn.initializers.normal,  # "small random Gaussian values" of Ioffe & Szegedy
 }
 
@@ -38,6 +38,8 @@ class _NormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; known: {PLACEMENTS}")
         layer = self.norm(name="norm")
         if self.placement == "before":
             return self.act(layer(x, use_running_average=not train))
@@ -147,6 +149,6 @@ def make_norm(name: str, **kwargs) -> ModuleDef:
     """A normalization layer factory by name; `kwargs` go to the layer (e.g. momentum)."""
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; known: {sorted(NORMS)}")
-    if name == "none":
-        return Identity
+    if NORMS[name] is Identity:
+        return Identity  # "none" has no options to bind
     return functools.partial(NORMS[name], **kwargs)

@@ -68,7 +68,7 @@ def batch_norm(
       bias: optional `beta`, shape `F`; `None` means 0.
       training: normalize with the batch's statistics and update `stats` if True.
       momentum: weight of the old statistics in the moving average, in [0, 1].
-      epsilon: added to the variance before the square root; > 0.
+      epsilon: added to the variance before the square root; a Python number > 0 (static).
       axis: feature axis or axes (kept); every other axis is reduced.
       axis_name: named axis (pmap, vmap, shard_map) to compute statistics across devices.
       axis_index_groups: optional groups of device indices that share statistics.
@@ -91,6 +91,7 @@ def batch_norm(
     scale = jnp.ones(bshape, jnp.float32) if scale is None else jnp.reshape(scale, bshape)
     bias = jnp.zeros(bshape, jnp.float32) if bias is None else jnp.reshape(bias, bshape)
 
+    epsilon = float(epsilon)  # static: a non-differentiable argument of the custom VJP
     if not training:
         mean = jnp.reshape(stats["mean"], bshape)
         var = jnp.reshape(stats["var"], bshape)
@@ -272,9 +273,11 @@ def _check_args(stats, scale, bias, feature_shape, momentum, epsilon, convention
         )
     if backward not in BACKWARDS:
         raise ValueError(f"batch_norm: unknown backward {backward!r}; use one of {BACKWARDS}.")
-    if isinstance(momentum, int | float) and not 0.0 <= momentum <= 1.0:
+    if not isinstance(momentum, jax.core.Tracer) and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"batch_norm: momentum={momentum} must lie in [0, 1] (flax convention).")
-    if isinstance(epsilon, int | float) and epsilon <= 0:
+    if isinstance(epsilon, jax.core.Tracer):
+        raise TypeError("batch_norm: epsilon must be a Python number, not a traced array.")
+    if not float(epsilon) > 0:
         raise ValueError(f"batch_norm: epsilon={epsilon} must be > 0.")
     for key in ("mean", "var"):
         if key not in stats:

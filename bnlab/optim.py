@@ -32,7 +32,7 @@ def _adamw(c: OptConfig, lr) -> optax.GradientTransformation:
 
 
 def _rmsprop(c: OptConfig, lr) -> optax.GradientTransformation:
-    return optax.rmsprop(lr, decay=c.decay, eps=c.eps, momentum=c.momentum or None)
+    return optax.rmsprop(lr, decay=c.decay, eps=c.eps, momentum=c.rmsprop_momentum or None)
 
 
 def _adagrad(c: OptConfig, lr) -> optax.GradientTransformation:
@@ -51,7 +51,10 @@ OPTIMIZERS: dict[str, Callable[[OptConfig, Schedule], optax.GradientTransformati
 
 
 def _step(c: OptConfig, total_steps: int) -> Schedule:
-    bounds = {int(b * total_steps): c.decay_rate for b in c.boundaries}
+    bounds: dict[int, float] = {}
+    for b in c.boundaries:  # boundaries that fall on the same step multiply
+        step = int(b * total_steps)
+        bounds[step] = bounds.get(step, 1.0) * c.decay_rate
     return optax.piecewise_constant_schedule(c.lr, bounds)
 
 

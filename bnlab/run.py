@@ -7,10 +7,8 @@ Writes `config.json` (the resolved config), `metrics.jsonl` (train records every
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +47,21 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
 
 
 def _window_records(metrics: dict[str, np.ndarray], first_step: int, every: int):
-    """Averages per-step metrics over windows of `every` steps: (last step, means) pairs."""
+    """Per-epoch windows of `every` steps (the last may be shorter): (last step, means) pairs.
+
+    Each record carries `window`, the number of steps it averages.
+    """
     steps = len(next(iter(metrics.values())))
     for start in range(0, steps, every):
         stop = min(start + every, steps)
-        yield first_step + stop, {k: float(np.mean(v[start:stop])) for k, v in metrics.items()}
+        means = {k: float(np.mean(v[start:stop])) for k, v in metrics.items()}
+        yield first_step + stop, {**means, "window": stop - start}
+
+
+def diverged(train_losses: np.ndarray, test_loss: float) -> bool:
+    """A non-finite loss in any step, or in the test loss (a NaN made by an epoch's last step
+    shows only in the weights)."""
+    return not (np.all(np.isfinite(train_losses)) and np.isfinite(test_loss))
 
 
 def run(
@@ -61,7 +69,6 @@ def run(
     workdir: str | os.PathLike,
     *,
     progress: bool = False,
-    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Trains `cfg` and returns its summary (also written to `workdir/summary.json`)."""
     workdir = prepare_workdir(workdir)
@@ -97,14 +104,12 @@ def run(
             )
             step = first_step + programs.steps_per_epoch
             writer.write(step, "test", epoch=epoch, **test)
-            if on_epoch is not None:
-                on_epoch(epoch, test)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{metrics['loss'][-1]:.4f}", test_acc=f"{test['accuracy']:.4f}"
                 )
-            if not np.all(np.isfinite(metrics["loss"])):
+            if diverged(metrics["loss"], test["loss"]):
                 status = "diverged"
                 break
     finally:
@@ -119,10 +124,11 @@ def run(
         "steps": int(state.step),
         "epochs": epochs_done,
         "wall_time_s": time.perf_counter() - start,
+        # Measured over the epochs after the first (which compiles); None for a 1-epoch run.
         "train_examples_per_s": (
             (epochs_done - 1) * programs.steps_per_epoch * cfg.train.batch_size / train_time
             if train_time > 0
-            else math.nan
+            else None
         ),
     }
     write_json(workdir / "summary.json", summary)

@@ -14,7 +14,7 @@ from jax import lax
 
 from bnlab import data as data_lib
 from bnlab import models
-from bnlab.config import Config
+from bnlab.config import Config, ConfigError
 from bnlab.types import Array, BatchStats, Params
 
 Metrics = dict[str, Array]
@@ -170,8 +170,14 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
     from bnlab import optim  # optim depends on config only; imported here to keep one direction
 
     steps_per_epoch = num_train // cfg.train.batch_size
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.opt.schedule == "warmup_cosine" and cfg.opt.warmup_steps >= total_steps:
+        raise ConfigError(
+            f"opt.warmup_steps={cfg.opt.warmup_steps} must be shorter than the run's "
+            f"{total_steps} steps; lower it or train longer."
+        )
     model = build_model(cfg)
-    tx, schedule = optim.make_optimizer(cfg.opt, steps_per_epoch * cfg.train.epochs)
+    tx, schedule = optim.make_optimizer(cfg.opt, total_steps)
     step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
     return Programs(
         model=model,

@@ -12,7 +12,7 @@ import numpy as np
 
 
 def _plain(value: Any) -> Any:
-    """numpy/jax scalars to Python numbers; non-finite floats to None-free strings JSON accepts."""
+    """numpy/jax scalars to Python numbers; NaN and infinities to None (JSON null)."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -20,7 +20,7 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and np.ndim(value) == 0:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan"/"inf": strict JSON has no NaN
+        return None  # strict JSON has no NaN; the run's status says it diverged
     return value
 
 

@@ -51,7 +51,7 @@ def test_train_cnn_on_mnist_writes_its_files(tmp_path, tfds_dir):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.opt.lr=-1", "opt.lr=-1.0 must be > 0"),
+        ("--config.opt.lr=-1", "opt.lr=-1.0 must be finite and > 0"),
         ("--config.model.norm=layer", "model.norm='layer' is not one of"),
         ("--config.opt.lrr=0.1", "no field 'lrr'"),
         ("--config.train.epochs=two", "expected a value of type int"),
@@ -106,3 +106,35 @@ def test_workdir_problems(tmp_path, capsys):
 def test_help_lists_train():
     result = _bnlab("--help")
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_diverged_run_exits_with_status_3(tmp_path, capsys, tfds_dir):
+    code = cli.main(
+        [
+            "train", "--config", str(ROOT / "experiments/bn_paper_mlp.py"),
+            "--workdir", str(tmp_path / "run"), "--no-progress",
+            "--config.model.norm=none", "--config.model.activation=relu",
+            "--config.opt.lr=1e4", "--config.data.train_size=600", "--config.train.epochs=2",
+            f"--config.data.tfds_dir={tfds_dir}",
+        ]
+    )  # fmt: skip
+    assert code == 3
+    assert "status=diverged" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["test_loss"] is None
+
+
+def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys, tfds_dir):
+    code = cli.main(
+        [
+            "train", "--config", str(ROOT / "experiments/mnist_cnn.py"),
+            "--workdir", str(tmp_path / "run"),
+            "--config.opt.schedule=warmup_cosine", "--config.opt.warmup_steps=1000",
+            "--config.data.train_size=1280", "--config.train.epochs=1",
+            f"--config.data.tfds_dir={tfds_dir}",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert (
+        "opt.warmup_steps=1000 must be shorter than the run's 10 steps" in capsys.readouterr().err
+    )

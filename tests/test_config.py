@@ -1,5 +1,7 @@
 """Configs: dotted overrides keep types; bad values fail with the reason, before any compile."""
 
+import re
+
 import pytest
 
 from bnlab import config
@@ -42,10 +44,10 @@ def test_wrong_type_says_expected_type():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("opt.lr", "-0.1", "opt.lr=-0.1 must be > 0"),
-        ("opt.lr", "0", "opt.lr=0.0 must be > 0"),
-        ("train.batch_size", "0", "train.batch_size=0 must be > 0"),
-        ("train.epochs", "-1", "train.epochs=-1 must be > 0"),
+        ("opt.lr", "-0.1", "opt.lr=-0.1 must be finite and > 0"),
+        ("opt.lr", "0", "opt.lr=0.0 must be finite and > 0"),
+        ("train.batch_size", "0", "train.batch_size=0 must be finite and > 0"),
+        ("train.epochs", "-1", "train.epochs=-1 must be finite and > 0"),
         ("model.norm", "layernorm", "model.norm='layernorm' is not one of"),
         ("opt.name", "lion", "opt.name='lion' is not one of"),
         ("norm.momentum", "1.5", "norm.momentum=1.5 must lie in"),
@@ -54,7 +56,7 @@ def test_wrong_type_says_expected_type():
 )
 def test_validate_rejects_bad_values(key, value, message):
     c = config.apply_overrides(config.default_config(), {key: value})
-    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.validate(c)
 
 
@@ -80,3 +82,35 @@ def test_missing_config_file_and_get_config(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(config.ConfigError, match="get_config"):
         config.load_config(empty)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("opt.momentum", "1.5", "opt.momentum=1.5 must lie in [0, 1)"),
+        ("opt.b2", "-0.1", "opt.b2=-0.1 must lie in [0, 1)"),
+        ("opt.decay_rate", "-1", "opt.decay_rate=-1.0 must be finite and > 0"),
+        ("opt.lr", "1e400", "opt.lr=inf must be finite"),
+        ("opt.warmup_steps", "-5", "opt.warmup_steps=-5 must be >= 0"),
+    ],
+)
+def test_validate_rejects_out_of_range_optimizer_values(key, value, message):
+    c = config.apply_overrides(config.default_config(), {key: value})
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.validate(c)
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(config.ConfigError, match="got a bool"):
+        config.apply_overrides(config.default_config(), {"train.epochs": "true"})
+
+
+def test_broken_experiment_files_give_config_errors(tmp_path):
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("def get_config(:\n")
+    with pytest.raises(config.ConfigError, match="failed to load: SyntaxError"):
+        config.load_config(syntax)
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    raise KeyError('x')\n")
+    with pytest.raises(config.ConfigError, match=r"get_config\(\) raised KeyError"):
+        config.load_config(raising)

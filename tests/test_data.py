@@ -1,7 +1,6 @@
 """MNIST files are checked, prepared by TFDS without TensorFlow, and loaded whole to device."""
 
 import gzip
-import importlib.util
 import shutil
 
 import numpy as np
@@ -12,10 +11,6 @@ from bnlab import config, data, tfds_mnist
 # Class counts of the standard MNIST splits (LeCun et al.; shared/data/mnist/README.md).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-
-
-def test_tensorflow_is_not_needed():
-    assert importlib.util.find_spec("tensorflow") is None
 
 
 def test_read_idx_good_files(mnist_dir):
@@ -124,3 +119,27 @@ def test_binary_task_and_subset(tfds_dir):
 def test_to_float_range():
     x = np.array([[0, 255]], np.uint8)
     np.testing.assert_array_equal(np.asarray(data.to_float(x)), [[0.0, 1.0]])
+
+
+def test_loading_does_not_import_tensorflow(tfds_dir):
+    import sys
+
+    cfg = config.validate(
+        config.apply_overrides(config.default_config(), {"data.tfds_dir": tfds_dir})
+    )
+    data.load(cfg.data, "test")
+    assert "tensorflow" not in sys.modules
+
+
+def test_wrong_mnist_dir_fails_even_with_a_prepared_cache(tfds_dir, tmp_path):
+    overrides = {"data.tfds_dir": tfds_dir, "data.mnist_dir": str(tmp_path / "nope")}
+    cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load(cfg.data, "test")
+
+
+def test_train_size_larger_than_the_split_is_refused(tfds_dir):
+    overrides = {"data.tfds_dir": tfds_dir, "data.task": "binary01", "data.train_size": "20000"}
+    cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+    with pytest.raises(config.ConfigError, match="exceeds the 12665 training examples"):
+        data.load(cfg.data, "train")

@@ -340,3 +340,17 @@ def test_grad_of_nn_vmap_with_axis_name_like_flax():
 
         grads[name] = jax.jit(jax.grad(loss))(variables["params"])
     _assert_trees_close(grads["bnlab"], grads["flax"], rtol=1e-4, atol=1e-5)
+
+
+def test_use_running_average_as_a_field_like_flax():
+    """The flax examples' pattern `partial(BatchNorm, use_running_average=not train)` works."""
+    x = _normal(21, (6, 3))
+    field = layers.BatchNorm(use_running_average=False)
+    arg = layers.BatchNorm()
+    variables = arg.init(jax.random.key(0), x, use_running_average=False)
+    y1, s1 = field.apply(variables, x, mutable=["batch_stats"])
+    y2, s2 = arg.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y1, y2)
+    _assert_trees_close(s1, s2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="use_running_average"):
+        field.apply(variables, x, use_running_average=True)

@@ -80,3 +80,9 @@ def test_placement_before_and_after_differ_as_defined():
 def test_unknown_norm_lists_known():
     with pytest.raises(ValueError, match="unknown norm 'groupnorm'"):
         models.make_norm("groupnorm")
+
+
+def test_unknown_placement_is_an_error():
+    block = models._NormAct(layers.BatchNorm, nn.relu, "middle")
+    with pytest.raises(ValueError, match="unknown placement 'middle'"):
+        block.init(jax.random.key(0), jnp.ones((2, 3)), train=False)

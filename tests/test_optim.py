@@ -34,7 +34,7 @@ REFERENCES = {
     "nesterov": lambda c: optax.sgd(c.lr, momentum=c.momentum, nesterov=True),
     "adam": lambda c: optax.adam(c.lr, b1=c.b1, b2=c.b2, eps=c.eps),
     "adamw": lambda c: optax.adamw(c.lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay),
-    "rmsprop": lambda c: optax.rmsprop(c.lr, decay=c.decay, eps=c.eps, momentum=c.momentum),
+    "rmsprop": lambda c: optax.rmsprop(c.lr, decay=c.decay, eps=c.eps, momentum=c.rmsprop_momentum),
     "adagrad": lambda c: optax.adagrad(c.lr, eps=c.eps),
 }
 
@@ -45,7 +45,7 @@ def test_every_optimizer_is_covered():
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_optimizer_matches_optax(name):
-    c = _opt(name=name, lr=0.1)
+    c = _opt(name=name, lr=0.1, rmsprop_momentum=0.5)
     tx, _ = optim.make_optimizer(c, total_steps=10)
     for got, want in zip(_updates(tx), _updates(REFERENCES[name](c)), strict=True):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
@@ -94,3 +94,16 @@ def test_unknown_names_list_known_ones():
         optim.make_optimizer(_opt(schedule="linear"), 10)
     with pytest.raises(ValueError, match="unknown clip 'norm'"):
         optim.make_optimizer(_opt(clip="norm"), 10)
+
+
+def test_step_boundaries_on_the_same_step_multiply():
+    step = optim.make_schedule(_opt(schedule="step", lr=1.0, boundaries=(0.5, 0.75)), 2)
+    assert math.isclose(step(0), 1.0) and math.isclose(step(1), 0.01, rel_tol=1e-5)
+
+
+def test_rmsprop_momentum_is_its_own_field():
+    c = _opt(name="rmsprop", lr=0.1, momentum=0.9, rmsprop_momentum=0.0)
+    tx, _ = optim.make_optimizer(c, 10)
+    want = optax.rmsprop(0.1, decay=c.decay, eps=c.eps)
+    for got, ref in zip(_updates(tx), _updates(want), strict=True):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, ref)

@@ -3,12 +3,15 @@
 import functools
 import json
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bnlab import data, train
-from bnlab.run import run
+from bnlab.run import diverged, run
 
 MLP = "experiments/bn_paper_mlp.py"
 
@@ -40,25 +43,32 @@ def test_scanned_epoch_equals_step_loop(make_config):
     )
 
 
-def test_train_step_compiles_once(make_config):
+def test_train_step_and_epoch_compile_once(make_config):
     cfg, ds, programs, state, key = _setup(make_config)
-    traces = []
 
-    def counted(state, batch):
-        traces.append(1)
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, batch):
         return train.train_step(
             state, batch, model=programs.model, tx=programs.tx, schedule=programs.schedule
         )
 
-    step = jax.jit(counted)
     batch = (data.to_float(ds.images[:60]), ds.labels[:60])
     state, _ = step(state, batch)
-    state, _ = step(state, batch)
-    assert len(traces) == 1
-    cache_size = programs.train_epoch._cache_size()
-    state, _ = programs.train_epoch(state, ds.images, ds.labels, key)
-    state, _ = programs.train_epoch(state, ds.images, ds.labels, jax.random.fold_in(key, 1))
-    assert programs.train_epoch._cache_size() == cache_size + 1
+    state, _ = step(state, batch)  # a retrace would raise
+    step_fn = functools.partial(
+        train.train_step, model=programs.model, tx=programs.tx, schedule=programs.schedule
+    )
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def epoch(state, images, labels, key):
+        return train.train_epoch(
+            state, images, labels, key, batch_size=cfg.train.batch_size, step_fn=step_fn
+        )
+
+    state, _ = epoch(state, ds.images, ds.labels, key)
+    state, _ = epoch(state, ds.images, ds.labels, jax.random.fold_in(key, 1))
 
 
 def test_evaluate_is_independent_of_eval_batch_size(make_config):
@@ -115,3 +125,51 @@ def test_nonfinite_loss_marks_run_diverged(make_config, tmp_path):
     assert summary["status"] == "diverged"
     assert summary["epochs"] == 1  # stopped at the first epoch with a non-finite loss
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_divergence_is_seen_in_train_or_test_loss():
+    assert not diverged(np.array([1.0, 0.5]), 0.3)
+    assert diverged(np.array([1.0, np.nan]), 0.3)
+    assert diverged(np.array([1.0, 0.5]), float("nan"))  # NaN made by the last step's update
+    assert diverged(np.array([np.inf]), 0.3)
+
+
+def test_logged_lr_and_grad_norm_are_the_real_values(make_config):
+    cfg, ds, programs, state, key = _setup(make_config, **{"opt.schedule": "cosine"})
+    idx = train.epoch_batches(key, ds.size, cfg.train.batch_size)[0]
+    images, labels = data.to_float(ds.images[idx]), ds.labels[idx]
+
+    def loss(params):
+        logits, _ = programs.model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return train.cross_entropy(logits, labels)
+
+    first_grad_norm = optax.tree.norm(jax.grad(loss)(state.params))
+    _, metrics = programs.train_epoch(state, ds.images, ds.labels, key)
+    steps = np.arange(programs.steps_per_epoch)
+    np.testing.assert_allclose(metrics["lr"], [programs.schedule(s) for s in steps], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"][0], first_grad_norm, rtol=1e-5)
+
+
+def test_same_seed_same_run_other_data_key_other_run(make_config):
+    cfg, ds, programs, state, key = _setup(make_config)
+    copy = jax.tree.map(jnp.copy, state)
+    _, a = programs.train_epoch(jax.tree.map(jnp.copy, state), ds.images, ds.labels, key)
+    _, b = programs.train_epoch(copy, ds.images, ds.labels, key)
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+    other = jax.random.fold_in(key, 7)
+    _, c = programs.train_epoch(state, ds.images, ds.labels, other)
+    assert not np.array_equal(a["loss"], c["loss"])
+
+
+def test_epoch_batches_are_a_fresh_permutation_each_epoch():
+    key = jax.random.key(0)
+    first = np.asarray(train.epoch_batches(jax.random.fold_in(key, 0), 1000, 64))
+    second = np.asarray(train.epoch_batches(jax.random.fold_in(key, 1), 1000, 64))
+    assert first.shape == (15, 64)
+    assert len(np.unique(first)) == first.size  # each example at most once
+    assert not np.array_equal(first, second)

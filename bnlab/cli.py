@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         "--workdir", required=True, help="output folder (created; never overwritten)"
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run every trial of an experiment's sweep() (finished trials are skipped)",
+        description="Run the trials of an experiment's sweep() into WORKDIR/runs/<trial_id>/. "
+        "Run it again to resume: finished trials are skipped. --config.GROUP.FIELD=VALUE "
+        "overrides every trial.",
+    )
+    sweep.add_argument("experiment", help="experiment file defining get_config() and sweep()")
+    sweep.add_argument("--workdir", required=True, help="sweep folder (shared by all shards)")
+    sweep.add_argument("--smoke", action="store_true", help="the small variant of every trial")
+    sweep.add_argument("--shard", default="0/1", help="i/N: run only shard i of N (default 0/1)")
     return parser
 
 
@@ -62,7 +73,21 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0 if summary["status"] == "ok" else 3
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from bnlab.sweep import parse_shard, run_sweep
+
+    counts = run_sweep(
+        args.experiment,
+        args.workdir,
+        smoke=args.smoke,
+        shard_spec=parse_shard(args.shard),
+        overrides=overrides,
+    )
+    print("sweep done: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

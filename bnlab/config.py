@@ -156,8 +156,8 @@ _GROUPS = {
 }
 
 
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Imports an experiment file and returns its `get_config()`."""
+def load_module(path: str | os.PathLike):
+    """Imports an experiment file as a module; any error in it becomes a `ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -172,6 +172,12 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ConfigError(message) from err
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(); an experiment file must define one.")
+    return module
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Imports an experiment file and returns its `get_config()`."""
+    module = load_module(path)
     try:
         return module.get_config()
     except Exception as err:

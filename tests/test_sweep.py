@@ -1,0 +1,129 @@
+"""Sweeps: stable trial ids, shards that partition, resume after a kill without loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from bnlab import config, sweep
+
+EXPERIMENT = """
+from bnlab.config import default_config
+
+SMOKE = {{"data.train_size": 600, "train.epochs": 1}}
+
+
+def get_config():
+    c = default_config()
+    c.model.name = "mlp"
+    c.model.activation = "sigmoid"
+    c.train.batch_size = 60
+    c.data.tfds_dir = {tfds_dir!r}
+    return c
+
+
+def sweep(smoke=False):
+    for norm in ("batchnorm", "none"):
+        for seed in range(1 if smoke else {seeds}):
+            yield {{"model.norm": norm, "train.seed": seed}}
+"""
+
+
+def _experiment(tmp_path, tfds_dir="", seeds=3) -> Path:
+    path = tmp_path / "exp.py"
+    path.write_text(EXPERIMENT.format(tfds_dir=tfds_dir, seeds=seeds))
+    return path
+
+
+def test_trial_ids_are_stable_unique_and_readable(tmp_path):
+    trials = sweep.expand(sweep.load_experiment(_experiment(tmp_path)))
+    assert len(trials) == 6 and len({t.trial_id for t in trials}) == 6
+    again = sweep.expand(sweep.load_experiment(_experiment(tmp_path)))
+    assert [t.trial_id for t in again] == [t.trial_id for t in trials]
+    assert trials[0].trial_id.startswith("norm-batchnorm_seed-0-")
+    assert sweep.trial_id({"a.x": 1, "b.y": "z"}) == sweep.trial_id({"b.y": "z", "a.x": 1})
+    assert sweep.trial_id({"opt.lr": 0.1}) != sweep.trial_id({"model.lr": 0.1})
+    assert len(sweep.expand(sweep.load_experiment(_experiment(tmp_path)), smoke=True)) == 2
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_shards_partition_the_trials(tmp_path, count):
+    trials = sweep.expand(sweep.load_experiment(_experiment(tmp_path, seeds=20)))
+    parts = [sweep.shard(trials, i, count) for i in range(count)]
+    ids = [t.trial_id for part in parts for t in part]
+    assert sorted(ids) == sorted(t.trial_id for t in trials)
+
+
+def test_bad_shard_and_bad_sweeps(tmp_path):
+    for text in ("2/2", "a/b", "1", "-1/3"):
+        with pytest.raises(config.ConfigError, match="expected i/N"):
+            sweep.parse_shard(text)
+    dup = tmp_path / "dup.py"
+    dup.write_text(
+        "from bnlab.config import default_config\nget_config = default_config\n"
+        "def sweep():\n    yield {'opt.lr': 0.1}\n    yield {'opt.lr': 0.1}\n"
+    )
+    with pytest.raises(config.ConfigError, match="same trial twice"):
+        sweep.expand(sweep.load_experiment(dup))
+    with pytest.raises(config.ConfigError, match="defines no sweep"):
+        sweep.load_experiment(ROOT / "experiments/mnist_cnn.py")
+
+
+def test_a_failing_trial_is_marked_and_its_siblings_run(tmp_path):
+    def runner(cfg, run_dir):
+        if cfg.model.norm == "none":
+            raise RuntimeError("boom")
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text('{"status": "ok"}')
+        return {"status": "ok"}
+
+    counts = sweep.run_sweep(
+        _experiment(tmp_path), tmp_path / "out", runner=runner, log=lambda s: None
+    )
+    assert counts == {"ok": 3, "failed": 3}
+    failed = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "out" / "runs").glob("*/summary.json")
+        if "norm-none" in p.parent.name
+    ]
+    assert len(failed) == 3 and all("boom" in f["error"] for f in failed)
+    again = sweep.run_sweep(
+        _experiment(tmp_path), tmp_path / "out", runner=runner, log=lambda s: None
+    )
+    assert again == {"skipped": 6}
+
+
+def test_resume_after_kill_runs_each_trial_once(tmp_path, tfds_dir):
+    experiment = _experiment(tmp_path, tfds_dir=tfds_dir, seeds=2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bnlab.cli", "sweep", str(experiment), "--workdir", str(out)]
+    cmd += ["--config.data.train_size=600", "--config.train.epochs=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("runs/*/summary.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.read_bytes() for p in out.glob("runs/*/summary.json")}
+    assert len(finished) >= 1
+    mtimes = {name: os.stat(out / "runs" / name / "summary.json").st_mtime_ns for name in finished}
+
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summaries = {p.parent.name: p for p in out.glob("runs/*/summary.json")}
+    trial_ids = {t["trial_id"] for t in json.loads((out / "sweep.json").read_text())["trials"]}
+    assert set(summaries) == trial_ids and len(trial_ids) == 4
+    for name, content in finished.items():  # finished results untouched
+        assert summaries[name].read_bytes() == content
+        assert os.stat(summaries[name]).st_mtime_ns == mtimes[name]
+    assert f"{len(finished)} skipped" in result.stdout
+    for path in summaries.values():
+        assert json.loads(path.read_text())["status"] == "ok"
+        steps = [json.loads(line)["step"] for line in (path.parent / "metrics.jsonl").open()]
+        assert steps == sorted(steps)  # one attempt's records, not two interleaved

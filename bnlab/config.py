@@ -283,36 +283,26 @@ def _check_values(c: Config) -> list[str]:
     choice("data.task", c.data.task, TASKS)
     if not 0.0 <= c.norm.momentum <= 1.0:
         p.append(f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of old statistics)")
-    for key, value in (
-        ("norm.epsilon", c.norm.epsilon),
-        ("opt.lr", c.opt.lr),
-        ("opt.eps", c.opt.eps),
-        ("opt.decay_rate", c.opt.decay_rate),
-        ("opt.clip_value", c.opt.clip_value),
-        ("model.init_std", c.model.init_std),
-        ("train.epochs", c.train.epochs),
-        ("train.batch_size", c.train.batch_size),
-        ("train.eval_batch_size", c.train.eval_batch_size),
-        ("train.log_every_steps", c.train.log_every_steps),
-    ):
-        if not (value > 0 and math.isfinite(value)):
-            p.append(f"{key}={value} must be finite and > 0")
-    for key, value in (
-        ("opt.momentum", c.opt.momentum),
-        ("opt.rmsprop_momentum", c.opt.rmsprop_momentum),
-        ("opt.b1", c.opt.b1),
-        ("opt.b2", c.opt.b2),
-        ("opt.decay", c.opt.decay),
-    ):
-        if not 0.0 <= value < 1.0:
-            p.append(f"{key}={value} must lie in [0, 1)")
-    for key, value in (
-        ("opt.weight_decay", c.opt.weight_decay),
-        ("opt.warmup_steps", c.opt.warmup_steps),
-        ("data.train_size", c.data.train_size),
-    ):
-        if value < 0:
-            p.append(f"{key}={value} must be >= 0")
+
+    def require(keys: str, ok, requirement: str):
+        for key in keys.split():
+            group, field = key.split(".")
+            value = getattr(getattr(c, group), field)
+            if not ok(value):
+                p.append(f"{key}={value} {requirement}")
+
+    require(
+        "norm.epsilon opt.lr opt.eps opt.decay_rate opt.clip_value model.init_std train.epochs "
+        "train.batch_size train.eval_batch_size train.log_every_steps",
+        lambda v: v > 0 and math.isfinite(v),
+        "must be finite and > 0",
+    )
+    require(
+        "opt.momentum opt.rmsprop_momentum opt.b1 opt.b2 opt.decay",
+        lambda v: 0.0 <= v < 1.0,
+        "must lie in [0, 1)",
+    )
+    require("opt.weight_decay opt.warmup_steps data.train_size", lambda v: v >= 0, "must be >= 0")
     if not all(0.0 < b < 1.0 for b in c.opt.boundaries):
         p.append(f"opt.boundaries={c.opt.boundaries} must be fractions of training in (0, 1)")
     if c.data.train_size and c.data.train_size < c.train.batch_size:

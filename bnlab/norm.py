@@ -45,7 +45,7 @@ def batch_norm(
     Training mode (Ioffe & Szegedy 2015, Alg. 1), with reductions over every axis but `axis`
     (and over the devices of `axis_name` when given)::
 
-        mu = mean(x)          var = mean((x - mu)**2)         # float32, two-pass
+        mu = mean(x)          var = mean((x - mu)**2)         # float32
         y = (x - mu) / sqrt(var + epsilon) * scale + bias
         new_mean = momentum * mean_old + (1 - momentum) * mu
         new_var  = momentum * var_old  + (1 - momentum) * var_b
@@ -146,15 +146,18 @@ def _affine(x, mean, rstd, scale, bias):
 
 def _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
     x32 = x.astype(jnp.float32)
-    shift = 0.0
-    if axis_name is None:
-        # Shifting by one sample makes the mean of a constant feature exact (so its variance is
-        # exactly 0); the shift is a constant of the math, hence stop_gradient.
-        first = tuple(slice(0, 1) if a in reduce_axes else slice(None) for a in range(x.ndim))
-        shift = lax.stop_gradient(x32[first])
-    mean = shift + _global_mean(x32 - shift, reduce_axes, axis_name, groups)
-    # Two-pass variance: no cancellation and never negative.
-    var = _global_mean(jnp.square(x32 - mean), reduce_axes, axis_name, groups)
+    # Shifted one-pass moments: with a shift taken from the data, E[d^2] - E[d]^2 of
+    # d = x - shift has no catastrophic cancellation, needs one pass over x (both sums fuse),
+    # and gives a constant feature exactly mean = shift, var = 0 on one device. The shift is a
+    # constant of the math, hence stop_gradient; across devices it must be common (pmean).
+    first = tuple(slice(0, 1) if a in reduce_axes else slice(None) for a in range(x.ndim))
+    shift = lax.stop_gradient(x32[first])
+    if axis_name is not None:
+        shift = _psum(shift, axis_name, groups) / _axis_size(axis_name, groups)
+    d = x32 - shift
+    m1, m2 = _global_mean((d, jnp.square(d)), reduce_axes, axis_name, groups)
+    mean = shift + m1
+    var = jnp.maximum(m2 - jnp.square(m1), 0.0)
     rstd = lax.rsqrt(var + epsilon)
     return _affine(x, mean, rstd, scale, bias), mean, var, rstd
 
@@ -209,11 +212,13 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
 _train_analytic.defvjp(_train_analytic_fwd, _train_analytic_bwd)
 
 
-def _global_mean(x, reduce_axes, axis_name, groups):
-    mean = jnp.mean(x, reduce_axes, keepdims=True)
+def _global_mean(xs, reduce_axes, axis_name, groups):
+    """Means over `reduce_axes` (and the devices of `axis_name`, in one collective)."""
+    means = jax.tree.map(lambda x: jnp.mean(x, reduce_axes, keepdims=True), xs)
     if axis_name is None:
-        return mean
-    return _psum(mean, axis_name, groups) / _axis_size(axis_name, groups)
+        return means
+    size = _axis_size(axis_name, groups)
+    return jax.tree.map(lambda m: m / size, _psum(means, axis_name, groups))
 
 
 def _count(x, reduce_axes, axis_name, groups) -> int | Array:

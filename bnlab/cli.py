@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bnlab.config import ConfigError, apply_overrides, load_config, validate
+from bnlab.config import (
+    ConfigError,
+    apply_overrides,
+    config_of,
+    load_module,
+    smoke_overrides,
+    validate,
+)
 from bnlab.data import DataError
 
 OVERRIDE_PREFIX = "--config."
@@ -47,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         "--workdir", required=True, help="output folder (created; never overwritten)"
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--smoke", action="store_true", help="apply the experiment's SMOKE overrides (quick check)"
+    )
     sweep = sub.add_parser(
         "sweep",
         help="run every trial of an experiment's sweep() (finished trials are skipped)",
@@ -64,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from bnlab.run import run  # heavy imports only once the input is valid
 
-    cfg = validate(apply_overrides(load_config(args.config), overrides))
+    module = load_module(args.config)
+    smoke = smoke_overrides(module) if args.smoke else {}
+    cfg = validate(apply_overrides(config_of(module, args.config), {**smoke, **overrides}))
     summary = run(cfg, args.workdir, progress=not args.no_progress)
     print(
         f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "

@@ -175,9 +175,24 @@ def load_module(path: str | os.PathLike):
     return module
 
 
+# A quick check of any experiment: few examples, one epoch (an experiment's SMOKE overrides).
+DEFAULT_SMOKE = {"data.train_size": 1200, "train.epochs": 1}
+
+
+def smoke_overrides(module) -> dict[str, str]:
+    """The experiment's `SMOKE` overrides (or `DEFAULT_SMOKE`) as command-line texts."""
+    smoke = getattr(module, "SMOKE", DEFAULT_SMOKE)
+    return {k: v if isinstance(v, str) else repr(v) for k, v in smoke.items()}
+
+
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """Imports an experiment file and returns its `get_config()`."""
     module = load_module(path)
+    return config_of(module, path)
+
+
+def config_of(module, path: str | os.PathLike = "experiment") -> ml_collections.ConfigDict:
+    """An experiment module's `get_config()`, with its errors as `ConfigError`."""
     try:
         return module.get_config()
     except Exception as err:

@@ -25,8 +25,6 @@ from typing import Any, NamedTuple
 from bnlab import config as config_lib
 from bnlab.writers import write_json
 
-DEFAULT_SMOKE = {"data.train_size": 1200, "train.epochs": 1}
-
 
 class Trial(NamedTuple):
     trial_id: str
@@ -99,9 +97,9 @@ def shard(trials: list[Trial], index: int, count: int) -> list[Trial]:
 def trial_config(
     module: ModuleType, trial: Trial, *, smoke: bool, extra: dict[str, str]
 ) -> config_lib.Config:
-    smoke_overrides = getattr(module, "SMOKE", DEFAULT_SMOKE) if smoke else {}
-    overrides = {**{k: _text(v) for k, v in smoke_overrides.items()}, **trial.overrides, **extra}
-    return config_lib.validate(config_lib.apply_overrides(module.get_config(), overrides))
+    smoke_overrides = config_lib.smoke_overrides(module) if smoke else {}
+    overrides = {**smoke_overrides, **trial.overrides, **extra}
+    return config_lib.validate(config_lib.apply_overrides(config_lib.config_of(module), overrides))
 
 
 def is_finished(run_dir: Path) -> bool:

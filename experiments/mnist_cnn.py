@@ -3,12 +3,14 @@
 Hypothesis: conv3x3(32)-BN-relu-avgpool2, conv3x3(64)-BN-relu-avgpool2, dense(256)-BN-relu,
 dense(10), trained 2 epochs with SGD momentum 0.9 (lr 0.1, cosine decay) at batch 128,
 reaches >= 99.2% test accuracy (mean over 3 seeds).
-Command: bnlab train --config experiments/mnist_cnn.py --workdir runs/mnist_cnn
+Command: bnlab train [--smoke] --config experiments/mnist_cnn.py --workdir runs/mnist_cnn
 Runtime: about 2 minutes on a 2-core CPU.
 Expected: test_accuracy >= 0.992 (see BENCHMARKS.md for the measured seeds).
 """
 
 from bnlab.config import default_config
+
+SMOKE = {"data.train_size": 1280, "train.epochs": 1}  # `--smoke`: a quick check of the whole path
 
 
 def get_config():

@@ -138,3 +138,16 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys, tfds_dir):
     assert (
         "opt.warmup_steps=1000 must be shorter than the run's 10 steps" in capsys.readouterr().err
     )
+
+
+def test_smoke_applies_the_experiment_smoke_overrides(tmp_path, capsys, tfds_dir):
+    code = cli.main(
+        [
+            "train", "--config", str(ROOT / "experiments/mnist_cnn.py"), "--smoke",
+            "--workdir", str(tmp_path / "run"), "--no-progress",
+            f"--config.data.tfds_dir={tfds_dir}",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 1280 // 128 and summary["epochs"] == 1

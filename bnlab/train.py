@@ -110,16 +110,25 @@ def train_epoch(
     images: Array,
     labels: Array,
     key: Array,
+    start: Array | int = 0,
     *,
     batch_size: int,
     step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
+    steps: int | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """A full epoch on device: `lax.scan` over shuffled batches; metrics stacked per step."""
+    """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
+    device: `lax.scan` over the shuffled batches; metrics stacked per step.
+
+    Running an epoch in chunks gives exactly the steps of running it whole.
+    """
 
     def body(state, idx):
         return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]))
 
-    return lax.scan(body, state, epoch_batches(key, labels.shape[0], batch_size))
+    batches = epoch_batches(key, labels.shape[0], batch_size)
+    if steps is not None:
+        batches = lax.dynamic_slice_in_dim(batches, start, steps)
+    return lax.scan(body, state, batches)
 
 
 def evaluate(
@@ -187,6 +196,7 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         train_epoch=jax.jit(
             functools.partial(train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn),
             donate_argnums=0,
+            static_argnames="steps",
         ),
         evaluate=jax.jit(
             functools.partial(evaluate, model=model, batch_size=cfg.train.eval_batch_size)

@@ -173,3 +173,19 @@ def test_epoch_batches_are_a_fresh_permutation_each_epoch():
     assert first.shape == (15, 64)
     assert len(np.unique(first)) == first.size  # each example at most once
     assert not np.array_equal(first, second)
+
+
+def test_epoch_in_chunks_equals_whole_epoch(make_config):
+    cfg, ds, programs, state, key = _setup(make_config)
+    whole, whole_metrics = programs.train_epoch(
+        jax.tree.map(jnp.copy, state), ds.images, ds.labels, key
+    )
+    chunked, parts = state, []
+    for start, steps in [(0, 3), (3, 4), (7, 3)]:
+        chunked, metrics = programs.train_epoch(
+            chunked, ds.images, ds.labels, key, start, steps=steps
+        )
+        parts.append(metrics["loss"])
+    assert int(chunked.step) == int(whole.step) == 10
+    np.testing.assert_array_equal(np.concatenate(parts), whole_metrics["loss"])
+    jax.tree.map(np.testing.assert_array_equal, chunked, whole)

@@ -68,7 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workdir", required=True, help="sweep folder (shared by all shards)")
     sweep.add_argument("--smoke", action="store_true", help="the small variant of every trial")
     sweep.add_argument("--shard", default="0/1", help="i/N: run only shard i of N (default 0/1)")
+    sweep.add_argument(
+        "--engine",
+        choices=("vmap", "sequential"),
+        default="vmap",
+        help="vmap (default): trials differing only in seed and numeric optimizer "
+        "hyperparameters train together in one compiled program; sequential: one by one",
+    )
+    sweep.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=None,
+        help="at most this many trials per compiled program (default: as many as fit memory)",
+    )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -94,6 +114,8 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         smoke=args.smoke,
         shard_spec=parse_shard(args.shard),
         overrides=overrides,
+        engine=args.engine,
+        max_chunk=args.chunk,
     )
     print("sweep done: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return 0

@@ -76,6 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
         eval_batch_size=1000,  # examples per evaluation step
         seed=0,  # seeds init and data order
         log_every_steps=50,  # train metrics averaged over this many steps per record
+        probe_unit=-1,  # >= 0: test records carry act_p15/50/85, the percentiles of the
+        # input to this unit's nonlinearity in the last hidden layer (-1: off)
     )
     return c
 
@@ -133,6 +135,7 @@ class TrainConfig:
     eval_batch_size: int
     seed: int
     log_every_steps: int
+    probe_unit: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +321,7 @@ def _check_values(c: Config) -> list[str]:
         "must lie in [0, 1)",
     )
     require("opt.weight_decay opt.warmup_steps data.train_size", lambda v: v >= 0, "must be >= 0")
+    require("train.probe_unit", lambda v: v >= -1, "must be -1 (off) or a unit index >= 0")
     if not all(0.0 < b < 1.0 for b in c.opt.boundaries):
         p.append(f"opt.boundaries={c.opt.boundaries} must be fractions of training in (0, 1)")
     if c.data.train_size and c.data.train_size < c.train.batch_size:

@@ -22,6 +22,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": nn.tanh,
 }
 PLACEMENTS = ("before", "after")
+PROBE = "act_input"  # name under which each block sows the input of its nonlinearity
 INITS: dict[str, Callable[[float], Callable]] = {  # name -> (std -> initializer)
     "lecun_normal": lambda std: nn.initializers.lecun_normal(),  # std unused: fan-in scaled
     "he_normal": lambda std: nn.initializers.he_normal(),  # std unused: fan-in scaled
@@ -42,8 +43,11 @@ class _NormAct(nn.Module):
             raise ValueError(f"unknown placement {self.placement!r}; known: {PLACEMENTS}")
         layer = self.norm(name="norm")
         if self.placement == "before":
-            return self.act(layer(x, use_running_average=not train))
-        return layer(self.act(x), use_running_average=not train)
+            x = layer(x, use_running_average=not train)
+        # The nonlinearity's input, kept only when "intermediates" is mutable (a probe).
+        self.sow("intermediates", PROBE, x)
+        x = self.act(x)
+        return x if self.placement == "before" else layer(x, use_running_average=not train)
 
 
 class MLP(nn.Module):

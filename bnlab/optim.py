@@ -1,10 +1,17 @@
-"""Optimizer config to an optax chain: clipping, weight decay, optimizer, schedule."""
+"""Optimizer config to an optax chain: clipping, weight decay, optimizer, schedule.
+
+The numeric hyperparameters that sweeps vary sit in the optimizer state through
+`optax.inject_hyperparams`, so one compiled program serves many of their values.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from bnlab.config import OptConfig
 
@@ -50,22 +57,44 @@ OPTIMIZERS: dict[str, Callable[[OptConfig, Schedule], optax.GradientTransformati
 }
 
 
-def _step(c: OptConfig, total_steps: int) -> Schedule:
-    bounds: dict[int, float] = {}
-    for b in c.boundaries:  # boundaries that fall on the same step multiply
-        step = int(b * total_steps)
-        bounds[step] = bounds.get(step, 1.0) * c.decay_rate
-    return optax.piecewise_constant_schedule(c.lr, bounds)
+def _constant(c: OptConfig, total: int) -> Schedule:
+    return optax.constant_schedule(c.lr)
+
+
+def _step(c: OptConfig, total: int) -> Schedule:
+    steps = sorted({int(b * total) for b in c.boundaries})
+    # Boundaries that fall on the same step multiply; written out (not optax's piecewise
+    # schedule) so that `lr` and `decay_rate` may be traced values of a vmapped sweep.
+    counts = [sum(int(b * total) == s for b in c.boundaries) for s in steps]
+
+    def schedule(count):
+        factor = 1.0
+        for s, n in zip(steps, counts, strict=True):
+            factor = factor * jnp.where(count >= s, c.decay_rate**n, 1.0)
+        return c.lr * factor
+
+    return schedule
+
+
+def _exponential(c: OptConfig, total: int) -> Schedule:
+    # optax.exponential_decay's closed form, without its Python checks on decay_rate (traced).
+    return lambda count: c.lr * jnp.power(c.decay_rate, jnp.asarray(count, jnp.float32) / total)
+
+
+def _warmup_cosine(c: OptConfig, total: int) -> Schedule:
+    # optax.warmup_cosine_decay_schedule(0, lr, warmup, total), built from parts that accept a
+    # traced `lr` (the composite checks its values in Python).
+    warmup = optax.linear_schedule(0.0, c.lr, c.warmup_steps)
+    decay = optax.cosine_decay_schedule(c.lr, max(total - c.warmup_steps, 1))
+    return optax.join_schedules([warmup, decay], [c.warmup_steps])
 
 
 SCHEDULES: dict[str, Callable[[OptConfig, int], Schedule]] = {
-    "constant": lambda c, total: optax.constant_schedule(c.lr),
+    "constant": _constant,
     "step": _step,
-    "exponential": lambda c, total: optax.exponential_decay(c.lr, total, c.decay_rate),
+    "exponential": _exponential,
     "cosine": lambda c, total: optax.cosine_decay_schedule(c.lr, total),
-    "warmup_cosine": lambda c, total: optax.warmup_cosine_decay_schedule(
-        0.0, c.lr, c.warmup_steps, total
-    ),
+    "warmup_cosine": _warmup_cosine,
 }
 
 CLIPS: dict[str, Callable[[OptConfig], optax.GradientTransformation]] = {
@@ -73,6 +102,10 @@ CLIPS: dict[str, Callable[[OptConfig], optax.GradientTransformation]] = {
     "global_norm": lambda c: optax.clip_by_global_norm(c.clip_value),
     "value": lambda c: optax.clip(c.clip_value),
 }
+
+# Numeric hyperparameters that live in the optimizer state (`optax.inject_hyperparams`): trials
+# that differ only in these (and the seed) share one compiled program, vmapped over the state.
+INJECTED = ("lr", "momentum", "clip_value", "decay_rate", "weight_decay")
 
 
 def _lookup(table: dict, kind: str, name: str):
@@ -82,16 +115,46 @@ def _lookup(table: dict, kind: str, name: str):
 
 
 def make_schedule(c: OptConfig, total_steps: int) -> Schedule:
-    """The learning rate as a function of the step."""
+    """The learning rate as a function of the step (`c.lr`, `c.decay_rate` may be traced)."""
     return _lookup(SCHEDULES, "schedule", c.schedule)(c, max(int(total_steps), 1))
 
 
-def make_optimizer(c: OptConfig, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
-    """`clip -> weight decay -> optimizer(schedule)`, and the schedule for logging."""
-    schedule = make_schedule(c, total_steps)
-    clip = _lookup(CLIPS, "clip", c.clip)(c)
-    optimizer = _lookup(OPTIMIZERS, "optimizer", c.name)(c, schedule)
+def hyperparams(c: OptConfig) -> dict[str, float]:
+    """The injected hyperparameters of `c`, by name."""
+    return {k: getattr(c, k) for k in INJECTED}
+
+
+def structure(c: OptConfig) -> OptConfig:
+    """`c` with the injected hyperparameters blanked, except what changes the chain's shape:
+    two configs with equal structures give optimizer states of one pytree structure."""
+    blank = dict.fromkeys(INJECTED, 0.0)
+    # L2 is a chain element only when weight_decay > 0 (adamw always carries its own).
+    blank["weight_decay"] = float(c.weight_decay > 0)
+    return dataclasses.replace(c, **blank)
+
+
+def make_optimizer(
+    c: OptConfig, total_steps: int, values: dict[str, ArrayLike] | None = None
+) -> tuple[optax.GradientTransformation, Schedule]:
+    """`clip -> weight decay -> optimizer(schedule)` with the `INJECTED` hyperparameters in
+    its state, and the schedule for logging.
+
+    `values` (default: those of `c`) sets the injected hyperparameters; they may be traced,
+    e.g. one per trial under `vmap`. The chain's shape comes from `c` alone.
+    """
+    values = hyperparams(c) if values is None else values
+    make_clip = _lookup(CLIPS, "clip", c.clip)
+    make_opt = _lookup(OPTIMIZERS, "optimizer", c.name)
+    _lookup(SCHEDULES, "schedule", c.schedule)
     # adamw decays weights itself (decoupled); the others get L2 added to the gradient.
     coupled = c.weight_decay > 0 and c.name != "adamw"
-    decay = optax.add_decayed_weights(c.weight_decay) if coupled else optax.identity()
-    return optax.chain(clip, decay, optimizer), schedule
+
+    def chain(lr, momentum, clip_value, decay_rate, weight_decay):  # the INJECTED names
+        ch = dataclasses.replace(c, **{k: v for k, v in locals().items() if k in INJECTED})
+        clip = make_clip(ch)
+        decay = optax.add_decayed_weights(ch.weight_decay) if coupled else optax.identity()
+        return optax.chain(clip, decay, make_opt(ch, make_schedule(ch, total_steps)))
+
+    tx = optax.inject_hyperparams(chain)(**values)
+    schedule = make_schedule(dataclasses.replace(c, **values), total_steps)
+    return tx, schedule

@@ -4,9 +4,11 @@ An experiment file defines `get_config()` and, for a sweep, `sweep()` yielding d
 overrides (`{"model.norm": "none", "opt.lr": 0.1}`). It may define `SMOKE`, overrides that
 shrink every trial for a quick check (`--smoke`), and `sweep(smoke)` may yield a smaller grid.
 
-Each trial runs into `DIR/runs/<trial_id>/`. A trial is finished once its `summary.json` exists
-(written atomically, last); a sweep run again skips finished trials and redoes the others from
-scratch, so an interrupted sweep resumes without losing or duplicating results.
+Trials that differ only in seed and numeric optimizer hyperparameters train together in one
+vmapped program (`bnlab.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
+finished once its `summary.json` exists (written atomically, last); a sweep run again skips
+finished trials and redoes the others from scratch, so an interrupted sweep resumes without
+losing or duplicating results.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
 from bnlab.writers import write_json
+
+ENGINES = ("vmap", "sequential")
 
 
 class Trial(NamedTuple):
@@ -118,9 +122,18 @@ def run_sweep(
     shard_spec: tuple[int, int] = (0, 1),
     overrides: dict[str, str] | None = None,
     runner: Callable[..., dict[str, Any]] | None = None,
+    engine: str = "vmap",
+    max_chunk: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
-    """Runs this shard's unfinished trials; returns counts by status (`skipped` = finished)."""
+    """Runs this shard's unfinished trials; returns counts by status (`skipped` = finished).
+
+    With `engine="vmap"`, trials that share a structure train together in one compiled
+    program (`bnlab.batched`, at most `max_chunk` at a time); a lone trial, or every trial
+    with `engine="sequential"`, runs through `runner` (default: the single-run trainer).
+    """
+    if engine not in ENGINES:
+        raise config_lib.ConfigError(f"engine {engine!r} is not one of {ENGINES}")
     if runner is None:
         from bnlab.run import run as runner
     module = load_experiment(path)
@@ -138,18 +151,49 @@ def run_sweep(
             "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
         },
     )
-    counts: dict[str, int] = {}
     mine = shard(trials, *shard_spec)
-    for n, trial in enumerate(mine, 1):
-        run_dir = workdir / "runs" / trial.trial_id
-        if is_finished(run_dir):
-            status = "skipped"
+    counts: dict[str, int] = {}
+    todo = []
+    for trial in mine:
+        if is_finished(workdir / "runs" / trial.trial_id):
+            counts["skipped"] = counts.get("skipped", 0) + 1
+            log(f"{trial.trial_id}: finished before, skipped")
         else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt: redo it
-            status = _run_trial(runner, configs[trial.trial_id], run_dir)
-        counts[status] = counts.get(status, 0) + 1
-        log(f"[{n}/{len(mine)}] {trial.trial_id}: {status}")
+            shutil.rmtree(workdir / "runs" / trial.trial_id, ignore_errors=True)  # redo it
+            todo.append(trial)
+    groups = _groups(todo, configs) if engine == "vmap" else [[t] for t in todo]
+    for group in groups:
+        dirs = [workdir / "runs" / t.trial_id for t in group]
+        cfgs = [configs[t.trial_id] for t in group]
+        if len(group) == 1:
+            statuses = [_run_trial(runner, cfgs[0], dirs[0])]
+        else:
+            statuses = _run_group(cfgs, dirs, max_chunk, log)
+        for trial, status in zip(group, statuses, strict=True):
+            counts[status] = counts.get(status, 0) + 1
+            log(f"{trial.trial_id}: {status}")
     return counts
+
+
+def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[list[Trial]]:
+    from bnlab.batched import group_by_structure
+
+    indices = group_by_structure([configs[t.trial_id] for t in trials])
+    return [[trials[i] for i in group] for group in indices]
+
+
+def _run_group(cfgs, dirs: list[Path], max_chunk: int | None, log) -> list[str]:
+    """Trials of one structure in one vmapped program; if it fails, every one is failed."""
+    from bnlab.batched import run_group
+
+    try:
+        return [s["status"] for s in run_group(cfgs, dirs, max_chunk=max_chunk, log=log)]
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - one failed group must not stop the others
+        for run_dir in dirs:
+            _write_failure(run_dir, err)
+        return ["failed"] * len(dirs)
 
 
 def _run_trial(runner, cfg: config_lib.Config, run_dir: Path) -> str:
@@ -158,10 +202,14 @@ def _run_trial(runner, cfg: config_lib.Config, run_dir: Path) -> str:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - one failed trial must not stop its siblings
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(
-            run_dir / "summary.json",
-            {"status": "failed", "error": f"{type(err).__name__}: {err}",
-             "traceback": traceback.format_exc()},
-        )  # fmt: skip
+        _write_failure(run_dir, err)
         return "failed"
+
+
+def _write_failure(run_dir: Path, err: Exception) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        run_dir / "summary.json",
+        {"status": "failed", "error": f"{type(err).__name__}: {err}",
+         "traceback": traceback.format_exc()},
+    )  # fmt: skip

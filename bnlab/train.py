@@ -139,8 +139,14 @@ def evaluate(
     *,
     model: nn.Module,
     batch_size: int,
+    probe_unit: int = -1,
 ) -> Metrics:
-    """Mean loss and accuracy over a whole split, with the running statistics."""
+    """Mean loss and accuracy over a whole split, with the running statistics.
+
+    With `probe_unit >= 0`, also the 15th/50th/85th percentiles over the split of the input to
+    the nonlinearity of that unit of the last hidden layer (`act_p15`, `act_p50`, `act_p85`;
+    Ioffe & Szegedy 2015, Fig. 1b,c).
+    """
     n = labels.shape[0]
     steps = -(-n // batch_size)
     idx = jnp.arange(steps * batch_size).reshape(steps, batch_size)
@@ -149,17 +155,43 @@ def evaluate(
 
     def body(totals, xs):
         i, mask = xs
-        logits = model.apply(
+        logits, inter = model.apply(
             {"params": params, "batch_stats": batch_stats},
             data_lib.to_float(images[i]),
             train=False,
+            mutable=["intermediates"] if probe_unit >= 0 else [],
         )
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[i])
         correct = jnp.argmax(logits, -1) == labels[i]
-        return (totals[0] + jnp.sum(losses * mask), totals[1] + jnp.sum(correct * mask)), None
+        probe = _probe(inter, probe_unit, mask) if probe_unit >= 0 else None
+        return (totals[0] + jnp.sum(losses * mask), totals[1] + jnp.sum(correct * mask)), probe
 
-    (loss, correct), _ = lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (idx, valid))
-    return {"loss": loss / n, "accuracy": correct / n}
+    (loss, correct), probe = lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (idx, valid))
+    metrics = {"loss": loss / n, "accuracy": correct / n}
+    if probe is not None:
+        percentiles = jnp.nanpercentile(probe.reshape(-1), jnp.array(PROBE_PERCENTILES))
+        metrics.update(
+            {f"act_p{q}": p for q, p in zip(PROBE_PERCENTILES, percentiles, strict=True)}
+        )
+    return metrics
+
+
+PROBE_PERCENTILES = (15, 50, 85)
+
+
+def _probe(intermediates, unit: int, mask: Array) -> Array:
+    """The probed unit's nonlinearity input in the last hidden block; NaN on padded rows."""
+    blocks = [v for v in intermediates["intermediates"].values() if models.PROBE in v]
+    if not blocks:
+        raise ConfigError("train.probe_unit needs a model whose blocks have a nonlinearity.")
+    (x,) = blocks[-1][models.PROBE]
+    x = x.reshape(x.shape[0], -1, x.shape[-1])[:, 0]  # conv blocks: the first position
+    if unit >= x.shape[-1]:
+        raise ConfigError(
+            f"train.probe_unit={unit} but the last hidden layer has {x.shape[-1]} units; "
+            "choose a smaller unit."
+        )
+    return jnp.where(mask, x[:, unit], jnp.nan)
 
 
 class Programs(NamedTuple):
@@ -199,7 +231,12 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
             static_argnames="steps",
         ),
         evaluate=jax.jit(
-            functools.partial(evaluate, model=model, batch_size=cfg.train.eval_batch_size)
+            functools.partial(
+                evaluate,
+                model=model,
+                batch_size=cfg.train.eval_batch_size,
+                probe_unit=cfg.train.probe_unit,
+            )
         ),
         steps_per_epoch=steps_per_epoch,
     )

@@ -107,3 +107,55 @@ def test_rmsprop_momentum_is_its_own_field():
     want = optax.rmsprop(0.1, decay=c.decay, eps=c.eps)
     for got, ref in zip(_updates(tx), _updates(want), strict=True):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, ref)
+
+
+@pytest.mark.parametrize("schedule", sorted(optim.SCHEDULES))
+def test_schedules_accept_traced_hyperparameters(schedule):
+    c = _opt(schedule=schedule, lr=0.3, decay_rate=0.2, warmup_steps=10)
+    traced = jax.jit(
+        lambda lr, rate, t: optim.make_schedule(
+            dataclasses.replace(c, lr=lr, decay_rate=rate), 100
+        )(t)
+    )
+    plain = optim.make_schedule(c, 100)
+    for t in (0, 5, 50, 75, 99):
+        np.testing.assert_allclose(traced(0.3, 0.2, t), plain(t), rtol=1e-6)
+
+
+def test_vmapped_injected_hyperparameters_equal_separate_optimizers():
+    configs = [
+        _opt(name="momentum", lr=lr, momentum=m, clip="global_norm", clip_value=cv, weight_decay=wd)
+        for lr, m, cv, wd in [(0.1, 0.9, 1.0, 1e-3), (0.5, 0.5, 2.0, 1e-2), (1e-3, 0.0, 0.5, 1.0)]
+    ]
+    assert len({optim.structure(c) for c in configs}) == 1
+    values = {k: jnp.array([optim.hyperparams(c)[k] for c in configs]) for k in optim.INJECTED}
+    tx, _ = optim.make_optimizer(configs[0], 10)
+
+    def run(vals):
+        state = optim.make_optimizer(configs[0], 10, vals)[0].init(PARAMS)
+        out = []
+        for _ in range(3):
+            u, state = tx.update(GRADS, state, PARAMS)  # values come from the state
+            out.append(u)
+        return out
+
+    batched = jax.vmap(run)(values)
+    for i, c in enumerate(configs):
+        for got, want in zip(batched, _updates(optim.make_optimizer(c, 10)[0]), strict=True):
+            jax.tree.map(
+                lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-6), got, want
+            )
+
+
+def test_schedules_equal_optax_references():
+    c = _opt(lr=0.3, decay_rate=0.2, warmup_steps=10, boundaries=(0.5, 0.5, 0.75))
+    references = {
+        "warmup_cosine": optax.warmup_cosine_decay_schedule(0.0, 0.3, 10, 100),
+        "exponential": optax.exponential_decay(0.3, 100, 0.2),
+        "step": optax.piecewise_constant_schedule(0.3, {50: 0.2 * 0.2, 75: 0.2}),
+        "cosine": optax.cosine_decay_schedule(0.3, 100),
+    }
+    for name, reference in references.items():
+        ours = optim.make_schedule(dataclasses.replace(c, schedule=name), 100)
+        for t in range(0, 101, 7):
+            np.testing.assert_allclose(ours(t), reference(t), rtol=1e-6, atol=1e-9, err_msg=name)

@@ -84,7 +84,7 @@ def test_a_failing_trial_is_marked_and_its_siblings_run(tmp_path):
         return {"status": "ok"}
 
     counts = sweep.run_sweep(
-        _experiment(tmp_path), tmp_path / "out", runner=runner, log=lambda s: None
+        _experiment(tmp_path), tmp_path / "out", runner=runner, engine="sequential", log=print
     )
     assert counts == {"ok": 3, "failed": 3}
     failed = [
@@ -94,7 +94,7 @@ def test_a_failing_trial_is_marked_and_its_siblings_run(tmp_path):
     ]
     assert len(failed) == 3 and all("boom" in f["error"] for f in failed)
     again = sweep.run_sweep(
-        _experiment(tmp_path), tmp_path / "out", runner=runner, log=lambda s: None
+        _experiment(tmp_path), tmp_path / "out", runner=runner, engine="sequential", log=print
     )
     assert again == {"skipped": 6}
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from bnlab import data, train
+from bnlab import config, data, train
 from bnlab.run import diverged, run
 
 MLP = "experiments/bn_paper_mlp.py"
@@ -189,3 +189,39 @@ def test_epoch_in_chunks_equals_whole_epoch(make_config):
     assert int(chunked.step) == int(whole.step) == 10
     np.testing.assert_array_equal(np.concatenate(parts), whole_metrics["loss"])
     jax.tree.map(np.testing.assert_array_equal, chunked, whole)
+
+
+def test_probe_percentiles_cover_the_whole_split(make_config):
+    cfg = make_config(MLP, **{"data.train_size": 600, "train.probe_unit": 7})
+    test_set = data.load(cfg.data, "test")
+    programs = train.make_programs(cfg, 600)
+    state = programs.init(train.run_keys(0)[0], data.to_float(test_set.images[:60]))
+    # 3000 does not divide 10,000: the padded rows of the last batch must not count
+    got = train.evaluate(
+        state.params,
+        state.batch_stats,
+        test_set.images,
+        test_set.labels,
+        model=programs.model,
+        batch_size=3000,
+        probe_unit=7,
+    )
+    _, inter = programs.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        data.to_float(test_set.images),
+        train=False,
+        mutable=["intermediates"],
+    )
+    x = np.asarray(inter["intermediates"]["block2"]["act_input"][0])[:, 7]
+    want = np.percentile(x, train.PROBE_PERCENTILES)
+    np.testing.assert_allclose([got[f"act_p{q}"] for q in (15, 50, 85)], want, rtol=1e-5)
+    with pytest.raises(config.ConfigError, match="probe_unit=100"):
+        train.evaluate(
+            state.params,
+            state.batch_stats,
+            test_set.images,
+            test_set.labels,
+            model=programs.model,
+            batch_size=3000,
+            probe_unit=100,
+        )

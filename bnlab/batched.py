@@ -1,0 +1,264 @@
+"""Many trials in one compiled program: `jax.vmap` over trials that share a structure.
+
+Trials whose configs differ only in the seed and in the optimizer's injected hyperparameters
+(`optim.INJECTED`: learning rate, momentum, clipping threshold, decay rate, weight decay) have
+train states of one pytree structure. They train together: the train state, the injected
+hyperparameters and the data-order keys get a leading trial axis, and the single-run epoch and
+evaluation are vmapped over it. Each trial writes the same files as a single run
+(`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`); a trial whose loss turns
+non-finite is marked diverged and stops being recorded while its siblings go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnlab import data as data_lib
+from bnlab import optim
+from bnlab import train as train_lib
+from bnlab.config import Config, ConfigError
+from bnlab.run import _window_records, diverged, prepare_workdir
+from bnlab.writers import MetricWriter, write_json
+
+MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
+
+
+def structure_key(cfg: Config) -> str:
+    """Equal for configs that can train in one vmapped program."""
+    d = cfg.to_dict()
+    d["train"]["seed"] = 0
+    d["opt"] = dataclasses.asdict(optim.structure(cfg.opt))
+    return json.dumps(d, sort_keys=True)
+
+
+def group_by_structure(configs: Sequence[Config]) -> list[list[int]]:
+    """Indices of `configs` grouped by structure, groups and members in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(structure_key(cfg), []).append(i)
+    return list(groups.values())
+
+
+class BatchedPrograms(NamedTuple):
+    """The compiled pieces of a group of trials; every argument has a leading trial axis
+    except the data."""
+
+    init: Callable[..., train_lib.TrainState]  # (init_keys, values, sample) -> states
+    train_epoch: Callable[..., tuple[train_lib.TrainState, dict]]  # (states, values, x, y, keys)
+    evaluate: Callable[..., dict]  # (params, batch_stats, x, y) -> metrics per trial
+    steps_per_epoch: int
+
+
+def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
+    """The single-run programs of `cfg`'s structure, vmapped over trials.
+
+    The optimizer's injected hyperparameters come per trial (`values`, a dict of arrays
+    `f32[trials]` keyed by `optim.INJECTED`); they live in each trial's optimizer state.
+    """
+    single = train_lib.make_programs(cfg, num_train)  # also validates the run length
+    total = single.steps_per_epoch * cfg.train.epochs
+
+    def init(key, values, sample):
+        tx, _ = optim.make_optimizer(cfg.opt, total, values)
+        return train_lib.init_state(single.model, tx, key, sample)
+
+    def epoch(state, values, images, labels, key, start, steps):
+        # The update reads the hyperparameters from the state; `values` only feed the logged lr.
+        _, schedule = optim.make_optimizer(cfg.opt, total, values)
+        step_fn = functools.partial(
+            train_lib.train_step, model=single.model, tx=single.tx, schedule=schedule
+        )
+        return train_lib.train_epoch(
+            state,
+            images,
+            labels,
+            key,
+            start,
+            batch_size=cfg.train.batch_size,
+            step_fn=step_fn,
+            steps=steps,
+        )
+
+    def evaluate(params, batch_stats, images, labels):
+        return train_lib.evaluate(
+            params,
+            batch_stats,
+            images,
+            labels,
+            model=single.model,
+            batch_size=cfg.train.eval_batch_size,
+            probe_unit=cfg.train.probe_unit,
+        )
+
+    batched_epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None, None))
+    return BatchedPrograms(
+        init=jax.jit(jax.vmap(init, in_axes=(0, 0, None))),
+        train_epoch=jax.jit(
+            lambda s, v, x, y, k, start=0, steps=None: batched_epoch(s, v, x, y, k, start, steps),
+            donate_argnums=0,
+            static_argnames="steps",
+        ),
+        evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
+        steps_per_epoch=single.steps_per_epoch,
+    )
+
+
+def chunk_size(cfg: Config, num_trials: int, sample: jax.Array) -> int:
+    """How many trials of `cfg`'s structure fit `MEMORY_FRACTION` of the device memory.
+
+    The estimate per trial: state, gradients and optimizer updates (4x the state), plus the
+    forward activations kept for the backward pass, twice, at the training batch size.
+    """
+    model = train_lib.build_model(cfg)
+    tx, _ = optim.make_optimizer(cfg.opt, 1)
+    state = jax.eval_shape(
+        functools.partial(train_lib.init_state, model, tx), jax.random.key(0), sample
+    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    _, inter = jax.eval_shape(
+        functools.partial(
+            model.apply,
+            train=True,
+            capture_intermediates=True,
+            mutable=["intermediates", "batch_stats"],
+        ),
+        variables,
+        sample,
+    )
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    per_trial = 4 * nbytes(state) + 2 * nbytes(inter)
+    return int(max(1, min(num_trials, MEMORY_FRACTION * _device_memory() // max(per_trial, 1))))
+
+
+def _device_memory() -> int:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # CPU: the host memory
+
+
+def run_group(
+    configs: Sequence[Config],
+    workdirs: Sequence[str | os.PathLike],
+    *,
+    max_chunk: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Trains trials of one structure together, in chunks that fit memory; returns their
+    summaries (also written to each workdir's `summary.json`)."""
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("run_group needs one workdir per config, and at least one config")
+    keys = {structure_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ConfigError("run_group: the configs differ in more than seed and INJECTED values")
+    cfg = configs[0]
+    train_set = data_lib.load(cfg.data, "train")
+    test_set = data_lib.load(cfg.data, "test")
+    if cfg.train.batch_size > train_set.size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} exceeds the {train_set.size} training "
+            f"examples of task {cfg.data.task!r}; lower train.batch_size."
+        )
+    dirs = [prepare_workdir(w) for w in workdirs]
+    sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
+    size = chunk_size(cfg, len(configs), sample)
+    size = min(size, max_chunk) if max_chunk else size
+    programs = make_batched_programs(cfg, train_set.size)
+    summaries: list[dict[str, Any]] = []
+    for start in range(0, len(configs), size):
+        part = slice(start, start + size)
+        if log is not None:
+            log(f"training trials {start + 1}-{start + len(configs[part])} of {len(configs)} "
+                "in one program")  # fmt: skip
+        summaries += _train_chunk(programs, configs[part], dirs[part], train_set, test_set)
+    return summaries
+
+
+class _Trial:
+    """Per-trial bookkeeping of a chunk: writer, status, last test metrics."""
+
+    def __init__(self, cfg: Config, workdir: Path):
+        self.cfg, self.workdir = cfg, workdir
+        write_json(workdir / "config.json", cfg.to_dict())
+        self.writer = MetricWriter(workdir)
+        self.status, self.test, self.steps, self.epochs = "ok", {}, 0, 0
+        self.active = True
+
+
+def _train_chunk(programs, configs, dirs, train_set, test_set) -> list[dict[str, Any]]:
+    cfg = configs[0]
+    values = {
+        k: jnp.asarray([getattr(c.opt, k) for c in configs], jnp.float32) for k in optim.INJECTED
+    }
+    keys = [train_lib.run_keys(c.train.seed) for c in configs]
+    init_keys = jnp.stack([k[0] for k in keys])
+    data_keys = jnp.stack([k[1] for k in keys])
+    sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
+    state = programs.init(init_keys, values, sample)
+    trials = [_Trial(c, d) for c, d in zip(configs, dirs, strict=True)]
+    begin, train_time = time.perf_counter(), 0.0
+    try:
+        for epoch in range(cfg.train.epochs):
+            tick = time.perf_counter()
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
+            state, metrics = programs.train_epoch(
+                state, values, train_set.images, train_set.labels, keys
+            )
+            metrics = jax.device_get(metrics)
+            if epoch > 0:  # the first epoch includes compilation
+                train_time += time.perf_counter() - tick
+            test = jax.device_get(
+                programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
+            )
+            steps = np.asarray(jax.device_get(state.step))
+            for i, trial in enumerate(trials):
+                if trial.active:
+                    _record_epoch(trial, epoch, programs.steps_per_epoch, metrics, test, i)
+                    trial.steps = int(steps[i])
+            if not any(t.active for t in trials):
+                break
+    finally:
+        for trial in trials:
+            trial.writer.close()
+    wall = time.perf_counter() - begin
+    return [_summarize(t, wall, train_time, programs.steps_per_epoch) for t in trials]
+
+
+def _record_epoch(trial: _Trial, epoch: int, steps_per_epoch: int, metrics, test, i: int):
+    mine = {k: v[i] for k, v in metrics.items()}
+    first_step = epoch * steps_per_epoch
+    for step, means in _window_records(mine, first_step, trial.cfg.train.log_every_steps):
+        trial.writer.write(step, "train", epoch=epoch, **means)
+    trial.test = {k: v[i] for k, v in test.items()}
+    trial.writer.write(first_step + steps_per_epoch, "test", epoch=epoch, **trial.test)
+    trial.epochs = epoch + 1
+    if diverged(mine["loss"], trial.test["loss"]):
+        trial.status, trial.active = "diverged", False
+
+
+def _summarize(trial: _Trial, wall: float, train_time: float, steps_per_epoch: int):
+    examples = (trial.epochs - 1) * steps_per_epoch * trial.cfg.train.batch_size
+    summary = {
+        "status": trial.status,
+        "test_accuracy": float(trial.test["accuracy"]),
+        "test_loss": float(trial.test["loss"]),
+        "steps": trial.steps,
+        "epochs": trial.epochs,
+        # Shared by the trials of one program: its wall time and this trial's share of it.
+        "wall_time_s": wall,
+        "train_examples_per_s": examples / train_time if train_time > 0 else None,
+        "engine": "vmap",
+    }
+    write_json(trial.workdir / "summary.json", summary)
+    return summary

@@ -1,0 +1,90 @@
+"""Vmapped trials: grouping by structure, each trial equal to the same trial run alone."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bnlab import batched, config, run
+from bnlab.writers import read_jsonl
+
+RELU_MLP = {
+    "model.name": "mlp",
+    "model.activation": "relu",
+    "model.norm": "none",
+    "model.init": "he_normal",
+    "opt.name": "momentum",
+    "opt.schedule": "step",
+    "train.batch_size": 60,
+    "data.train_size": 600,
+    "train.epochs": 2,
+    "train.log_every_steps": 3,
+}
+
+
+def _assert_same_records(got_dir, want_dir):
+    got, want = read_jsonl(got_dir / "metrics.jsonl"), read_jsonl(want_dir / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in g:
+            if w[key] is None or isinstance(w[key], str):  # None: a NaN
+                assert g[key] == w[key], key
+            else:
+                np.testing.assert_allclose(g[key], w[key], rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+def test_vmapped_trials_equal_single_runs_and_a_diverged_one_stops_alone(make_config, tmp_path):
+    # Different seeds and every injected hyperparameter; one learning rate that blows up.
+    trials = [
+        {"train.seed": 0, "opt.lr": 0.05},
+        {"train.seed": 1, "opt.lr": 0.02, "opt.momentum": 0.5, "opt.decay_rate": 0.5},
+        {"train.seed": 2, "opt.lr": 300.0},  # NaN within the first epoch
+    ]
+    configs = [make_config(**{**RELU_MLP, **t}) for t in trials]
+    assert len(batched.group_by_structure(configs)) == 1
+    dirs = [tmp_path / f"vmap{i}" for i in range(3)]
+    summaries = batched.run_group(configs, dirs, max_chunk=2)  # chunks of 2 and 1
+    assert [s["status"] for s in summaries] == ["ok", "ok", "diverged"]
+    for i, cfg in enumerate(configs):
+        alone = run.run(cfg, tmp_path / f"alone{i}")
+        assert summaries[i]["status"] == alone["status"]
+        assert summaries[i]["steps"] == alone["steps"] and summaries[i]["epochs"] == alone["epochs"]
+        _assert_same_records(dirs[i], tmp_path / f"alone{i}")
+        assert json.loads((dirs[i] / "config.json").read_text()) == json.loads(
+            json.dumps(cfg.to_dict())
+        )
+    # the diverged trial stopped after its first epoch; its siblings trained both
+    assert [s["epochs"] for s in summaries] == [2, 2, 1]
+
+
+def test_group_by_structure(make_config):
+    configs = [
+        make_config(**RELU_MLP),
+        make_config(**{**RELU_MLP, "train.seed": 3, "opt.lr": 0.3, "opt.clip_value": 2.0}),
+        make_config(**{**RELU_MLP, "model.norm": "batchnorm"}),
+        make_config(**{**RELU_MLP, "train.batch_size": 30}),
+        make_config(**{**RELU_MLP, "opt.weight_decay": 1e-4}),  # adds an L2 step to the chain
+        make_config(**{**RELU_MLP, "opt.weight_decay": 1e-3, "train.seed": 1}),
+        make_config(**{**RELU_MLP, "opt.schedule": "cosine"}),
+    ]
+    assert batched.group_by_structure(configs) == [[0, 1], [2], [3], [4, 5], [6]]
+
+
+def test_run_group_refuses_mixed_structures(make_config, tmp_path):
+    configs = [make_config(**RELU_MLP), make_config(**{**RELU_MLP, "model.norm": "batchnorm"})]
+    with pytest.raises(config.ConfigError, match="differ"):
+        batched.run_group(configs, [tmp_path / "a", tmp_path / "b"])
+
+
+def test_chunk_size_follows_memory(make_config, monkeypatch):
+    import jax.numpy as jnp
+
+    cfg = make_config(**RELU_MLP)
+    sample = jnp.zeros((60, 28, 28, 1))
+    assert batched.chunk_size(cfg, 100, sample) == 100  # a tiny MLP: all fit in host memory
+    monkeypatch.setattr(batched, "_device_memory", lambda: 40_000_000)
+    few = batched.chunk_size(cfg, 100, sample)
+    big = make_config(**{**RELU_MLP, "train.batch_size": 600})
+    fewer = batched.chunk_size(big, 100, jnp.zeros((600, 28, 28, 1)))
+    assert 1 <= fewer < few < 100

@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workdir", required=True, help="sweep folder (shared by all shards)")
     sweep.add_argument("--smoke", action="store_true", help="the small variant of every trial")
     sweep.add_argument("--shard", default="0/1", help="i/N: run only shard i of N (default 0/1)")
+    report = sub.add_parser(
+        "report",
+        help="write DIR/report.md and DIR/figures/*.png for a sweep folder",
+        description="Summarise a sweep folder (the --workdir of `bnlab sweep`): statistics over "
+        "seeds per setting and figures, in DIR/report.md. Unfinished trials are listed as missing.",
+    )
+    report.add_argument("dir", help="sweep folder holding sweep.json and runs/")
     return parser
 
 
@@ -99,7 +106,16 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep}
+def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from bnlab.report import write_report
+
+    if overrides:
+        raise ConfigError("bnlab report takes no --config.* overrides; pass only the sweep folder.")
+    print(write_report(args.dir))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

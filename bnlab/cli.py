@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="at most this many trials per compiled program (default: as many as fit memory)",
     )
+    report = sub.add_parser(
+        "report",
+        help="write DIR/report.md and DIR/figures/*.png for a sweep folder",
+        description="Summarise a sweep folder (the --workdir of `bnlab sweep`): statistics over "
+        "seeds per setting and figures, in DIR/report.md. Unfinished trials are listed as missing.",
+    )
+    report.add_argument("dir", help="sweep folder holding sweep.json and runs/")
     return parser
 
 
@@ -121,7 +128,16 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep}
+def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from bnlab.report import write_report
+
+    if overrides:
+        raise ConfigError("bnlab report takes no --config.* overrides; pass only the sweep folder.")
+    print(write_report(args.dir))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

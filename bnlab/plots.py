@@ -1,0 +1,262 @@
+"""The figures of a sweep report, as matplotlib Figures (shown inline in a notebook).
+
+Each figure function returns None when the sweep does not vary what it compares. Figures are
+built without pyplot, so making many leaves no global state behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from bnlab.results import Group, Sweep, TrialResult, format_value, short_names
+
+NORM_KEY = "model.norm"
+PERCENTILES = ("act_p15", "act_p50", "act_p85")
+DIVERGED_COLOR = "tab:red"
+
+
+class Plot(NamedTuple):
+    name: str  # file stem: figures/<name>.png
+    title: str
+    caption: str  # one line, for report.md
+    figure: Figure
+
+
+def _panels(sweep: Sweep, used: tuple[str, ...]) -> list[tuple[str, list[Group]]]:
+    """The groups split into panels, one per setting of the varying keys not in `used`."""
+    others = [k for k in sweep.varying if k not in used]
+    names = short_names(sweep.varying)
+    panels: dict[str, list[Group]] = {}
+    for group in sweep.groups:
+        title = ", ".join(f"{names[k]}={format_value(group.setting[k])}" for k in others)
+        panels.setdefault(title, []).append(group)
+    return list(panels.items())
+
+
+def _series(sweep: Sweep, groups: list[Group]) -> list[tuple[str, list[Group]]]:
+    """Groups split by normalization (one series per `model.norm` value) when it varies."""
+    if NORM_KEY not in sweep.varying:
+        return [("", groups)]
+    return [
+        (f"norm={format_value(norm)}", [g for g in groups if g.setting[NORM_KEY] == norm])
+        for norm in sweep.values(NORM_KEY)
+    ]
+
+
+def _figure(n_panels: int, title: str, size=(4.6, 3.4), *, sharey=False):
+    cols = min(3, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes[:n_panels]
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend of the labelled artists, one entry per label; none when nothing is labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    if unique:
+        ax.legend(unique.values(), unique.keys(), fontsize="small", **kwargs)
+
+
+def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and sample std ignoring NaN (std 0 for a single value, NaN for none)."""
+    present = ~np.isnan(rows)
+    count = present.sum(axis=0)
+    filled = np.where(present, rows, 0.0)
+    mean = np.divide(filled.sum(axis=0), count, out=np.full(count.shape, np.nan), where=count > 0)
+    sq = np.where(present, (rows - mean) ** 2, 0.0).sum(axis=0)
+    var = np.divide(sq, count - 1, out=np.zeros(count.shape), where=count > 1)
+    return mean, np.where(count > 0, np.sqrt(var), np.nan)
+
+
+def _curve(trials: list[TrialResult], field: str):
+    """Steps, mean and std over trials of a test-record field (missing or null -> ignored)."""
+    steps = sorted({r["step"] for t in trials for r in t.test_records if r.get(field) is not None})
+    column = {s: i for i, s in enumerate(steps)}
+    rows = np.full((len(trials), len(steps)), np.nan)
+    for i, trial in enumerate(trials):
+        for r in trial.test_records:
+            if r.get(field) is not None:
+                rows[i, column[r["step"]]] = r[field]
+    return (np.array(steps), *_mean_std(rows))
+
+
+def _ok_trials(groups: list[Group]) -> list[TrialResult]:
+    return [t for g in groups for t in g.with_status("ok")]
+
+
+def accuracy_curves(sweep: Sweep) -> Figure | None:
+    """(1) Test accuracy vs steps, mean +- std over ok seeds, BN vs none; a panel per setting."""
+    if NORM_KEY not in sweep.varying or not any(t.test_records for t in sweep.trials):
+        return None
+    panels = _panels(sweep, (NORM_KEY,))
+    fig, axes = _figure(len(panels), "Test accuracy during training: BN vs no normalization")
+    for ax, (title, groups) in zip(axes, panels, strict=True):
+        for label, members in _series(sweep, groups):
+            steps, mean, std = _curve(_ok_trials(members), "accuracy")
+            if len(steps):
+                (line,) = ax.plot(steps, mean, marker=".", label=label)
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set(title=title, xlabel="training step", ylabel="test accuracy")
+        _legend(ax)
+    return fig
+
+
+def accuracy_vs_lr(sweep: Sweep) -> Figure | None:
+    """(2) Final test accuracy vs learning rate (log axis), a line per norm, divergences marked."""
+    if "opt.lr" not in sweep.varying:
+        return None
+    panels = _panels(sweep, (NORM_KEY, "opt.lr"))
+    fig, axes = _figure(len(panels), "Final test accuracy vs learning rate")
+    for ax, (title, groups) in zip(axes, panels, strict=True):
+        for i, (label, members) in enumerate(_series(sweep, groups)):
+            members = sorted(
+                (g for g in members if isinstance(g.setting["opt.lr"], int | float)),
+                key=lambda g: g.setting["opt.lr"],
+            )  # a trial that does not override the lr has no point on this axis
+            lrs = [float(g.setting["opt.lr"]) for g in members]
+            stats = [g.stats("accuracy") for g in members]
+            std = [0.0 if math.isnan(s.std) else s.std for s in stats]
+            line = ax.errorbar(lrs, [s.mean for s in stats], yerr=std, marker="o", label=label)
+            bad = [lr for lr, g in zip(lrs, members, strict=True) if g.with_status("diverged")]
+            if bad:
+                color = line.lines[0].get_color()
+                ax.scatter(bad, [-0.03 * i] * len(bad), marker="x", s=60, color=color,
+                           label=f"{label or 'all'}: a seed diverged")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_ylim(-0.1, 1.02)
+        ax.set(title=title, xlabel="learning rate (log scale)", ylabel="final test accuracy")
+        _legend(ax)
+    return fig
+
+
+def _bars(sweep: Sweep, keys: tuple[str, ...], title: str) -> Figure | None:
+    """Final test accuracy per setting of `keys`, a bar per norm, divergences written on top."""
+    keys = tuple(k for k in keys if k in sweep.varying)
+    if not keys:
+        return None
+    panels = _panels(sweep, (*keys, NORM_KEY))
+    names = short_names(sweep.varying)
+    fig, axes = _figure(len(panels), title, size=(5.5, 3.6))
+    for ax, (panel_title, groups) in zip(axes, panels, strict=True):
+        labels = list(dict.fromkeys(_label(g, keys, names) for g in groups))
+        series = _series(sweep, groups)
+        width = 0.8 / len(series)
+        for i, (label, members) in enumerate(series):
+            for g in members:
+                x = labels.index(_label(g, keys, names)) + (i - (len(series) - 1) / 2) * width
+                s = g.stats("accuracy")
+                height = 0.0 if math.isnan(s.mean) else s.mean
+                yerr = None if math.isnan(s.std) else s.std
+                ax.bar(x, height, width, yerr=yerr, color=f"C{i}", label=label or None)
+                if g.with_status("diverged"):
+                    n = len(g.with_status("diverged"))
+                    ax.text(x, height + 0.02, f"{n} div.", ha="center", color=DIVERGED_COLOR)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
+        ax.set_ylim(0, 1.1)
+        ax.set(title=panel_title, ylabel="final test accuracy (mean +- std)")
+        _legend(ax, loc="lower right")
+    return fig
+
+
+def _label(group: Group, keys: tuple[str, ...], names: dict[str, str]) -> str:
+    return "\n".join(f"{names[k]}={format_value(group.setting[k])}" for k in keys)
+
+
+def schedule_clip_comparison(sweep: Sweep) -> Figure | None:
+    """(3) Final accuracy per learning-rate schedule x gradient clipping, BN vs none."""
+    return _bars(sweep, ("opt.schedule", "opt.clip"), "Learning-rate schedule x clipping")
+
+
+def optimizer_comparison(sweep: Sweep) -> Figure | None:
+    """(4) Final accuracy per optimizer, BN vs none."""
+    return _bars(sweep, ("opt.name",), "Optimizers")
+
+
+def status_counts(sweep: Sweep) -> Figure | None:
+    """(5) Trials per setting by status (diverged, failed, missing), when any is not ok."""
+    if all(t.status == "ok" for t in sweep.trials):
+        return None
+    fig = Figure(figsize=(7, 1.2 + 0.35 * len(sweep.groups)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(sweep.groups))
+    left = np.zeros(len(sweep.groups))
+    colors = {"ok": "tab:green", "diverged": DIVERGED_COLOR, "failed": "black", "missing": "0.7"}
+    for status, color in colors.items():
+        counts = np.array([len(g.with_status(status)) for g in sweep.groups])
+        ax.barh(y, counts, left=left, color=color, label=status)
+        left += counts
+    ax.set_yticks(y, [g.name for g in sweep.groups], fontsize="small")
+    ax.invert_yaxis()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trials (seeds)", title="Trials per setting by status")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def activation_percentiles(sweep: Sweep) -> Figure | None:
+    """(6) 15th/50th/85th percentiles of one last-layer sigmoid input vs steps, per norm
+    (Ioffe & Szegedy 2015, Fig. 1 b, c)."""
+    if not any(PERCENTILES[1] in r for t in sweep.trials for r in t.test_records):
+        return None
+    panels = [
+        (", ".join(p for p in (label, title) if p), members)
+        for title, groups in _panels(sweep, (NORM_KEY,))
+        for label, members in _series(sweep, groups)
+    ]
+    fig, axes = _figure(
+        len(panels), "Input to a last-hidden-layer sigmoid: 15th, 50th, 85th percentiles",
+        sharey=True,
+    )  # fmt: skip
+    for ax, (title, groups) in zip(axes, panels, strict=True):
+        for field, color in zip(PERCENTILES, ("C0", "C3", "C0"), strict=True):
+            steps, mean, std = _curve(_ok_trials(groups), field)
+            if len(steps):
+                ax.plot(steps, mean, color=color, label=f"{field[-2:]}th percentile")
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
+        ax.set(title=title, xlabel="training step", ylabel="sigmoid input")
+        _legend(ax)
+    return fig
+
+
+FIGURES: tuple[tuple[str, str, Callable[[Sweep], Figure | None], str], ...] = (
+    ("accuracy_curves", "Test accuracy during training", accuracy_curves,
+     "Test accuracy vs training step, mean over the seeds that finished ok (band: +- one std), "
+     "with and without batch normalization."),
+    ("accuracy_vs_lr", "Final accuracy vs learning rate", accuracy_vs_lr,
+     "Final test accuracy vs learning rate (log scale), mean +- std over ok seeds; an x at the "
+     "bottom marks a learning rate where at least one seed diverged."),
+    ("schedule_clip", "Schedules and clipping", schedule_clip_comparison,
+     "Final test accuracy per learning-rate schedule and gradient clipping, mean +- std over ok "
+     "seeds; 'n div.' counts the seeds that diverged."),
+    ("optimizers", "Optimizers", optimizer_comparison,
+     "Final test accuracy per optimizer, mean +- std over ok seeds; 'n div.' counts the seeds "
+     "that diverged."),
+    ("status_counts", "Diverged, failed and missing trials", status_counts,
+     "Trials per setting by status: ok, diverged (non-finite loss), failed (an error), missing "
+     "(not run or not finished)."),
+    ("activation_percentiles", "Sigmoid input distribution (Ioffe & Szegedy Fig. 1 b, c)",
+     activation_percentiles,
+     "15th, 50th and 85th percentiles over the test set of the input to one sigmoid of the last "
+     "hidden layer vs training step, mean over ok seeds; with BN they should stay stable."),
+)  # fmt: skip
+
+
+def all_figures(sweep: Sweep) -> list[Plot]:
+    """Every figure that applies to this sweep, in report order."""
+    plots = []
+    for name, title, make, caption in FIGURES:
+        figure = make(sweep)
+        if figure is not None:
+            plots.append(Plot(name, title, caption, figure))
+    return plots

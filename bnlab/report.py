@@ -1,0 +1,172 @@
+"""`DIR/report.md` for a sweep folder: what ran, statistics over seeds per setting, figures.
+
+In a notebook, the same pieces inline:
+
+    from bnlab import report
+    sweep = report.load_sweep("runs/lr_sensitivity")
+    report.table(sweep)  # one row per setting: counts and Stats of final accuracy and loss
+    for plot in report.all_figures(sweep):
+        display(plot.figure)
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Any
+
+from bnlab.plots import FIGURES, Plot, all_figures
+from bnlab.results import SEED_KEY, STATUSES, Stats, Sweep, format_value, load_sweep
+
+__all__ = ["all_figures", "load_sweep", "render", "table", "table_markdown", "write_report"]
+
+CONFIDENCE = 0.95
+FIGURE_DIR = "figures"
+
+
+def table(sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per setting: its varying keys, counts by status, Stats of final accuracy/loss."""
+    return [
+        {
+            **group.setting,
+            "seeds": len(group.trials),
+            **{status: len(group.with_status(status)) for status in STATUSES},
+            "accuracy": group.stats("accuracy", CONFIDENCE),
+            "loss": group.stats("loss", CONFIDENCE),
+        }
+        for group in sweep.groups
+    ]
+
+
+def _number(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1e3 else f"{x:.4g}"
+
+
+def _mean_std(s: Stats) -> str:
+    if s.n == 0:
+        return "no ok seed"
+    return _number(s.mean) if s.n == 1 else f"{_number(s.mean)} ± {_number(s.std)}"
+
+
+def _interval(s: Stats) -> str:
+    return f"[{_number(s.low)}, {_number(s.high)}]" if s.n >= 2 else "n/a (< 2 ok seeds)"
+
+
+def table_markdown(sweep: Sweep) -> str:
+    """The table as Markdown."""
+    level = f"{CONFIDENCE:.0%}"
+    header = [f"`{k}`" for k in sweep.varying] + ["seeds", *STATUSES]
+    header += ["test accuracy, mean ± std", f"accuracy {level} CI"]
+    header += ["test loss, mean ± std", f"loss {level} CI"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in table(sweep):
+        cells = [format_value(row[k]) for k in sweep.varying]
+        cells += [str(row["seeds"]), *(str(row[status]) for status in STATUSES)]
+        for metric in ("accuracy", "loss"):
+            cells += [_mean_std(row[metric]), _interval(row[metric])]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _docstring(experiment: str) -> str | None:
+    try:
+        return ast.get_docstring(ast.parse(Path(experiment).read_text()))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _overview(sweep: Sweep) -> list[str]:
+    counts = sweep.counts()
+    seeds = sorted({repr(t.overrides[SEED_KEY]) for t in sweep.trials if SEED_KEY in t.overrides})
+    extra = " ".join(f"`--config.{k}={v}`" for k, v in sweep.overrides.items()) or "none"
+    lines = [
+        f"**What ran.** `bnlab sweep {sweep.experiment}`"
+        f"{' --smoke (the small variant)' if sweep.smoke else ''}: {len(sweep.trials)} trials "
+        f"in {len(sweep.groups)} settings; a setting's trials differ only in `{SEED_KEY}` "
+        f"({', '.join(seeds) or 'not varied'}). "
+        f"Overrides applied to every trial: {extra}.",
+        "",
+        "**Status.** " + ", ".join(f"{counts[s]} {s}" for s in counts) + ". A trial is *ok* when "
+        "it finished with finite losses, *diverged* when a loss became non-finite (NaN or "
+        "infinite; it stopped there), *failed* when it raised an error, *missing* when it has "
+        "no results yet (not run, or interrupted).",
+    ]
+    steps = sorted({t.summary.get("steps") for t in sweep.trials if t.status == "ok"})
+    if steps:
+        lines += ["", f"**Training length** of the ok trials: {', '.join(map(str, steps))} steps."]
+    if sweep.varying:
+        lines += ["", "**Varied** (besides the seed):"]
+        lines += [
+            f"- `{k}`: {', '.join(format_value(v) for v in sweep.values(k))}" for k in sweep.varying
+        ]
+    return lines
+
+
+def _not_ok(sweep: Sweep) -> list[str]:
+    lines = []
+    for group in sweep.groups:
+        for t in group.trials:
+            seed = f", seed={t.overrides[SEED_KEY]}" if SEED_KEY in t.overrides else ""
+            where = f"`{t.trial_id}` ({group.name}{seed})"
+            if t.status == "diverged":
+                step = t.summary.get("steps")
+                lines.append(f"- {where}: diverged, non-finite loss by step {step}.")
+            elif t.status == "failed":
+                lines.append(f"- {where}: failed: {t.summary.get('error', 'no error recorded')}")
+            elif t.status == "missing":
+                lines.append(
+                    f"- {where}: missing (no summary.json); run the same `bnlab sweep` command "
+                    "again to finish it."
+                )
+            elif t.status != "ok":
+                lines.append(f"- {where}: status {t.status!r}.")
+    return lines or ["Every trial finished ok."]
+
+
+def render(sweep: Sweep, plots: list[Plot]) -> str:
+    """report.md's text; figures are linked as `figures/<name>.png`."""
+    title = Path(sweep.experiment).stem or sweep.path.name
+    lines = [f"# Sweep report: {title}", ""]
+    doc = _docstring(sweep.experiment)
+    if doc:
+        lines += [*(f"> {line}".rstrip() for line in doc.splitlines()), ""]
+    lines += [*_overview(sweep), "", "## Final test metrics per setting", ""]
+    level = f"{CONFIDENCE:.0%}"
+    lines += [
+        "Each row is one setting; its trials differ only in the seed. Final test accuracy and "
+        "loss are over the seeds that finished *ok*: mean ± sample standard deviation, and the "
+        f"{level} confidence interval of the mean (Student t, seeds - 1 degrees of freedom). "
+        "Diverged, failed and missing trials are left out of these statistics and counted in "
+        "their own columns.",
+        "",
+        table_markdown(sweep),
+        "",
+        "## Trials that did not finish ok",
+        "",
+        *_not_ok(sweep),
+        "",
+    ]
+    if plots:
+        lines += ["## Figures", ""]
+    for number, plot in enumerate(plots, 1):
+        lines += [f"### {plot.title}", "", f"![{plot.title}]({FIGURE_DIR}/{plot.name}.png)", ""]
+        lines += [f"*Figure {number}. {plot.caption}*", ""]
+    return "\n".join(lines)
+
+
+def write_report(directory: str | os.PathLike) -> Path:
+    """Writes `DIR/report.md` and its PNG figures under `DIR/figures/`; returns report.md's path."""
+    sweep = load_sweep(directory)
+    figure_dir = sweep.path / FIGURE_DIR
+    figure_dir.mkdir(exist_ok=True)
+    for name, *_ in FIGURES:  # a figure that no longer applies must not linger
+        (figure_dir / f"{name}.png").unlink(missing_ok=True)
+    plots = all_figures(sweep)
+    for plot in plots:
+        plot.figure.savefig(figure_dir / f"{plot.name}.png", dpi=100)
+    path = sweep.path / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render(sweep, plots))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,238 @@
+"""A sweep's results read back: trials and their status, groups over seeds, statistics.
+
+A group is one setting of the sweep: its trials share every override but `train.seed`. The
+statistics over a group's seeds are the mean, the sample standard deviation and the Student-t
+confidence interval of the mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from bnlab.config import ConfigError, parse_value
+from bnlab.writers import read_jsonl
+
+SEED_KEY = "train.seed"
+STATUSES = ("ok", "diverged", "failed", "missing")
+UNSET = "(default)"  # a key some trials of a heterogeneous grid do not override
+
+
+def _t_central_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer `df` (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, total = math.cos(theta) ** 2, 0.0
+    if df % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+        term = math.cos(theta)
+        for k in range((df - 1) // 2):
+            total += term
+            term *= cos2 * (2 * k + 2) / (2 * k + 3)
+        return 2 / math.pi * (theta + math.sin(theta) * total)
+    term = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+    for k in range(df // 2):
+        total += term
+        term *= cos2 * (2 * k + 1) / (2 * k + 2)
+    return math.sin(theta) * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The `p` quantile of Student's t distribution with `df` degrees of freedom.
+
+    Exact (bisection on the closed-form CDF) up to 200 degrees of freedom; above, the
+    Cornish-Fisher expansion around the normal quantile (error below 1e-9 there).
+    """
+    if not 0 < p < 1 or df < 1 or int(df) != df:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and an integer df >= 1, got {p}, {df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    if df > 200:
+        z = statistics.NormalDist().inv_cdf(p)
+        return (
+            z
+            + (z**3 + z) / (4 * df)
+            + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+        )
+    target, lo, hi = 2 * p - 1, 0.0, 1.0
+    while _t_central_mass(hi, df) < target:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central_mass(mid, df) < target else (lo, mid)
+        if hi - lo <= 1e-13 * hi:
+            break
+    return (lo + hi) / 2
+
+
+class Stats(NamedTuple):
+    n: int  # number of values (seeds)
+    mean: float  # NaN when n == 0
+    std: float  # sample standard deviation (n - 1 in the denominator); NaN when n < 2
+    low: float  # confidence interval of the mean: mean -+ t_{(1+level)/2}(n-1) std / sqrt(n)
+    high: float  # (NaN when n < 2)
+
+
+def summarize(values: Iterable[float], level: float = 0.95) -> Stats:
+    """Mean, sample standard deviation and Student-t confidence interval of `values`."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return Stats(0, math.nan, math.nan, math.nan, math.nan)
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return Stats(1, mean, math.nan, math.nan, math.nan)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n)
+    return Stats(n, mean, std, mean - half, mean + half)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    trial_id: str
+    overrides: dict[str, Any]  # dotted key -> parsed value
+    status: str  # ok | diverged | failed | missing (no summary.json: not run or interrupted)
+    summary: dict[str, Any]  # summary.json; {} when missing
+    config: dict[str, Any]  # config.json (nested); {} when absent
+    test_records: list[dict[str, Any]]  # the "test" records of metrics.jsonl; null -> None
+
+    def value(self, key: str) -> Any:
+        """The trial's value of a dotted key: its override, else its resolved config."""
+        if key in self.overrides:
+            return self.overrides[key]
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def final(self, metric: str) -> float | None:
+        """`summary.json`'s `test_<metric>` when it is a finite number."""
+        value = self.summary.get(f"test_{metric}")
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    name: str  # e.g. "norm=none, lr=0.1": the sweep's varying keys
+    setting: dict[str, Any]  # varying key -> value (UNSET where the trials do not override it)
+    trials: list[TrialResult]  # the seeds
+
+    def with_status(self, status: str) -> list[TrialResult]:
+        return [t for t in self.trials if t.status == status]
+
+    def stats(self, metric: str, level: float = 0.95) -> Stats:
+        """Statistics of the final test `metric` ("accuracy" or "loss") over the ok seeds."""
+        values = [t.final(metric) for t in self.with_status("ok")]
+        return summarize([v for v in values if v is not None], level)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    path: Path
+    experiment: str  # the experiment file, as given to `bnlab sweep`
+    smoke: bool
+    overrides: dict[str, str]  # applied to every trial (`--config.x=v`)
+    trials: list[TrialResult]  # in the sweep's order
+    varying: list[str]  # override keys with more than one value, `train.seed` excluded
+    groups: list[Group]  # in order of first appearance
+
+    def counts(self) -> dict[str, int]:
+        """Trials per status, every status of STATUSES included."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for trial in self.trials:
+            counts[trial.status] = counts.get(trial.status, 0) + 1
+        return counts
+
+    def values(self, key: str) -> list[Any]:
+        """The distinct values of a varying key, in order of first appearance."""
+        seen: dict[str, Any] = {}
+        for group in self.groups:
+            seen.setdefault(repr(group.setting[key]), group.setting[key])
+        return list(seen.values())
+
+
+def load_sweep(directory: str | os.PathLike) -> Sweep:
+    """Reads `DIR/sweep.json` and every trial's files; unfinished trials are "missing"."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigError(
+            f"{path} is not a folder; pass the --workdir of a `bnlab sweep` run to `bnlab report`."
+        )
+    if not (path / "sweep.json").is_file():
+        raise ConfigError(
+            f"{path} has no sweep.json; pass the --workdir of a `bnlab sweep` run "
+            "(run `bnlab sweep EXPERIMENT --workdir DIR` first)."
+        )
+    spec = json.loads((path / "sweep.json").read_text())
+    trials = [
+        _load_trial(path / "runs" / t["trial_id"], t["trial_id"], t["overrides"])
+        for t in spec["trials"]
+    ]
+    varying = _varying_keys(trials)
+    return Sweep(
+        path=path,
+        experiment=spec.get("experiment", ""),
+        smoke=bool(spec.get("smoke", False)),
+        overrides=dict(spec.get("overrides", {})),
+        trials=trials,
+        varying=varying,
+        groups=_group(trials, varying),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResult:
+    parsed = {k: parse_value(v) for k, v in overrides.items()}
+    config = _read_json(run_dir / "config.json") or {}
+    summary = _read_json(run_dir / "summary.json")
+    if summary is None:  # not run yet, or interrupted before its summary (written last)
+        return TrialResult(tid, parsed, "missing", {}, config, [])
+    metrics = run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics) if metrics.is_file() else []
+    tests = [r for r in records if r.get("split") == "test"]
+    return TrialResult(tid, parsed, str(summary.get("status", "failed")), summary, config, tests)
+
+
+def _varying_keys(trials: list[TrialResult]) -> list[str]:
+    keys = list(dict.fromkeys(k for t in trials for k in t.overrides if k != SEED_KEY))
+    return [k for k in keys if len({repr(t.overrides.get(k, UNSET)) for t in trials}) > 1]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """`opt.lr` -> `lr`, unless two keys end alike (`opt.decay`, `norm.decay`): then in full."""
+    ends = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: e if ends.count(e) == 1 else k for k, e in zip(keys, ends, strict=True)}
+
+
+def format_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _group(trials: list[TrialResult], varying: list[str]) -> list[Group]:
+    names = short_names(varying)
+    members: dict[tuple, list[TrialResult]] = {}
+    for trial in trials:
+        members.setdefault(_setting_key(trial, varying), []).append(trial)
+    groups = []
+    for members_of in members.values():
+        setting = {k: members_of[0].overrides.get(k, UNSET) for k in varying}
+        name = ", ".join(f"{names[k]}={format_value(v)}" for k, v in setting.items())
+        groups.append(Group(name or "all trials", setting, members_of))
+    return groups
+
+
+def _setting_key(trial: TrialResult, varying: list[str]) -> tuple:
+    return tuple(repr(trial.overrides.get(k, UNSET)) for k in varying)

@@ -1,0 +1,248 @@
+"""Reports: statistics over seeds (closed forms), report.md and figures of a small real sweep."""
+
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from matplotlib import image
+
+from bnlab import cli, report, results
+from bnlab.writers import read_jsonl, write_json
+
+EXPERIMENT = """
+from bnlab.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.name = "mlp"
+    c.model.activation = "relu"
+    c.opt.name = "sgd"
+    c.train.batch_size = 60
+    c.train.epochs = 2
+    c.data.train_size = 300
+    c.data.tfds_dir = {tfds_dir!r}
+    return c
+
+
+def sweep():
+    for norm in ("batchnorm", "none"):
+        for lr in (0.1, 1e4):  # without BN, 1e4 diverges
+            for seed in (0, 1):
+                yield {{"model.norm": norm, "opt.lr": lr, "train.seed": seed}}
+    for seed in (2, 3):  # seed 2 fails, seed 3 is interrupted (see _runner)
+        yield {{"model.norm": "none", "opt.lr": 0.1, "train.seed": seed}}
+"""
+
+
+DRIVER = """
+import sys
+from bnlab import sweep
+from bnlab.run import run
+from bnlab.writers import write_json
+
+
+def runner(cfg, run_dir):
+    if cfg.train.seed == 2:
+        raise RuntimeError("boom: a broken trial")
+    if cfg.train.seed == 3:  # killed after its config, before any result
+        run_dir.mkdir(parents=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        return {"status": "interrupted"}
+    return run(cfg, run_dir)
+
+
+sweep.run_sweep(
+    sys.argv[1], sys.argv[2], runner=runner, engine="sequential", log=lambda s: None
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tfds_dir):
+    """A real 10-trial sweep (8 trained, 1 failed, 1 unfinished) and its report."""
+    tmp = tmp_path_factory.mktemp("report")
+    experiment = tmp / "exp.py"
+    experiment.write_text(EXPERIMENT.format(tfds_dir=tfds_dir))
+    # In a subprocess, with JAX's persistent compilation cache: trials that differ only in
+    # seed (and evaluation programs that ignore the learning rate) compile once; 3x faster.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache")}
+    cache |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cache |= {"JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(experiment), str(tmp / "out")],
+        cwd=ROOT,
+        env={**os.environ, **cache},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "out", report.write_report(tmp / "out")
+
+
+def _summaries(directory, norm, lr):
+    spec = json.loads((directory / "sweep.json").read_text())
+    out = []
+    for t in spec["trials"]:
+        if t["overrides"]["model.norm"] == norm and float(t["overrides"]["opt.lr"]) == lr:
+            path = directory / "runs" / t["trial_id"] / "summary.json"
+            out.append(json.loads(path.read_text()) if path.exists() else {"status": "missing"})
+    return out
+
+
+@pytest.mark.parametrize(
+    "p, df, expected",
+    [
+        (0.975, 1, math.tan(math.pi * 0.475)),  # Cauchy: tan(pi (p - 1/2))
+        (0.975, 2, 0.95 / math.sqrt(2 * 0.975 * 0.025)),  # (2p - 1) / sqrt(2p(1 - p))
+        (0.9, 2, 0.8 / math.sqrt(2 * 0.9 * 0.1)),
+        (0.975, 4, 2.776445105),  # tables
+        (0.995, 10, 3.169272673),
+        (0.975, 30, 2.042272456),
+        (0.975, 1000, 1.962339081),
+        (0.025, 4, -2.776445105),  # symmetry
+    ],
+)
+def test_t_quantile(p, df, expected):
+    assert results.t_quantile(p, df) == pytest.approx(expected, rel=1e-8)
+
+
+def test_summarize_closed_forms():
+    s = results.summarize([1.0, 2.0, 3.0])
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) / math.sqrt(3)  # t_0.975(2) * std / sqrt(n)
+    assert s == pytest.approx((3, 2.0, 1.0, 2.0 - half, 2.0 + half))
+    s = results.summarize([0.5, 0.7], level=0.9)  # t_0.95(1) = tan(0.45 pi)
+    half = math.tan(0.45 * math.pi) * math.sqrt(0.02) / math.sqrt(2)
+    assert s == pytest.approx((2, 0.6, math.sqrt(0.02), 0.6 - half, 0.6 + half))
+    one, none = results.summarize([0.25]), results.summarize([])
+    assert (one.n, one.mean) == (1, 0.25) and math.isnan(one.std) and math.isnan(one.low)
+    assert none.n == 0 and math.isnan(none.mean)
+    normal = statistics.NormalDist().inv_cdf(0.975)  # the large-df limit
+    assert results.t_quantile(0.975, 10**7) == pytest.approx(normal, abs=1e-6)
+    with pytest.raises(ValueError, match="integer df"):
+        results.t_quantile(0.975, 0)
+
+
+def test_table_matches_the_summaries(swept):
+    directory, path = swept
+    loaded = report.load_sweep(directory)
+    assert loaded.varying == ["model.norm", "opt.lr"]
+    counts = loaded.counts()  # BN at lr 1e4 may diverge too
+    assert (counts["failed"], counts["missing"], counts["ok"] + counts["diverged"]) == (1, 1, 8)
+    text = path.read_text()
+    rows = {(r["model.norm"], r["opt.lr"]): r for r in report.table(loaded)}
+    assert len(rows) == 4
+    for (norm, lr), row in rows.items():
+        summaries = _summaries(directory, norm, lr)
+        statuses = [s["status"] for s in summaries]
+        assert row["seeds"] == len(summaries)
+        assert [row[s] for s in results.STATUSES] == [statuses.count(s) for s in results.STATUSES]
+        for metric in ("accuracy", "loss"):
+            values = np.array([s[f"test_{metric}"] for s in summaries if s["status"] == "ok"])
+            stats = row[metric]
+            assert stats.n == len(values)
+            if len(values) == 2:  # t_0.975(1) = 12.7062
+                mean, std = values.mean(), values.std(ddof=1)
+                half = 12.70620474 * std / math.sqrt(2)
+                assert stats == pytest.approx((2, mean, std, mean - half, mean + half), rel=1e-6)
+                assert f"{mean:.4f} ± {std:.4f}" in text
+    diverged = rows[("none", 1e4)]
+    assert diverged["diverged"] == 2 and diverged["accuracy"].n == 0
+    mixed = rows[("none", 0.1)]
+    assert (mixed["seeds"], mixed["ok"], mixed["failed"], mixed["missing"]) == (4, 2, 1, 1)
+
+
+def test_report_names_the_trials_that_did_not_finish_ok(swept):
+    directory, path = swept
+    text = path.read_text()
+    assert "# Sweep report: exp" in text and f"`bnlab sweep {directory.parent / 'exp.py'}`" in text
+    assert "10 trials in 4 settings" in text and "(0, 1, 2, 3)" in text
+    lines = {line for line in text.splitlines() if line.startswith("- `")}
+    assert any("seed=2" in ln and "failed: RuntimeError: boom" in ln for ln in lines)
+    assert any("seed=3" in ln and "missing (no summary.json)" in ln for ln in lines)
+    assert sum("diverged, non-finite loss" in ln for ln in lines) >= 2
+
+
+def test_figures_are_pngs_linked_relative(swept):
+    directory, path = swept
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", path.read_text())
+    assert links == [
+        "figures/accuracy_curves.png",
+        "figures/accuracy_vs_lr.png",
+        "figures/status_counts.png",
+    ]
+    for link in links:
+        assert (directory / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert image.imread(directory / link).shape[0] > 200
+    assert len(re.findall(r"^\*Figure \d\. .+\*$", path.read_text(), flags=re.M)) == 3
+
+
+def test_activation_percentiles_figure_when_records_carry_them(swept, tmp_path):
+    directory = shutil.copytree(swept[0], tmp_path / "copy")
+    for metrics in directory.glob("runs/*/metrics.jsonl"):
+        records = read_jsonl(metrics)
+        for r in records:
+            if r["split"] == "test":
+                r.update(act_p15=-1.0 - r["step"], act_p50=0.0, act_p85=1.0 + r["step"])
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = report.write_report(directory).read_text()
+    assert "figures/activation_percentiles.png" in text
+    assert (directory / "figures/activation_percentiles.png").stat().st_size > 1000
+
+
+def test_a_sweep_that_has_not_run_reports_every_trial_missing(tmp_path):
+    trials = [{"trial_id": f"seed-{i}", "overrides": {"train.seed": str(i)}} for i in (0, 1)]
+    write_json(tmp_path / "sweep.json", {"experiment": "x.py", "smoke": True, "trials": trials})
+    text = report.write_report(tmp_path).read_text()
+    assert "0 ok, 0 diverged, 0 failed, 2 missing" in text and "no ok seed" in text
+    assert "figures/status_counts.png" in text
+
+
+def test_cli_report_exit_codes(swept, tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "absent")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "has no sweep.json" in capsys.readouterr().err
+    assert cli.main(["report", str(swept[0])]) == 0
+    assert capsys.readouterr().out.strip() == str(swept[1])
+
+
+def _fake_sweep(directory, grid):
+    """A sweep folder with summaries only (no training): every trial ok, the first diverged."""
+    trials = []
+    for i, overrides in enumerate(grid):
+        tid = f"trial-{i}"
+        trials.append({"trial_id": tid, "overrides": overrides})
+        (directory / "runs" / tid).mkdir(parents=True)
+        summary = {"status": "diverged" if i == 0 else "ok", "test_accuracy": 0.9 + i / 1000}
+        write_json(directory / "runs" / tid / "summary.json", {**summary, "test_loss": 0.1})
+    write_json(directory / "sweep.json", {"experiment": "x.py", "smoke": False, "trials": trials})
+
+
+@pytest.mark.parametrize(
+    "keys, figure",
+    [
+        ({"opt.schedule": ("constant", "cosine"), "opt.clip": ("none", "global_norm")},
+         "schedule_clip"),
+        ({"opt.name": ("sgd", "adam", "rmsprop")}, "optimizers"),
+    ],
+)  # fmt: skip
+def test_comparison_bars_only_when_the_sweep_varies_their_keys(tmp_path, keys, figure):
+    grid = [{"model.norm": "'none'"}, {"model.norm": "'batchnorm'"}]
+    for key, values in keys.items():
+        grid = [{**point, key: repr(v)} for point in grid for v in values]
+    grid = [{**point, "train.seed": repr(s)} for point in grid for s in (0, 1)]
+    _fake_sweep(tmp_path, grid)
+    text = report.write_report(tmp_path).read_text()
+    links = re.findall(r"\(figures/(\w+)\.png\)", text)
+    assert links == [figure, "status_counts"]
+    assert image.imread(tmp_path / "figures" / f"{figure}.png").shape[0] > 200

@@ -28,7 +28,7 @@ from bnlab import data as data_lib
 from bnlab import optim
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
-from bnlab.run import _window_records, diverged, prepare_workdir
+from bnlab.run import _window_records, diverged, load_splits, prepare_workdir
 from bnlab.writers import MetricWriter, write_json
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
@@ -163,13 +163,7 @@ def run_group(
     if len(keys) != 1:
         raise ConfigError("run_group: the configs differ in more than seed and INJECTED values")
     cfg = configs[0]
-    train_set = data_lib.load(cfg.data, "train")
-    test_set = data_lib.load(cfg.data, "test")
-    if cfg.train.batch_size > train_set.size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the {train_set.size} training "
-            f"examples of task {cfg.data.task!r}; lower train.batch_size."
-        )
+    train_set, test_set = load_splits(cfg)
     dirs = [prepare_workdir(w) for w in workdirs]
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     size = chunk_size(cfg, len(configs), sample)

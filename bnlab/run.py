@@ -58,6 +58,17 @@ def _window_records(metrics: dict[str, np.ndarray], first_step: int, every: int)
         yield first_step + stop, {**means, "window": stop - start}
 
 
+def load_splits(cfg: Config) -> tuple[data_lib.Dataset, data_lib.Dataset]:
+    """The train and test splits of `cfg`, checked against the batch size."""
+    train_set = data_lib.load(cfg.data, "train")
+    if cfg.train.batch_size > train_set.size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} exceeds the {train_set.size} training "
+            f"examples of task {cfg.data.task!r}; lower train.batch_size."
+        )
+    return train_set, data_lib.load(cfg.data, "test")
+
+
 def diverged(train_losses: np.ndarray, test_loss: float) -> bool:
     """A non-finite loss in any step, or in the test loss (a NaN made by an epoch's last step
     shows only in the weights)."""
@@ -72,13 +83,7 @@ def run(
 ) -> dict[str, Any]:
     """Trains `cfg` and returns its summary (also written to `workdir/summary.json`)."""
     workdir = prepare_workdir(workdir)
-    train_set = data_lib.load(cfg.data, "train")
-    test_set = data_lib.load(cfg.data, "test")
-    if cfg.train.batch_size > train_set.size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the {train_set.size} training "
-            f"examples of task {cfg.data.task!r}; lower train.batch_size."
-        )
+    train_set, test_set = load_splits(cfg)
     programs = train_lib.make_programs(cfg, train_set.size)
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])

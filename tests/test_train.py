@@ -197,15 +197,16 @@ def test_probe_percentiles_cover_the_whole_split(make_config):
     programs = train.make_programs(cfg, 600)
     state = programs.init(train.run_keys(0)[0], data.to_float(test_set.images[:60]))
     # 3000 does not divide 10,000: the padded rows of the last batch must not count
-    got = train.evaluate(
+    evaluate = functools.partial(
+        train.evaluate,
         state.params,
         state.batch_stats,
         test_set.images,
         test_set.labels,
         model=programs.model,
         batch_size=3000,
-        probe_unit=7,
     )
+    got = evaluate(probe_unit=7)
     _, inter = programs.model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
         data.to_float(test_set.images),
@@ -216,12 +217,4 @@ def test_probe_percentiles_cover_the_whole_split(make_config):
     want = np.percentile(x, train.PROBE_PERCENTILES)
     np.testing.assert_allclose([got[f"act_p{q}"] for q in (15, 50, 85)], want, rtol=1e-5)
     with pytest.raises(config.ConfigError, match="probe_unit=100"):
-        train.evaluate(
-            state.params,
-            state.batch_stats,
-            test_set.images,
-            test_set.labels,
-            model=programs.model,
-            batch_size=3000,
-            probe_unit=100,
-        )
+        evaluate(probe_unit=100)

@@ -127,3 +127,15 @@ def test_resume_after_kill_runs_each_trial_once(tmp_path, tfds_dir):
         assert json.loads(path.read_text())["status"] == "ok"
         steps = [json.loads(line)["step"] for line in (path.parent / "metrics.jsonl").open()]
         assert steps == sorted(steps)  # one attempt's records, not two interleaved
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.py")), ids=lambda p: p.name)
+def test_every_experiment_declares_itself_and_validates(path):
+    module = config.load_module(path)
+    for part in ("Hypothesis", "Command:", "Runtime:", "Expected"):
+        assert part in (module.__doc__ or ""), f"{path.name}: docstring lacks {part!r}"
+    assert hasattr(module, "SMOKE"), f"{path.name}: no SMOKE variant"
+    if hasattr(module, "sweep"):
+        for smoke in (False, True):
+            for trial in sweep.expand(module, smoke=smoke):
+                sweep.trial_config(module, trial, smoke=smoke, extra={})

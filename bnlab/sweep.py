@@ -5,8 +5,9 @@ overrides (`{"model.norm": "none", "opt.lr": 0.1}`). It may define `SMOKE`, over
 shrink every trial for a quick check (`--smoke`), and `sweep(smoke)` may yield a smaller grid.
 
 Each trial runs into `DIR/runs/<trial_id>/`. A trial is finished once its `summary.json` exists
-(written atomically, last); a sweep run again skips finished trials and redoes the others from
-scratch, so an interrupted sweep resumes without losing or duplicating results.
+(written atomically, last); a sweep run again skips finished trials and resumes the others from
+their latest checkpoints (`run.run` resumes a workdir), so an interrupted sweep loses at most
+the steps since a trial's last checkpoint and duplicates no results.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -144,8 +144,7 @@ def run_sweep(
         run_dir = workdir / "runs" / trial.trial_id
         if is_finished(run_dir):
             status = "skipped"
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt: redo it
+        else:  # new, or interrupted: the runner resumes it from its checkpoints
             status = _run_trial(runner, configs[trial.trial_id], run_dir)
         counts[status] = counts.get(status, 0) + 1
         log(f"[{n}/{len(mine)}] {trial.trial_id}: {status}")

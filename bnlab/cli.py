@@ -1,4 +1,8 @@
-"""`bnlab` command line: parse, validate early, call the library."""
+"""`bnlab` command line: parse, validate early, call the library.
+
+Exit status: 0 done, 2 bad input or a checkpoint error (the message says how to fix it),
+3 a diverged run, 4 stopped by SIGTERM/SIGINT after saving a checkpoint (run it again to resume).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ from bnlab.config import (
 from bnlab.data import DataError
 
 OVERRIDE_PREFIX = "--config."
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 4
+EXIT_CODES = (
+    "exit status: 0 done, 2 bad input or checkpoint error, 3 diverged, "
+    "4 stopped by SIGTERM/SIGINT after saving a checkpoint (run the same command to resume)"
+)
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -40,18 +49,26 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bnlab", description="Batch normalization research on MNIST with JAX/Flax."
+        prog="bnlab",
+        description="Batch normalization research on MNIST with JAX/Flax.",
+        epilog=EXIT_CODES,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
         help="train one model from an experiment file",
         description="Train one model. Override any config field with --config.GROUP.FIELD=VALUE "
-        "(e.g. --config.model.norm=none --config.train.epochs=1).",
+        "(e.g. --config.model.norm=none --config.train.epochs=1). Checkpoints go to "
+        "WORKDIR/checkpoints (--config.checkpoint.every_steps, --config.checkpoint.keep); the "
+        "same command in the same workdir resumes an unfinished run.",
+        epilog=EXIT_CODES,
     )
     train.add_argument("--config", required=True, help="experiment file defining get_config()")
     train.add_argument(
-        "--workdir", required=True, help="output folder (created; never overwritten)"
+        "--workdir",
+        required=True,
+        help="output folder (created; an unfinished run in it is resumed; a finished one is "
+        "never overwritten)",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
@@ -88,6 +105,23 @@ def _parser() -> argparse.ArgumentParser:
         "seeds per setting and figures, in DIR/report.md. Unfinished trials are listed as missing.",
     )
     report.add_argument("dir", help="sweep folder holding sweep.json and runs/")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate a run's latest good checkpoint on the test split",
+        description="Evaluate the latest good checkpoint of WORKDIR (or --step) on the test split.",
+    )
+    evaluate.add_argument("workdir", help="a training workdir (with checkpoints/)")
+    evaluate.add_argument("--step", type=int, help="this checkpoint instead of the latest")
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's params and batch_stats as .npz or a PyTorch state_dict",
+        description="Export the latest good checkpoint of WORKDIR (or --step): npz in bnlab's "
+        "layout, or a PyTorch state_dict (BN running statistics as running_mean/running_var).",
+    )
+    export.add_argument("workdir", help="a training workdir (with checkpoints/)")
+    export.add_argument("--format", required=True, choices=("npz", "torch"))
+    export.add_argument("--out", help="output file (default WORKDIR/export.npz or export.pt)")
+    export.add_argument("--step", type=int, help="this checkpoint instead of the latest")
     return parser
 
 
@@ -109,7 +143,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
         f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={args.workdir}"
     )
-    return 0 if summary["status"] == "ok" else 3
+    return EXIT_OK if summary["status"] == "ok" else EXIT_DIVERGED
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -134,10 +168,52 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if overrides:
         raise ConfigError("bnlab report takes no --config.* overrides; pass only the sweep folder.")
     print(write_report(args.dir))
-    return 0
+    return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report}
+def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from bnlab.run import evaluate
+
+    _no_overrides(overrides)
+    result = evaluate(args.workdir, step=args.step)
+    print(
+        f"step={result['step']} test_accuracy={result['accuracy']:.4f} "
+        f"test_loss={result['loss']:.4f} workdir={args.workdir}"
+    )
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from bnlab.export import export
+
+    _no_overrides(overrides)
+    path = export(args.workdir, args.format, args.out, step=args.step)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _no_overrides(overrides: dict[str, str]) -> None:
+    if overrides:
+        raise ConfigError(
+            f"--config.* overrides ({', '.join(overrides)}) apply to train and sweep only; "
+            "a checkpoint is used with the config it was trained with."
+        )
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+}
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    # Evaluated only once an exception propagates: orbax loads only for commands that use it.
+    from bnlab.checkpoint import CheckpointError
+
+    return ConfigError, DataError, CheckpointError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,9 +222,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
         return COMMANDS[args.command](args, overrides)
-    except (ConfigError, DataError) as err:
+    except _user_errors() as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:
+        from bnlab.run import Interrupted
+
+        if not isinstance(err, Interrupted):
+            raise
+        print(
+            f"bnlab: {err}, after saving a checkpoint; run the same command to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -79,6 +79,15 @@ def default_config() -> ml_collections.ConfigDict:
         probe_unit=-1,  # >= 0: test records carry act_p15/50/85, the percentiles of the
         # input to this unit's nonlinearity in the last hidden layer (-1: off)
     )
+    c.checkpoint = dict(
+        # Save the full train state about every N optimizer steps (at the first chunk end at or
+        # after each multiple of N; an epoch runs in chunks of N steps). 0: only at the end.
+        every_steps=500,
+        keep=3,  # most recent checkpoints kept on disk (older ones are deleted)
+        # Also keep the checkpoint with the best test metric ("" off | "accuracy" | "loss");
+        # test metrics exist at epoch ends, so it also saves at every epoch end.
+        best_metric="",
+    )
     return c
 
 
@@ -139,12 +148,20 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int
+    keep: int
+    best_metric: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     norm: NormConfig
     opt: OptConfig
     data: DataConfig
     train: TrainConfig
+    checkpoint: CheckpointConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,7 +173,9 @@ _GROUPS = {
     "opt": OptConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
 }
+BEST_METRICS = {"": None, "accuracy": "max", "loss": "min"}  # test metric -> better direction
 
 
 def load_module(path: str | os.PathLike):
@@ -277,6 +296,28 @@ def validate(cfg: ml_collections.ConfigDict) -> Config:
     return config
 
 
+def from_dict(raw: dict[str, Any]) -> Config:
+    """The `Config` that `Config.to_dict()` (e.g. a workdir's `config.json`) describes."""
+    return validate(ml_collections.ConfigDict(raw))
+
+
+# Fields a resumed run may change: they do not change the state's structure or its past steps.
+RESUMABLE = ("train.epochs", "train.eval_batch_size", "data.mnist_dir", "data.tfds_dir")
+
+
+def resume_differences(old: Config, new: Config) -> list[str]:
+    """The changes from `old` to `new` that a run cannot resume across (`"opt.lr: 0.1 -> 0.2"`);
+    the `checkpoint` group and the `RESUMABLE` fields may change."""
+    old_d, new_d = old.to_dict(), new.to_dict()
+    return [
+        f"{group}.{field}: {old_d[group][field]!r} -> {new_d[group][field]!r}"
+        for group in old_d
+        if group != "checkpoint"
+        for field in old_d[group]
+        if f"{group}.{field}" not in RESUMABLE and old_d[group][field] != new_d[group][field]
+    ]
+
+
 def _check_values(c: Config) -> list[str]:
     # Local imports keep config a leaf: these modules only provide the name tables.
     from bnlab import models, norm, optim
@@ -299,6 +340,7 @@ def _check_values(c: Config) -> list[str]:
     choice("opt.schedule", c.opt.schedule, optim.SCHEDULES)
     choice("opt.clip", c.opt.clip, optim.CLIPS)
     choice("data.task", c.data.task, TASKS)
+    choice("checkpoint.best_metric", c.checkpoint.best_metric, BEST_METRICS)
     if not 0.0 <= c.norm.momentum <= 1.0:
         p.append(f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of old statistics)")
 
@@ -320,7 +362,12 @@ def _check_values(c: Config) -> list[str]:
         lambda v: 0.0 <= v < 1.0,
         "must lie in [0, 1)",
     )
-    require("opt.weight_decay opt.warmup_steps data.train_size", lambda v: v >= 0, "must be >= 0")
+    require(
+        "opt.weight_decay opt.warmup_steps data.train_size checkpoint.every_steps",
+        lambda v: v >= 0,
+        "must be >= 0",
+    )
+    require("checkpoint.keep", lambda v: v >= 1, "must be >= 1 (the latest checkpoint is kept)")
     require("train.probe_unit", lambda v: v >= -1, "must be -1 (off) or a unit index >= 0")
     if not all(0.0 < b < 1.0 for b in c.opt.boundaries):
         p.append(f"opt.boundaries={c.opt.boundaries} must be fractions of training in (0, 1)")

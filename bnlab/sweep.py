@@ -7,8 +7,9 @@ shrink every trial for a quick check (`--smoke`), and `sweep(smoke)` may yield a
 Trials that differ only in seed and numeric optimizer hyperparameters train together in one
 vmapped program (`bnlab.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
 finished once its `summary.json` exists (written atomically, last); a sweep run again skips
-finished trials and redoes the others from scratch, so an interrupted sweep resumes without
-losing or duplicating results.
+finished trials. An interrupted single-run trial resumes from its latest checkpoint (`run.run`
+resumes a workdir); an interrupted vmapped trial, which keeps no checkpoints, is redone from
+scratch. Either way nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -153,16 +154,19 @@ def run_sweep(
     )
     mine = shard(trials, *shard_spec)
     counts: dict[str, int] = {}
-    todo = []
+    resume, todo = [], []
     for trial in mine:
-        if is_finished(workdir / "runs" / trial.trial_id):
+        run_dir = workdir / "runs" / trial.trial_id
+        if is_finished(run_dir):
             counts["skipped"] = counts.get("skipped", 0) + 1
             log(f"{trial.trial_id}: finished before, skipped")
-        else:
-            shutil.rmtree(workdir / "runs" / trial.trial_id, ignore_errors=True)  # redo it
+        elif _has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
+            resume.append(trial)
+        else:  # new, or interrupted before any checkpoint: from scratch
+            shutil.rmtree(run_dir, ignore_errors=True)
             todo.append(trial)
     groups = _groups(todo, configs) if engine == "vmap" else [[t] for t in todo]
-    for group in groups:
+    for group in [[t] for t in resume] + groups:
         dirs = [workdir / "runs" / t.trial_id for t in group]
         cfgs = [configs[t.trial_id] for t in group]
         if len(group) == 1:
@@ -173,6 +177,12 @@ def run_sweep(
             counts[status] = counts.get(status, 0) + 1
             log(f"{trial.trial_id}: {status}")
     return counts
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    from bnlab.checkpoint import CHECKPOINT_DIR
+
+    return any((run_dir / CHECKPOINT_DIR).glob("*"))
 
 
 def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[list[Trial]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +34,62 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a metrics file; a partial last line (a killed writer) is skipped."""
+    """Records of a metrics file; a partial last line (a killed writer) is skipped with a
+    warning."""
+    return [record for _, record in _jsonl_lines(path)]
+
+
+def _jsonl_lines(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     lines = Path(path).read_text().splitlines()
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            records.append((line, json.loads(line)))
         except json.JSONDecodeError:
             if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+                raise ValueError(
+                    f"{path}: line {i + 1} is not valid JSON; only a partial last line (from a "
+                    "killed writer) is tolerated. Repair or delete that line."
+                ) from None
+            warnings.warn(
+                f"{path}: skipped the partial last line {i + 1} (a writer killed mid-record).",
+                stacklevel=3,
+            )
     return records
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+    """Keeps the records of a metrics file up to step `last_step` (and drops a partial last
+    line), byte for byte, atomically; returns how many records were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the partial line is dropped here on purpose
+        lines = _jsonl_lines(path)
+    kept = [line for line, record in lines if record["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class MetricWriter:
     """Appends records to `metrics.jsonl` and mirrors scalars to TensorBoard (tensorboardX)."""
 
-    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        tensorboard: bool = True,
+        *,
+        purge_step: int | None = None,  # a resumed run: TensorBoard drops older events >= it
+    ):
         self._file = open(Path(workdir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, split: str, **metrics: Any) -> None:
         record = _plain({"step": int(step), "split": split, **metrics})

@@ -97,15 +97,27 @@ def test_workdir_problems(tmp_path, capsys):
     used.mkdir()
     (used / "summary.json").write_text("{}")
     assert cli.main(["train", "--config", config, "--workdir", str(used)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a finished run" in capsys.readouterr().err
     assert (used / "summary.json").read_text() == "{}"
     assert cli.main(["train", "--config", str(tmp_path / "missing.py"), "--workdir", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    under_a_file = a_file / "run"  # cannot be created, whoever runs the test
+    assert cli.main(["train", "--config", config, "--workdir", str(under_a_file)]) == 2
+    assert "is not writable" in capsys.readouterr().err
 
 
-def test_help_lists_train():
+def test_help_lists_the_commands_and_exit_codes():
     result = _bnlab("--help")
-    assert result.returncode == 0 and "train" in result.stdout
+    assert result.returncode == 0
+    for word in ("train", "evaluate", "export", "4 stopped by SIGTERM/SIGINT"):
+        assert word in " ".join(result.stdout.split()), word
+
+
+def test_evaluate_and_export_refuse_a_workdir_without_a_run(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path), "--format", "npz", "--config.opt.lr=1"]) == 2
+    assert "apply to train and sweep only" in capsys.readouterr().err
 
 
 def test_diverged_run_exits_with_status_3(tmp_path, capsys, tfds_dir):

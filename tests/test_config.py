@@ -57,6 +57,9 @@ def test_wrong_type_says_expected_type():
         ("opt.decay_rate", "-1", "opt.decay_rate=-1.0 must be finite and > 0"),
         ("opt.lr", "1e400", "opt.lr=inf must be finite"),
         ("opt.warmup_steps", "-5", "opt.warmup_steps=-5 must be >= 0"),
+        ("checkpoint.every_steps", "-1", "checkpoint.every_steps=-1 must be >= 0"),
+        ("checkpoint.keep", "0", "checkpoint.keep=0 must be >= 1"),
+        ("checkpoint.best_metric", "acc", "checkpoint.best_metric='acc' is not one of"),
     ],
 )
 def test_validate_rejects_bad_values(key, value, message):

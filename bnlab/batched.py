@@ -5,8 +5,9 @@ Trials whose configs differ only in the seed and in the optimizer's injected hyp
 train states of one pytree structure. They train together: the train state, the injected
 hyperparameters and the data-order keys get a leading trial axis, and the single-run epoch and
 evaluation are vmapped over it. Each trial writes the same files as a single run
-(`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`); a trial whose loss turns
-non-finite is marked diverged and stops being recorded while its siblings go on.
+(`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`, and its final state as a
+checkpoint, but no intermediate checkpoints: an interrupted group is redone); a trial whose
+loss turns non-finite is marked diverged and stops being recorded while its siblings go on.
 """
 
 from __future__ import annotations
@@ -225,8 +226,23 @@ def _train_chunk(programs, configs, dirs, train_set, test_set) -> list[dict[str,
     finally:
         for trial in trials:
             trial.writer.close()
+    for i, trial in enumerate(trials):
+        if trial.status == "ok":  # a diverged trial's state went on training as NaNs
+            _save_final(trial, jax.tree.map(lambda x, i=i: x[i], state))
     wall = time.perf_counter() - begin
     return [_summarize(t, wall, train_time, programs.steps_per_epoch) for t in trials]
+
+
+def _save_final(trial: _Trial, state: train_lib.TrainState) -> None:
+    """The final state as the run's one checkpoint, for `bnlab evaluate` and `bnlab export`."""
+    from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer
+
+    ckpt = Checkpointer(trial.workdir / CHECKPOINT_DIR, trial.cfg.checkpoint)
+    meta = {"test": {k: float(v) for k, v in trial.test.items()}, "status": trial.status}
+    try:
+        ckpt.save(trial.steps, state, {**meta, "config": trial.cfg.to_dict(), "engine": "vmap"})
+    finally:
+        ckpt.close()
 
 
 def _record_epoch(trial: _Trial, epoch: int, steps_per_epoch: int, metrics, test, i: int):

@@ -56,6 +56,12 @@ def test_vmapped_trials_equal_single_runs_and_a_diverged_one_stops_alone(make_co
         )
     # the diverged trial stopped after its first epoch; its siblings trained both
     assert [s["epochs"] for s in summaries] == [2, 2, 1]
+    # the final state is a checkpoint: it evaluates to the trial's last test record
+    for i in (0, 1):
+        final = run.evaluate(dirs[i])
+        assert final["step"] == summaries[i]["steps"]
+        np.testing.assert_allclose(final["accuracy"], summaries[i]["test_accuracy"], rtol=1e-6)
+        np.testing.assert_allclose(final["loss"], summaries[i]["test_loss"], rtol=1e-5)
 
 
 def test_group_by_structure(make_config):

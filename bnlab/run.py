@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from bnlab import data as data_lib
+from bnlab import parallel
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
 from bnlab.writers import MetricWriter, write_json
@@ -72,6 +73,7 @@ def run(
 ) -> dict[str, Any]:
     """Trains `cfg` and returns its summary (also written to `workdir/summary.json`)."""
     workdir = prepare_workdir(workdir)
+    parallel.initialize(cfg.parallel)  # multi-host: join the other processes before any compute
     train_set = data_lib.load(cfg.data, "train")
     test_set = data_lib.load(cfg.data, "test")
     if cfg.train.batch_size > train_set.size:

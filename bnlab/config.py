@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = dict(
         mode="none",  # "none" (one device) | "pmap" | "sharded" (jit over a device Mesh)
         # BN statistics across devices: "sync" (global batch, every step) | "local" (ghost BN:
-        # per device or group; running statistics averaged at the end of each epoch)
+        # per device or group; running statistics averaged over the devices)
         bn="sync",
         bn_group_size=1,  # local: consecutive devices sharing statistics (1: each device alone)
         num_devices=0,  # devices splitting each batch, over all processes (0: all of them)

@@ -79,11 +79,15 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: Callable[[Array], Array],
     axis_name: str | None = None,
+    average_stats: bool = False,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch = (images f32[B,28,28,1], labels i32[B])`.
 
     With `axis_name`, `batch` is this device's part of the global batch: gradients and metrics
     are averaged over the devices (equal parts), so every device applies the same update.
+    `average_stats` averages per-device ("local"/ghost) running statistics in the same
+    collective: the moving average is linear, so this equals averaging them only before
+    evaluation, and every device holds the same state after every step.
     """
     images, labels = batch
 
@@ -99,7 +103,9 @@ def train_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     if axis_name is not None:
-        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+        stats = batch_stats if average_stats else {}
+        grads, loss, accuracy, stats = lax.pmean((grads, loss, accuracy, stats), axis_name)
+        batch_stats = stats if average_stats else batch_stats
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -129,14 +135,12 @@ def train_epoch(
     step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
     steps: int | None = None,
     axis_name: str | None = None,
-    average_stats: bool = False,
 ) -> tuple[TrainState, Metrics]:
     """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
     device: `lax.scan` over the shuffled batches; metrics stacked per step.
 
     Running an epoch in chunks gives exactly the steps of running it whole. With `axis_name`,
-    each device gathers only its part of every global batch; `average_stats` then averages
-    the (per-device) running statistics over the devices at the end.
+    each device gathers only its part of every global batch.
     """
 
     def body(state, idx):
@@ -147,10 +151,7 @@ def train_epoch(
     batches = epoch_batches(key, labels.shape[0], batch_size)
     if steps is not None:
         batches = lax.dynamic_slice_in_dim(batches, start, steps)
-    state, metrics = lax.scan(body, state, batches)
-    if average_stats:
-        state = state._replace(batch_stats=lax.pmean(state.batch_stats, axis_name))
-    return state, metrics
+    return lax.scan(body, state, batches)
 
 
 def evaluate(
@@ -228,14 +229,15 @@ def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[Trai
     par = cfg.parallel
     axis_name = None if par.mode == "none" else parallel.AXIS
     step_fn = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, axis_name=axis_name
-    )
-    epoch = functools.partial(
-        train_epoch,
-        batch_size=cfg.train.batch_size,
-        step_fn=step_fn,
+        train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
         axis_name=axis_name,
         average_stats=par.bn == "local",
+    )
+    epoch = functools.partial(
+        train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
     )
     if par.mode == "none":
         return jax.jit(epoch, donate_argnums=0, static_argnames="steps")

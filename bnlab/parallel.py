@@ -132,7 +132,8 @@ def device_map(
 
 
 def first_device(tree: PyTree) -> PyTree:
-    """Device 0's slice of each device-stacked output, as a plain single-device array."""
+    """The slice of each device-stacked output on this process's first device, as a plain
+    single-device array (device 0 in a single process); for a replicated result, the result."""
     return jax.tree.map(lambda a: a.addressable_shards[0].data.reshape(a.shape[1:]), tree)
 
 

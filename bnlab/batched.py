@@ -160,6 +160,11 @@ def run_group(
     summaries (also written to each workdir's `summary.json`)."""
     if len(configs) != len(workdirs) or not configs:
         raise ValueError("run_group needs one workdir per config, and at least one config")
+    if any(c.parallel.mode != "none" for c in configs):
+        raise ConfigError(
+            "the vmapped engine trains on one device; a trial with parallel.mode != 'none' "
+            "runs alone (bnlab sweep does this), or set parallel.mode=none."
+        )
     keys = {structure_key(c) for c in configs}
     if len(keys) != 1:
         raise ConfigError("run_group: the configs differ in more than seed and INJECTED values")

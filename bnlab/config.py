@@ -20,6 +20,12 @@ import ml_collections
 from ml_collections import config_dict
 
 MNIST_DIR_ENV = "BNLAB_MNIST_DIR"
+# Multi-host settings read from the environment when the config leaves them at None.
+COORDINATOR_ENV = "BNLAB_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "BNLAB_NUM_PROCESSES"
+PROCESS_ID_ENV = "BNLAB_PROCESS_ID"
+PARALLEL_MODES = ("none", "pmap", "sharded")
+BN_SYNCS = ("sync", "local")
 TASKS = {"mnist10": 10, "binary01": 2}  # task -> number of classes
 
 
@@ -88,6 +94,20 @@ def default_config() -> ml_collections.ConfigDict:
         # test metrics exist at epoch ends, so it also saves at every epoch end.
         best_metric="",
     )
+    c.parallel = dict(
+        mode="none",  # "none" (one device) | "pmap" | "sharded" (jit over a device Mesh)
+        # BN statistics across devices: "sync" (global batch, every step) | "local" (ghost BN:
+        # per device or group; running statistics averaged over the devices)
+        bn="sync",
+        bn_group_size=1,  # local: consecutive devices sharing statistics (1: each device alone)
+        num_devices=0,  # devices splitting each batch, over all processes (0: all of them)
+        # Multi-host, None reading the environment: "host:port" of process 0
+        # ($BNLAB_COORDINATOR_ADDRESS), the number of processes ($BNLAB_NUM_PROCESSES, else 1)
+        # and this process's 0-based id ($BNLAB_PROCESS_ID, else 0).
+        coordinator_address=config_dict.placeholder(str),
+        num_processes=config_dict.placeholder(int),
+        process_id=config_dict.placeholder(int),
+    )
     return c
 
 
@@ -155,6 +175,17 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    mode: str
+    bn: str
+    bn_group_size: int
+    num_devices: int
+    coordinator_address: str | None
+    num_processes: int
+    process_id: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     norm: NormConfig
@@ -162,6 +193,7 @@ class Config:
     data: DataConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    parallel: ParallelConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,6 +206,7 @@ _GROUPS = {
     "data": DataConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "parallel": ParallelConfig,
 }
 BEST_METRICS = {"": None, "accuracy": "max", "loss": "min"}  # test metric -> better direction
 
@@ -289,6 +322,10 @@ def validate(cfg: ml_collections.ConfigDict) -> Config:
     if data["mnist_dir"] is None:
         data["mnist_dir"] = os.environ.get(MNIST_DIR_ENV) or None
     groups["opt"]["boundaries"] = tuple(groups["opt"]["boundaries"])
+    try:
+        _parallel_from_env(groups["parallel"])
+    except ValueError as err:
+        raise ConfigError(f"invalid config: {err}") from err
     config = Config(**{name: cls(**groups[name]) for name, cls in _GROUPS.items()})
     problems = _check_values(config)
     if problems:
@@ -318,6 +355,21 @@ def resume_differences(old: Config, new: Config) -> list[str]:
     ]
 
 
+def _parallel_from_env(par: dict[str, Any]) -> None:
+    """Fills the multi-host fields left at None from the environment (else 1 process)."""
+    if par["coordinator_address"] is None:
+        par["coordinator_address"] = os.environ.get(COORDINATOR_ENV) or None
+    for key, env, default in (
+        ("num_processes", NUM_PROCESSES_ENV, 1),
+        ("process_id", PROCESS_ID_ENV, 0),
+    ):
+        if par[key] is None:
+            text = os.environ.get(env)
+            if text is not None and not text.strip().lstrip("-").isdigit():
+                raise ValueError(f"${env}={text!r} must be an integer")
+            par[key] = default if text is None else int(text)
+
+
 def _check_values(c: Config) -> list[str]:
     # Local imports keep config a leaf: these modules only provide the name tables.
     from bnlab import models, norm, optim
@@ -341,6 +393,8 @@ def _check_values(c: Config) -> list[str]:
     choice("opt.clip", c.opt.clip, optim.CLIPS)
     choice("data.task", c.data.task, TASKS)
     choice("checkpoint.best_metric", c.checkpoint.best_metric, BEST_METRICS)
+    choice("parallel.mode", c.parallel.mode, PARALLEL_MODES)
+    choice("parallel.bn", c.parallel.bn, BN_SYNCS)
     if not 0.0 <= c.norm.momentum <= 1.0:
         p.append(f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of old statistics)")
 
@@ -363,17 +417,72 @@ def _check_values(c: Config) -> list[str]:
         "must lie in [0, 1)",
     )
     require(
-        "opt.weight_decay opt.warmup_steps data.train_size checkpoint.every_steps",
+        "opt.weight_decay opt.warmup_steps data.train_size checkpoint.every_steps "
+        "parallel.num_devices parallel.process_id",
         lambda v: v >= 0,
         "must be >= 0",
     )
     require("checkpoint.keep", lambda v: v >= 1, "must be >= 1 (the latest checkpoint is kept)")
     require("train.probe_unit", lambda v: v >= -1, "must be -1 (off) or a unit index >= 0")
+    require("parallel.bn_group_size parallel.num_processes", lambda v: v >= 1, "must be >= 1")
+    p.extend(_check_parallel(c))
     if not all(0.0 < b < 1.0 for b in c.opt.boundaries):
         p.append(f"opt.boundaries={c.opt.boundaries} must be fractions of training in (0, 1)")
     if c.data.train_size and c.data.train_size < c.train.batch_size:
         p.append(
             f"data.train_size={c.data.train_size} is smaller than train.batch_size="
             f"{c.train.batch_size}; raise train_size or lower batch_size"
+        )
+    return p
+
+
+def _check_parallel(c: Config) -> list[str]:
+    """The device split, checked before anything compiles (the device count is checked later)."""
+    par, p = c.parallel, []
+    if par.mode == "none":
+        if par.num_processes > 1:
+            p.append(
+                f"parallel.num_processes={par.num_processes} needs parallel.mode='sharded' "
+                "(multi-host runs use a global device mesh)"
+            )
+        return p
+    if par.num_processes > 1 and par.mode != "sharded":
+        p.append(
+            f"parallel.mode={par.mode!r} runs on one host; multi-host "
+            f"(parallel.num_processes={par.num_processes}) needs parallel.mode='sharded'"
+        )
+    if par.num_processes > 1 and not par.coordinator_address:
+        p.append(
+            "parallel.num_processes > 1 needs parallel.coordinator_address ('host:port' of "
+            f"process 0) or ${COORDINATOR_ENV}"
+        )
+    if par.process_id >= par.num_processes:
+        p.append(
+            f"parallel.process_id={par.process_id} must be < parallel.num_processes="
+            f"{par.num_processes}"
+        )
+    if par.num_devices:
+        p.extend(split_problems(c.train.batch_size, par.num_devices, par.bn, par.bn_group_size))
+    return p
+
+
+def split_problems(batch_size: int, num_devices: int, bn: str, group_size: int) -> list[str]:
+    """Why `batch_size` cannot be split over `num_devices` (an empty list if it can)."""
+    if num_devices > batch_size:
+        return [
+            f"parallel.num_devices={num_devices} exceeds train.batch_size={batch_size}: each "
+            "device needs at least one example; use fewer devices or a larger batch"
+        ]
+    p = []
+    if batch_size % num_devices:
+        p.append(
+            f"train.batch_size={batch_size} does not split evenly over {num_devices} devices; "
+            f"use a multiple of {num_devices} (e.g. {-(-batch_size // num_devices) * num_devices}) "
+            "or a parallel.num_devices that divides it"
+        )
+    if bn == "local" and num_devices % group_size:
+        p.append(
+            f"parallel.bn_group_size={group_size} does not divide the {num_devices} devices; "
+            "use a divisor of parallel.num_devices"
         )
     return p

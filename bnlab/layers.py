@@ -20,6 +20,7 @@ class BatchNorm(nn.Module):
     `mutable=["batch_stats"]` when `use_running_average=False` (training). As in flax,
     `use_running_average` may be a field or a call argument (not both). The output has the
     dtype of `x` unless `dtype` is set (flax instead promotes bf16 inputs with float32 params).
+    `mask` (per-example weights, 0 for padding) is passed to `bnlab.norm.batch_norm`.
     """
 
     use_running_average: bool | None = None
@@ -38,7 +39,9 @@ class BatchNorm(nn.Module):
     bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -78,6 +81,7 @@ class BatchNorm(nn.Module):
             axis_index_groups=self.axis_index_groups,
             convention=self.convention,
             backward=self.backward,
+            mask=mask,
         )
         # Like flax: initialization computes the output but leaves the statistics at 0/1.
         if training and not initializing:

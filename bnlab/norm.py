@@ -39,6 +39,7 @@ def batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     convention: Convention = "flax",
     backward: Backward = "analytic",
+    mask: Array | None = None,
 ) -> tuple[Array, Stats]:
     """Batch-normalizes `x` and returns `(y, new_stats)`.
 
@@ -52,8 +53,10 @@ def batch_norm(
 
     where `var_b = var` for `convention="flax"` and `var_b = var * n / (n - 1)` (the unbiased
     estimate PyTorch stores) for `convention="torch"`; `n` is the number of reduced elements
-    per feature over all devices. `momentum` is always the weight of the old statistics, as in
-    flax: PyTorch's `momentum=0.1` is `torch_momentum(0.1) == 0.9` here.
+    per feature over all devices. With `mask`, every mean above is weighted by it (`n` is the
+    total weight): padding rows with weight 0 leave the statistics of the real examples exact,
+    whatever their number on each device. `momentum` is always the weight of the old
+    statistics, as in flax: PyTorch's `momentum=0.1` is `torch_momentum(0.1) == 0.9` here.
 
     Evaluation mode normalizes with `stats` and returns `stats` itself, unchanged.
 
@@ -74,6 +77,9 @@ def batch_norm(
       axis_index_groups: optional groups of device indices that share statistics.
       convention: "flax" (biased running variance) or "torch" (unbiased running variance).
       backward: "analytic" (custom VJP) or "autodiff".
+      mask: optional per-example weights along axis 0 (`f32[B]` or bool, 0 for padding) or an
+        array broadcastable to `x` that is 1 on the feature axes; ignored in evaluation. Its
+        gradient is zero.
 
     Returns:
       `(y, new_stats)`: `y` like `x`; `new_stats` like `stats`.
@@ -98,10 +104,11 @@ def batch_norm(
         return _affine(x, mean, lax.rsqrt(var + epsilon), scale, bias), stats
 
     groups = _freeze_groups(axis_index_groups)
+    w = None if mask is None else _weights(mask, x.shape, bshape)
     train_fn = _train_analytic if backward == "analytic" else _train_autodiff
-    y, mean, var = train_fn(x, scale, bias, epsilon, reduce_axes, axis_name, groups)
+    y, mean, var = train_fn(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
     if convention == "torch":
-        n = _count(x, reduce_axes, axis_name, groups)
+        n = _count(x, w, reduce_axes, axis_name, groups)
         var = var * (n / jnp.maximum(n - 1, 1))
     new_stats = {
         "mean": moving_average(stats["mean"], mean.reshape(feature_shape), momentum),
@@ -144,7 +151,27 @@ def _affine(x, mean, rstd, scale, bias):
     return y.astype(x.dtype)
 
 
-def _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
+def _weights(mask, x_shape, bshape):
+    """`mask` as float32 weights of rank `len(x_shape)`, 1 on the feature axes."""
+    w = jnp.asarray(mask, jnp.float32)
+    if w.ndim == 1 and len(x_shape) > 1:
+        w = w.reshape((-1,) + (1,) * (len(x_shape) - 1))
+    ok = w.ndim == len(x_shape) and all(
+        m in (1, d) and (m == 1 or b == 1) for m, d, b in zip(w.shape, x_shape, bshape, strict=True)
+    )
+    if not ok:
+        raise ValueError(
+            f"batch_norm: mask of shape {jnp.shape(mask)} does not fit x of shape {x_shape}; "
+            "pass per-example weights f32[B] for axis 0, or a shape broadcastable to x that "
+            "is 1 on the feature axes."
+        )
+    # Broadcast over the reduced axes, so that its sum counts every reduced element.
+    return lax.stop_gradient(
+        jnp.broadcast_to(w, tuple(d if b == 1 else 1 for d, b in zip(x_shape, bshape, strict=True)))
+    )
+
+
+def _forward(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
     x32 = x.astype(jnp.float32)
     # Shifted one-pass moments: with a shift taken from the data, E[d^2] - E[d]^2 of
     # d = x - shift has no catastrophic cancellation, needs one pass over x (both sums fuse),
@@ -155,41 +182,43 @@ def _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
     if axis_name is not None:
         shift = _psum(shift, axis_name, groups) / _axis_size(axis_name, groups)
     d = x32 - shift
-    m1, m2 = _global_mean((d, jnp.square(d)), reduce_axes, axis_name, groups)
+    m1, m2 = _global_mean((d, jnp.square(d)), w, reduce_axes, axis_name, groups)
     mean = shift + m1
     var = jnp.maximum(m2 - jnp.square(m1), 0.0)
     rstd = lax.rsqrt(var + epsilon)
     return _affine(x, mean, rstd, scale, bias), mean, var, rstd
 
 
-def _train_autodiff(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
-    y, mean, var, _ = _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups)
+def _train_autodiff(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
+    y, mean, var, _ = _forward(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
     return y, mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _train_analytic(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
-    return _train_autodiff(x, scale, bias, epsilon, reduce_axes, axis_name, groups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _train_analytic(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
+    return _train_autodiff(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
 
 
-def _train_analytic_fwd(x, scale, bias, epsilon, reduce_axes, axis_name, groups):
-    y, mean, var, rstd = _forward(x, scale, bias, epsilon, reduce_axes, axis_name, groups)
+def _train_analytic_fwd(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
+    y, mean, var, rstd = _forward(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
     # Keep x rather than x_hat: the previous layer holds x already, so this costs no memory.
-    return (y, mean, var), (x, mean, rstd, scale, bias)
+    return (y, mean, var), (x, mean, rstd, scale, bias, w)
 
 
 def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents):
     """Closed-form gradients of Ioffe & Szegedy (2015), Section 3.
 
-    With g = dy * scale and sums over the batch (and devices)::
+    With g = dy * scale, per-example weights w (1 without a mask, n their total) and sums over
+    the batch (and devices)::
 
-        dx = rstd * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)
-             + dmean / n + 2 * dvar * x_hat / (rstd * n)
+        dx = rstd * (g - w * sum(g) / n - w * x_hat * sum(g * x_hat) / n)
+             + w * dmean / n + 2 * w * dvar * x_hat / (rstd * n)
 
-    where dmean/dvar are the cotangents of the returned batch statistics (usually zero).
+    where dmean/dvar are the cotangents of the returned batch statistics (usually zero). The
+    weights only enter through the statistics; the mask gets a zero cotangent.
     """
     del epsilon
-    x, mean, rstd, scale, bias = res
+    x, mean, rstd, scale, bias, w = res
     dy, dmean, dvar = cotangents
     dy32 = dy.astype(jnp.float32)
     x_hat = (x.astype(jnp.float32) - mean) * rstd
@@ -200,20 +229,27 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
         # One collective for the four sums: every device's loss depends on every x.
         sums = _psum(sums, axis_name, groups)
     sum_dy, sum_dy_xhat, dmean, dvar = sums
-    n = _count(x, reduce_axes, axis_name, groups)
-    dx = (
-        (rstd * scale) * (dy32 - sum_dy / n - x_hat * (sum_dy_xhat / n))
-        + dmean / n
-        + (2.0 / n) * dvar * x_hat / rstd
+    n = _count(x, w, reduce_axes, axis_name, groups)
+    wn = 1.0 / n if w is None else w / n
+    dx = (rstd * scale) * (dy32 - wn * (sum_dy + x_hat * sum_dy_xhat)) + wn * (
+        dmean + 2.0 * dvar * x_hat / rstd
     )
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+    dw = None if w is None else jnp.zeros_like(w)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype), dw
 
 
 _train_analytic.defvjp(_train_analytic_fwd, _train_analytic_bwd)
 
 
-def _global_mean(xs, reduce_axes, axis_name, groups):
-    """Means over `reduce_axes` (and the devices of `axis_name`, in one collective)."""
+def _global_mean(xs, w, reduce_axes, axis_name, groups):
+    """(Weighted) means over `reduce_axes` and the devices of `axis_name`, in one collective."""
+    if w is not None:
+        # Sums and the total weight travel together, so unequal counts per device stay exact.
+        sums = jax.tree.map(lambda x: jnp.sum(w * x, reduce_axes, keepdims=True), xs)
+        n = jnp.sum(w, reduce_axes, keepdims=True)
+        if axis_name is not None:
+            sums, n = _psum((sums, n), axis_name, groups)
+        return jax.tree.map(lambda s: s / n, sums)
     means = jax.tree.map(lambda x: jnp.mean(x, reduce_axes, keepdims=True), xs)
     if axis_name is None:
         return means
@@ -221,7 +257,10 @@ def _global_mean(xs, reduce_axes, axis_name, groups):
     return jax.tree.map(lambda m: m / size, _psum(means, axis_name, groups))
 
 
-def _count(x, reduce_axes, axis_name, groups) -> int | Array:
+def _count(x, w, reduce_axes, axis_name, groups) -> int | Array:
+    if w is not None:
+        n = jnp.sum(w, reduce_axes, keepdims=True)
+        return n if axis_name is None else _psum(n, axis_name, groups)
     n = 1
     for a in reduce_axes:
         n *= x.shape[a]

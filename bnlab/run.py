@@ -25,6 +25,7 @@ import numpy as np
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
+from bnlab import parallel
 from bnlab import train as train_lib
 from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, Restored
 from bnlab.config import Config, ConfigError
@@ -132,6 +133,7 @@ def run(
     (also written to `workdir/summary.json`). Raises `Interrupted` after saving a checkpoint
     on SIGTERM/SIGINT."""
     workdir = prepare_workdir(workdir)
+    parallel.initialize(cfg.parallel)  # multi-host: join the other processes before any compute
     train_set, test_set = load_splits(cfg)
     programs = train_lib.make_programs(cfg, train_set.size)
     init_key, data_key = train_lib.run_keys(cfg.train.seed)

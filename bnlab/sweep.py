@@ -188,8 +188,11 @@ def _has_checkpoints(run_dir: Path) -> bool:
 def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[list[Trial]]:
     from bnlab.batched import group_by_structure
 
+    # Multi-device trials run alone, through the single-run trainer's device programs.
+    alone = [[t] for t in trials if configs[t.trial_id].parallel.mode != "none"]
+    trials = [t for t in trials if configs[t.trial_id].parallel.mode == "none"]
     indices = group_by_structure([configs[t.trial_id] for t in trials])
-    return [[trials[i] for i in group] for group in indices]
+    return [[trials[i] for i in group] for group in indices] + alone
 
 
 def _run_group(cfgs, dirs: list[Path], max_chunk: int | None, log) -> list[str]:

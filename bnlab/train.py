@@ -13,7 +13,7 @@ import optax
 from jax import lax
 
 from bnlab import data as data_lib
-from bnlab import models
+from bnlab import models, parallel
 from bnlab.config import Config, ConfigError
 from bnlab.types import Array, BatchStats, Params
 
@@ -28,14 +28,19 @@ class TrainState(NamedTuple):
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The model that `cfg.model`/`cfg.norm` describe, with its normalization layer injected."""
-    m, n = cfg.model, cfg.norm
+    """The model that `cfg.model`/`cfg.norm` describe, with its normalization layer injected
+    (BN statistics across the devices that `cfg.parallel` names)."""
+    m, n, par = cfg.model, cfg.norm, cfg.parallel
+    axis = {}
+    if m.norm == "batchnorm" and par.mode != "none":
+        axis = parallel.bn_axis(par, parallel.device_count(par, cfg.train.batch_size))
     norm = models.make_norm(
         m.norm,
         momentum=n.momentum,
         epsilon=n.epsilon,
         convention=n.convention,
         backward=n.backward,
+        **axis,
     )
     kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
     return models.MODELS[m.name](
@@ -73,8 +78,17 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: Callable[[Array], Array],
+    axis_name: str | None = None,
+    average_stats: bool = False,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step on `batch = (images f32[B,28,28,1], labels i32[B])`."""
+    """One optimizer step on `batch = (images f32[B,28,28,1], labels i32[B])`.
+
+    With `axis_name`, `batch` is this device's part of the global batch: gradients and metrics
+    are averaged over the devices (equal parts), so every device applies the same update.
+    `average_stats` averages per-device ("local"/ghost) running statistics in the same
+    collective: the moving average is linear, so this equals averaging them only before
+    evaluation, and every device holds the same state after every step.
+    """
     images, labels = batch
 
     def loss_fn(params):
@@ -87,11 +101,16 @@ def train_step(
         return cross_entropy(logits, labels), (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    if axis_name is not None:
+        stats = batch_stats if average_stats else {}
+        grads, loss, accuracy, stats = lax.pmean((grads, loss, accuracy, stats), axis_name)
+        batch_stats = stats if average_stats else batch_stats
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "accuracy": accuracy,
         "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
@@ -115,14 +134,18 @@ def train_epoch(
     batch_size: int,
     step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
     steps: int | None = None,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
     device: `lax.scan` over the shuffled batches; metrics stacked per step.
 
-    Running an epoch in chunks gives exactly the steps of running it whole.
+    Running an epoch in chunks gives exactly the steps of running it whole. With `axis_name`,
+    each device gathers only its part of every global batch.
     """
 
     def body(state, idx):
+        if axis_name is not None:
+            idx = parallel.device_slice(idx, axis_name)
         return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]))
 
     batches = epoch_batches(key, labels.shape[0], batch_size)
@@ -219,17 +242,12 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         )
     model = build_model(cfg)
     tx, schedule = optim.make_optimizer(cfg.opt, total_steps)
-    step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
     return Programs(
         model=model,
         tx=tx,
         schedule=schedule,
         init=jax.jit(functools.partial(init_state, model, tx)),
-        train_epoch=jax.jit(
-            functools.partial(train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn),
-            donate_argnums=0,
-            static_argnames="steps",
-        ),
+        train_epoch=_epoch_program(cfg, model, tx, schedule),
         evaluate=jax.jit(
             functools.partial(
                 evaluate,
@@ -240,6 +258,39 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         ),
         steps_per_epoch=steps_per_epoch,
     )
+
+
+def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[TrainState, Metrics]]:
+    """`train_epoch` compiled for one device, or mapped over the devices of `cfg.parallel`:
+    either way it takes and returns a plain (unreplicated) `TrainState`."""
+    par = cfg.parallel
+    axis_name = None if par.mode == "none" else parallel.AXIS
+    step_fn = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        axis_name=axis_name,
+        average_stats=par.bn == "local",
+    )
+    epoch = functools.partial(
+        train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
+    )
+    if par.mode == "none":
+        return jax.jit(epoch, donate_argnums=0, static_argnames="steps")
+    num_devices = parallel.device_count(par, cfg.train.batch_size)
+
+    @functools.cache
+    def mapped(steps):
+        return parallel.device_map(
+            functools.partial(epoch, steps=steps), mode=par.mode, num_devices=num_devices
+        )
+
+    def run_epoch(state, images, labels, key, start=0, steps=None):
+        start = jnp.asarray(start, jnp.int32)
+        return parallel.first_device(mapped(steps)(state, images, labels, key, start))
+
+    return run_epoch
 
 
 def run_keys(seed: int) -> tuple[Array, Array]:

@@ -624,6 +624,8 @@ def _call(x=None, stats=None, **kw):
         (dict(momentum=1.5), "momentum"),
         (dict(epsilon=0.0), "epsilon"),
         (dict(stats=norm.init_stats(4), training=False), "stats"),
+        (dict(mask=np.ones(5)), "mask"),
+        (dict(mask=np.ones((4, 3))), "mask"),  # weights must not vary over the features
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, match):
@@ -651,3 +653,28 @@ def test_unbound_axis_name_raises_name_error_naming_the_axis(wrap):
         f, x = jax.vmap(f, axis_name="other"), x[None]
     with pytest.raises(NameError, match="devices"):
         f(x)
+
+
+@pytest.mark.parametrize("backward", norm.BACKWARDS)
+@pytest.mark.parametrize("convention", norm.CONVENTIONS)
+def test_mask_gives_the_statistics_and_gradients_of_the_unpadded_batch(backward, convention):
+    shape, real = (10, 3, 2), np.array([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], bool)
+    x, ct = _normal(61, shape, loc=3.0, scale=2.0), _normal(62, shape) * real[:, None, None]
+    x[~real] = -1e3  # padding values must not leak into the statistics
+    stats, (scale, bias) = _random_stats(63, (3,)), _affine_params(64, (3,))
+    kw = dict(training=True, axis=1, momentum=0.3, convention=convention)
+
+    def loss(x, scale, bias, ct, mask=None, backward="autodiff"):
+        y, new = norm.batch_norm(x, stats, scale, bias, mask=mask, backward=backward, **kw)
+        return jnp.sum(y * ct), (y, new)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, (y, new)), grads = jax.jit(grad)(x[real], scale, bias, ct[real])
+    (_, (y_m, new_m)), grads_m = jax.jit(grad, static_argnums=5)(x, scale, bias, ct, real, backward)
+    np.testing.assert_allclose(y_m[real], y, rtol=1e-5, atol=1e-5)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(new_m[key], new[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads_m[0][real], grads[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(grads_m[0][~real], 0.0)  # no loss, no statistics through them
+    for g_m, g in zip(grads_m[1:], grads[1:], strict=True):
+        np.testing.assert_allclose(g_m, g, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,151 @@
+"""Data parallelism: the device axis, programs mapped over devices (pmap or a sharded jit), and
+the multi-process runtime.
+
+Every device runs the same per-device function, bound to the axis `AXIS`: gradients are
+averaged with `lax.pmean(..., AXIS)` and BN computes its statistics across `AXIS`. `pmap` and
+`sharded` (a `jax.jit` of a `shard_map` over a 1-D `Mesh`, inputs placed with `NamedSharding`)
+run that function with the same explicit collectives, so they give the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bnlab.config import ConfigError, ParallelConfig, split_problems
+from bnlab.types import Array, PyTree
+
+AXIS = "devices"  # the one name of the data-parallel device axis
+MODES = ("pmap", "sharded")
+
+
+def initialize(par: ParallelConfig) -> None:
+    """Joins JAX's multi-process runtime when `par.num_processes > 1`; call before any
+    computation (loading data included). A no-op for one process or when already joined."""
+    if par.num_processes <= 1 or jax.distributed.is_initialized():
+        return
+    # CPU devices of different processes reach each other only through gloo collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=par.coordinator_address,
+        num_processes=par.num_processes,
+        process_id=par.process_id,
+    )
+
+
+def device_count(par: ParallelConfig, batch_size: int) -> int:
+    """The devices that split each batch; a `ConfigError` saying how to fix a bad split."""
+    available = jax.device_count()
+    n = par.num_devices or available
+    if n > available:
+        raise ConfigError(
+            f"parallel.num_devices={n} but only {available} devices are visible; lower it "
+            "(0 uses all of them)."
+        )
+    if jax.process_count() > 1 and n != available:
+        raise ConfigError(
+            f"parallel.num_devices={n}: a multi-process run uses all {available} devices of "
+            "its processes; set parallel.num_devices=0."
+        )
+    problems = split_problems(batch_size, n, par.bn, par.bn_group_size)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return n
+
+
+def bn_axis(par: ParallelConfig, num_devices: int) -> dict[str, Any]:
+    """`axis_name`/`axis_index_groups` of the BN layers for `par.bn`.
+
+    `sync`: statistics over all devices. `local`: over each device alone (ghost BN), or over
+    groups of `bn_group_size` consecutive devices.
+    """
+    if par.mode == "none" or (par.bn == "local" and par.bn_group_size == 1):
+        return {"axis_name": None, "axis_index_groups": None}
+    if par.bn == "sync" or par.bn_group_size == num_devices:
+        return {"axis_name": AXIS, "axis_index_groups": None}
+    size = par.bn_group_size
+    groups = tuple(tuple(range(i, i + size)) for i in range(0, num_devices, size))
+    return {"axis_name": AXIS, "axis_index_groups": groups}
+
+
+def device_slice(x: Array, axis_name: str = AXIS) -> Array:
+    """This device's equal part of `x` along axis 0 (devices in axis-index order)."""
+    per_device = x.shape[0] // lax.axis_size(axis_name)
+    return lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * per_device, per_device)
+
+
+def device_map(
+    fn: Callable[..., PyTree],
+    *,
+    mode: str,
+    num_devices: int,
+    split_argnums: Sequence[int] = (),
+) -> Callable[..., PyTree]:
+    """`fn` on each of the first `num_devices` devices, bound to `AXIS`.
+
+    The arguments at `split_argnums` carry a leading device axis (one slice per device); the
+    others are replicated. Every output gets a leading device axis. `mode` is "pmap" or
+    "sharded"; both compile once per number of arguments.
+    """
+    if mode not in MODES:
+        raise ValueError(f"device_map: unknown mode {mode!r}; use one of {MODES}.")
+    devices = jax.devices()[:num_devices]
+    split = frozenset(split_argnums)
+
+    @functools.cache
+    def mapped(nargs: int):
+        if mode == "pmap":
+            # pmap counts devices from a mapped argument: the device indices serve when none is.
+            in_axes = (0,) + tuple(0 if i in split else None for i in range(nargs))
+            program = jax.pmap(lambda _, *a: fn(*a), AXIS, in_axes=in_axes, devices=devices)
+            return lambda *args: program(np.arange(num_devices), *args)
+        mesh = Mesh(np.asarray(devices), (AXIS,))
+        specs = tuple(P(AXIS) if i in split else P() for i in range(nargs))
+
+        def per_device(*args):
+            args = [
+                jax.tree.map(lambda a: a[0], a) if i in split else a for i, a in enumerate(args)
+            ]
+            return jax.tree.map(lambda y: y[None], fn(*args))
+
+        # check_vma=False keeps pmap's semantics: gradients w.r.t. replicated inputs stay
+        # per device (averaged explicitly), instead of being summed by an implicit psum.
+        program = jax.jit(
+            jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False)
+        )
+
+        def run(*args):
+            return program(
+                *(_place(a, NamedSharding(mesh, s)) for a, s in zip(args, specs, strict=True))
+            )
+
+        return run
+
+    return lambda *args: mapped(len(args))(*args)
+
+
+def first_device(tree: PyTree) -> PyTree:
+    """The slice of each device-stacked output on this process's first device, as a plain
+    single-device array (device 0 in a single process); for a replicated result, the result."""
+    return jax.tree.map(lambda a: a.addressable_shards[0].data.reshape(a.shape[1:]), tree)
+
+
+def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """`tree` as global arrays with `sharding`, from every process's copy of the whole value."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def place(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(place(jax.random.key_data(a)))
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(lambda a: place(jax.numpy.asarray(a)), tree)

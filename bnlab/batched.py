@@ -231,9 +231,10 @@ def _train_chunk(programs, configs, dirs, train_set, test_set) -> list[dict[str,
     finally:
         for trial in trials:
             trial.writer.close()
+    host = jax.device_get(state)  # one transfer; slicing on the host compiles nothing
     for i, trial in enumerate(trials):
         if trial.status == "ok":  # a diverged trial's state went on training as NaNs
-            _save_final(trial, jax.tree.map(lambda x, i=i: x[i], state))
+            _save_final(trial, jax.tree.map(lambda x, i=i: x[i], host))
     wall = time.perf_counter() - begin
     return [_summarize(t, wall, train_time, programs.steps_per_epoch) for t in trials]
 

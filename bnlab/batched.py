@@ -33,6 +33,7 @@ from bnlab.run import _window_records, diverged, load_splits, prepare_workdir
 from bnlab.writers import MetricWriter, write_json
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
+MAX_CHUNK = 256  # trials per program at most: each keeps a metrics file and a TensorBoard writer
 
 
 def structure_key(cfg: Config) -> str:
@@ -119,7 +120,8 @@ def chunk_size(cfg: Config, num_trials: int, sample: jax.Array) -> int:
     """How many trials of `cfg`'s structure fit `MEMORY_FRACTION` of the device memory.
 
     The estimate per trial: state, gradients and optimizer updates (4x the state), plus the
-    forward activations kept for the backward pass, twice, at the training batch size.
+    forward activations kept for the backward pass, twice, at the training batch size, or the
+    evaluation's at its batch size if more. At most `MAX_CHUNK` trials (each also holds files).
     """
     model = train_lib.build_model(cfg)
     tx, _ = optim.make_optimizer(cfg.opt, 1)
@@ -138,8 +140,10 @@ def chunk_size(cfg: Config, num_trials: int, sample: jax.Array) -> int:
         sample,
     )
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    per_trial = 4 * nbytes(state) + 2 * nbytes(inter)
-    return int(max(1, min(num_trials, MEMORY_FRACTION * _device_memory() // max(per_trial, 1))))
+    activations = nbytes(inter) * max(2, cfg.train.eval_batch_size / sample.shape[0])
+    per_trial = 4 * nbytes(state) + activations
+    fit = MEMORY_FRACTION * _device_memory() // max(per_trial, 1)
+    return int(max(1, min(num_trials, MAX_CHUNK, fit)))
 
 
 def _device_memory() -> int:
@@ -170,7 +174,7 @@ def run_group(
         raise ConfigError("run_group: the configs differ in more than seed and INJECTED values")
     cfg = configs[0]
     train_set, test_set = load_splits(cfg)
-    dirs = [prepare_workdir(w) for w in workdirs]
+    dirs = [_fresh_workdir(w) for w in workdirs]
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     size = chunk_size(cfg, len(configs), sample)
     size = min(size, max_chunk) if max_chunk else size
@@ -183,6 +187,17 @@ def run_group(
                 "in one program")  # fmt: skip
         summaries += _train_chunk(programs, configs[part], dirs[part], train_set, test_set)
     return summaries
+
+
+def _fresh_workdir(workdir: str | os.PathLike) -> Path:
+    """`prepare_workdir`, refusing any earlier attempt too: a vmapped group cannot resume one."""
+    path = prepare_workdir(workdir)
+    if any(path.iterdir()):
+        raise ConfigError(
+            f"workdir {path} holds an unfinished run; the vmapped engine starts trials from "
+            "scratch, so remove it first (bnlab sweep does), or resume it with bnlab train."
+        )
+    return path
 
 
 class _Trial:

@@ -21,9 +21,10 @@ from bnlab.config import (
 from bnlab.data import DataError
 
 OVERRIDE_PREFIX = "--config."
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 EXIT_CODES = (
-    "exit status: 0 done, 2 bad input or checkpoint error, 3 diverged, "
+    "exit status: 0 done, 1 some sweep trials failed (rerun to retry them), "
+    "2 bad input or checkpoint error, 3 diverged, "
     "4 stopped by SIGTERM/SIGINT after saving a checkpoint (run the same command to resume)"
 )
 
@@ -159,7 +160,14 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         max_chunk=args.chunk,
     )
     print("sweep done: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    return 0
+    if counts.get("failed"):
+        print(
+            f"bnlab: {counts['failed']} trial(s) failed; their summary.json holds the error. "
+            "Fix it and run the same command again: failed trials are retried.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:

@@ -164,7 +164,7 @@ def load(cfg: DataConfig, split: str) -> Dataset:
     if mnist_dir is not None:
         local_paths(mnist_dir)  # a wrong folder fails even when TFDS has the data cached
     try:
-        images, labels = _load_numpy(mnist_dir, cfg.tfds_dir, split)
+        images, labels = _load_numpy(mnist_dir, cfg.tfds_dir or None, split)  # '': default
     except OSError as err:
         raise DataError(
             f"cannot prepare or read MNIST in the TFDS data dir {cfg.tfds_dir or '(default)'}: "

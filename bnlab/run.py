@@ -9,6 +9,7 @@ from the latest good checkpoint and ends bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -324,7 +325,7 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
     if not config_path.is_file():
         raise ConfigError(f"{workdir} holds no run (no config.json); pass a training workdir.")
     cfg = config_lib.from_dict(json.loads(config_path.read_text()))
-    model = train_lib.build_model(cfg)
+    model = train_lib.build_model(_one_device(cfg))
     from bnlab import optim
 
     tx, _ = optim.make_optimizer(cfg.opt, total_steps=1)  # the state's structure is all we need
@@ -338,11 +339,17 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
         ckpt.close()
 
 
+def _one_device(cfg: Config) -> Config:
+    """`cfg` on one device: evaluation uses the running statistics, not cross-device ones, so a
+    multi-device run evaluates and exports anywhere."""
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="none"))
+
+
 def evaluate(workdir: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
     """Test loss and accuracy of a run's latest good checkpoint (or `step`)."""
     cfg, restored = load_checkpoint(workdir, step=step)
     test_set = data_lib.load(cfg.data, "test")
-    model = train_lib.build_model(cfg)
+    model = train_lib.build_model(_one_device(cfg))
     metrics = jax.jit(
         lambda p, s, x, y: train_lib.evaluate(
             p, s, x, y, model=model, batch_size=cfg.train.eval_batch_size

@@ -6,10 +6,11 @@ shrink every trial for a quick check (`--smoke`), and `sweep(smoke)` may yield a
 
 Trials that differ only in seed and numeric optimizer hyperparameters train together in one
 vmapped program (`bnlab.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
-finished once its `summary.json` exists (written atomically, last); a sweep run again skips
-finished trials. An interrupted single-run trial resumes from its latest checkpoint (`run.run`
-resumes a workdir); an interrupted vmapped trial, which keeps no checkpoints, is redone from
-scratch. Either way nothing is lost or duplicated.
+finished once its `summary.json` exists (written atomically, last) with status ok or
+diverged; a sweep run again skips finished trials and retries failed ones. An interrupted
+single-run trial resumes from its latest checkpoint (`run.run` resumes a workdir); an
+interrupted vmapped trial, which keeps no intermediate checkpoints, is redone from scratch.
+Either way nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
+from bnlab.checkpoint import CheckpointError
+from bnlab.data import DataError
 from bnlab.writers import write_json
 
 ENGINES = ("vmap", "sequential")
+# Bad input stops the sweep with its message (a missing dataset, a resume refused for a changed
+# config): every trial would fail alike, and recording them as failed would hide the fix.
+_USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError)
 
 
 class Trial(NamedTuple):
@@ -108,11 +114,12 @@ def trial_config(
 
 
 def is_finished(run_dir: Path) -> bool:
+    """A trial with a result: ok or diverged. A failed trial is retried by the next run."""
     try:
-        json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return True
+    return summary.get("status") != "failed"
 
 
 def run_sweep(
@@ -142,6 +149,7 @@ def run_sweep(
     extra = dict(overrides or {})
     configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
     workdir = Path(workdir)
+    _refuse_other_sweep(workdir, path, smoke, extra)
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     write_json(
         workdir / "sweep.json",
@@ -179,6 +187,20 @@ def run_sweep(
     return counts
 
 
+def _refuse_other_sweep(workdir: Path, path, smoke: bool, extra: dict[str, str]) -> None:
+    """Trial ids cover only the grid point: a folder holds one variant of one sweep."""
+    try:
+        old = json.loads((workdir / "sweep.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if old.get("smoke") != smoke or old.get("overrides") != extra:
+        raise config_lib.ConfigError(
+            f"{workdir} holds the sweep {old.get('experiment')} run with smoke={old.get('smoke')} "
+            f"and overrides {old.get('overrides')}; this run has smoke={smoke} and overrides "
+            f"{extra}. Use another --workdir for a different variant."
+        )
+
+
 def _has_checkpoints(run_dir: Path) -> bool:
     from bnlab.checkpoint import CHECKPOINT_DIR
 
@@ -201,18 +223,23 @@ def _run_group(cfgs, dirs: list[Path], max_chunk: int | None, log) -> list[str]:
 
     try:
         return [s["status"] for s in run_group(cfgs, dirs, max_chunk=max_chunk, log=log)]
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, *_USER_ERRORS):
         raise
     except Exception as err:  # noqa: BLE001 - one failed group must not stop the others
-        for run_dir in dirs:
-            _write_failure(run_dir, err)
-        return ["failed"] * len(dirs)
+        for run_dir in dirs:  # earlier chunks of the group keep their results
+            if not is_finished(run_dir):
+                _write_failure(run_dir, err)
+        return [_status(d) for d in dirs]
+
+
+def _status(run_dir: Path) -> str:
+    return json.loads((run_dir / "summary.json").read_text())["status"]
 
 
 def _run_trial(runner, cfg: config_lib.Config, run_dir: Path) -> str:
     try:
         return runner(cfg, run_dir)["status"]
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, *_USER_ERRORS):
         raise
     except Exception as err:  # noqa: BLE001 - one failed trial must not stop its siblings
         _write_failure(run_dir, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ def _plain(value: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temporary name of this process: shards writing one sweep.json must not share it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(_plain(obj), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

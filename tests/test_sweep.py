@@ -96,7 +96,61 @@ def test_a_failing_trial_is_marked_and_its_siblings_run(tmp_path):
     again = sweep.run_sweep(
         _experiment(tmp_path), tmp_path / "out", runner=runner, engine="sequential", log=print
     )
-    assert again == {"skipped": 6}
+    assert again == {"skipped": 3, "failed": 3}  # failed trials are retried, and fail again
+
+    def fixed(cfg, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text('{"status": "ok"}')
+        return {"status": "ok"}
+
+    fixed_run = sweep.run_sweep(
+        _experiment(tmp_path), tmp_path / "out", runner=fixed, engine="sequential", log=print
+    )
+    assert fixed_run == {"skipped": 3, "ok": 3}
+
+
+def test_bad_input_stops_the_sweep_instead_of_failing_trials(tmp_path):
+    def runner(cfg, run_dir):
+        raise config.ConfigError("a message saying how to fix it")
+
+    with pytest.raises(config.ConfigError, match="how to fix"):
+        sweep.run_sweep(
+            _experiment(tmp_path), tmp_path / "out", runner=runner, engine="sequential", log=print
+        )
+    assert not list((tmp_path / "out" / "runs").glob("*/summary.json"))
+
+
+def test_a_failing_chunk_keeps_the_results_of_earlier_chunks(tmp_path, monkeypatch):
+    from bnlab import batched
+
+    def run_group(cfgs, dirs, **kwargs):  # the first chunk finishes, the second raises
+        dirs[0].mkdir(parents=True)
+        (dirs[0] / "summary.json").write_text('{"status": "ok"}')
+        raise MemoryError("out of memory in chunk 2")
+
+    monkeypatch.setattr(batched, "run_group", run_group)
+    counts = sweep.run_sweep(_experiment(tmp_path, seeds=2), tmp_path / "out", log=print)
+    assert counts == {"ok": 2, "failed": 2}  # two groups (BN, none) of two seeds
+    statuses = sorted(
+        json.loads(p.read_text())["status"] for p in (tmp_path / "out").glob("runs/*/summary.json")
+    )
+    assert statuses == ["failed", "failed", "ok", "ok"]
+
+
+def test_a_folder_holds_one_variant_of_a_sweep(tmp_path):
+    def runner(cfg, run_dir):
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text('{"status": "ok"}')
+        return {"status": "ok"}
+
+    experiment, out = _experiment(tmp_path), tmp_path / "out"
+    sweep.run_sweep(experiment, out, smoke=True, runner=runner, engine="sequential", log=print)
+    with pytest.raises(config.ConfigError, match="smoke=True"):
+        sweep.run_sweep(experiment, out, runner=runner, engine="sequential", log=print)
+    with pytest.raises(config.ConfigError, match="overrides"):
+        sweep.run_sweep(
+            experiment, out, smoke=True, overrides={"opt.lr": "0.1"}, runner=runner, log=print
+        )
 
 
 def test_resume_after_kill_runs_each_trial_once(tmp_path, tfds_dir):

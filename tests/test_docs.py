@@ -4,7 +4,9 @@ A page's blocks run in order in one folder (holding a link to `experiments/`) an
 one namespace, so a page reads as a session. Shell blocks (```bash) run their `bnlab ...`
 commands in process, shrunk with `--smoke --config.train.epochs=1`; other shell lines (the
 README's venv set-up) are what CI itself runs. A Python block whose first line is
-`# not run: <reason>` is skipped (an excerpt or a signature); ```text blocks are output.
+`# not run: <reason>` is skipped (an excerpt or a signature). In ```text blocks, a transcript
+(`$ bnlab ...` and the lines it prints) is run as written and must print that text (numbers
+masked, line breaks free).
 """
 
 import importlib.util
@@ -38,14 +40,33 @@ def commands(code: str) -> list[list[str]]:
     return out
 
 
-def shrink(args: list[str], tfds_dir: str) -> list[str]:
+def shrink(args: list[str], tfds_dir: str, extra=SHRINK) -> list[str]:
     if args[0] not in ("train", "sweep"):
         return args
-    return [*args, *(a for a in SHRINK if a not in args), f"--config.data.tfds_dir={tfds_dir}"]
+    return [*args, *(a for a in extra if a not in args), f"--config.data.tfds_dir={tfds_dir}"]
+
+
+def transcripts(code: str) -> list[tuple[dict[str, str], list[str], str]]:
+    """`(env, bnlab args, expected output)` of each `$ [VAR=value ...] bnlab ...` in a block."""
+    out = []
+    for chunk in re.split(r"^\$ ", code.replace("\\\n", " "), flags=re.M)[1:]:
+        command, _, expected = chunk.partition("\n")
+        words = shlex.split(command)
+        env = {}
+        while "=" in words[0]:
+            key, _, value = words.pop(0).partition("=")
+            env[key] = value
+        if words[0] == "bnlab":
+            out.append((env, words[1:], expected))
+    return out
+
+
+def masked(text: str) -> str:
+    return " ".join(re.sub(r"\d+(\.\d+)?", "#", text).split())
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_page_runs(page, tmp_path, monkeypatch, tfds_dir):
+def test_page_runs(page, tmp_path, monkeypatch, capsys, tfds_dir):
     (tmp_path / "experiments").symlink_to(ROOT / "experiments")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": f"docs_{page.stem}"}
@@ -56,6 +77,17 @@ def test_page_runs(page, tmp_path, monkeypatch, tfds_dir):
             for args in commands(code):
                 status = cli.main(shrink(args, tfds_dir))
                 assert status == 0, f"{page.name}: `bnlab {shlex.join(args)}` exited {status}"
+        elif language == "text":
+            for env, args, expected in transcripts(code):
+                capsys.readouterr()
+                with monkeypatch.context() as m:
+                    for key, value in env.items():
+                        m.setenv(key, value)
+                    cli.main(shrink(args, tfds_dir, extra=()))
+                printed = capsys.readouterr()
+                assert masked(expected) in masked(printed.out + printed.err), (
+                    f"{page.name}: `bnlab {shlex.join(args)}` printed:\n{printed.out}{printed.err}"
+                )
 
 
 def test_pages_have_code():
@@ -64,6 +96,12 @@ def test_pages_have_code():
     for page in PAGES:
         if page.name != "cli.md":
             assert any(lang in ("python", "bash") for lang, _ in blocks(page)), page.name
+
+
+def test_transcripts_are_found():
+    page = ROOT / "docs" / "troubleshooting.md"
+    found = [t for lang, code in blocks(page) if lang == "text" for t in transcripts(code)]
+    assert len(found) == 4, found
 
 
 def test_skipped_blocks_are_few():

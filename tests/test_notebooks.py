@@ -19,6 +19,7 @@ def test_there_are_notebooks():
         "quickstart.ipynb",
         "functional_bn.ipynb",
         "ablation.ipynb",
+        "multi_device.ipynb",
     }
 
 

@@ -5,9 +5,13 @@ Trials whose configs differ only in the seed and in the optimizer's injected hyp
 train states of one pytree structure. They train together: the train state, the injected
 hyperparameters and the data-order keys get a leading trial axis, and the single-run epoch and
 evaluation are vmapped over it. Each trial writes the same files as a single run
-(`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`, and its final state as a
-checkpoint, but no intermediate checkpoints: an interrupted group is redone); a trial whose
+(`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`, checkpoints); a trial whose
 loss turns non-finite is marked diverged and stops being recorded while its siblings go on.
+
+Checkpoints are saved at the end of each epoch that crosses a multiple of
+`checkpoint.every_steps`, on SIGTERM/SIGINT (after the epoch in progress, then `Interrupted`
+is raised), and at the end, one per trial in the single-run format: an interrupted trial
+resumes from its latest checkpoint through `run.run`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ import numpy as np
 from bnlab import data as data_lib
 from bnlab import optim
 from bnlab import train as train_lib
+from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer
 from bnlab.config import Config, ConfigError
-from bnlab.run import _window_records, diverged, load_splits, prepare_workdir
+from bnlab.run import (
+    Interrupted,
+    _StopSignals,
+    _window_records,
+    diverged,
+    load_splits,
+    prepare_workdir,
+)
 from bnlab.writers import MetricWriter, write_json
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
@@ -209,10 +221,23 @@ class _Trial:
         self.writer = MetricWriter(workdir)
         self.status, self.test, self.steps, self.epochs = "ok", {}, 0, 0
         self.active = True
+        self.summary: dict[str, Any] | None = None
+        self._ckpt = None
+
+    def checkpointer(self):
+        if self._ckpt is None:
+            self._ckpt = Checkpointer(self.workdir / CHECKPOINT_DIR, self.cfg.checkpoint)
+        return self._ckpt
+
+    def close(self) -> None:
+        self.writer.close()
+        if self._ckpt is not None:
+            self._ckpt.close()
 
 
 def _train_chunk(programs, configs, dirs, train_set, test_set) -> list[dict[str, Any]]:
     cfg = configs[0]
+    spe, every = programs.steps_per_epoch, cfg.checkpoint.every_steps
     values = {
         k: jnp.asarray([getattr(c.opt, k) for c in configs], jnp.float32) for k in optim.INJECTED
     }
@@ -222,48 +247,74 @@ def _train_chunk(programs, configs, dirs, train_set, test_set) -> list[dict[str,
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     state = programs.init(init_keys, values, sample)
     trials = [_Trial(c, d) for c, d in zip(configs, dirs, strict=True)]
-    begin, train_time = time.perf_counter(), 0.0
+    clock = _Clock()
     try:
-        for epoch in range(cfg.train.epochs):
-            tick = time.perf_counter()
-            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
-            state, metrics = programs.train_epoch(
-                state, values, train_set.images, train_set.labels, keys
-            )
-            metrics = jax.device_get(metrics)
-            if epoch > 0:  # the first epoch includes compilation
-                train_time += time.perf_counter() - tick
-            test = jax.device_get(
-                programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
-            )
-            steps = np.asarray(jax.device_get(state.step))
-            for i, trial in enumerate(trials):
-                if trial.active:
-                    _record_epoch(trial, epoch, programs.steps_per_epoch, metrics, test, i)
-                    trial.steps = int(steps[i])
-            if not any(t.active for t in trials):
-                break
+        with _StopSignals() as stop:
+            for epoch in range(cfg.train.epochs):
+                tick = time.perf_counter()
+                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
+                state, metrics = programs.train_epoch(
+                    state, values, train_set.images, train_set.labels, keys
+                )
+                metrics = jax.device_get(metrics)
+                if epoch > 0:  # the first epoch includes compilation
+                    clock.train_time += time.perf_counter() - tick
+                    clock.timed_steps += spe
+                test = jax.device_get(
+                    programs.evaluate(
+                        state.params, state.batch_stats, test_set.images, test_set.labels
+                    )
+                )
+                steps = np.asarray(jax.device_get(state.step))
+                for i, trial in enumerate(trials):
+                    if trial.active:
+                        trial.steps = int(steps[i])
+                        _record_epoch(trial, epoch, spe, metrics, test, i)
+                        if not trial.active:  # diverged: its result is final now
+                            _summarize(trial, clock, spe)
+                last = epoch + 1 == cfg.train.epochs
+                if last or not any(t.active for t in trials):
+                    break
+                crossed = every and (epoch + 1) * spe // every > epoch * spe // every
+                if crossed or stop.signum is not None:
+                    _save_states(trials, state, clock)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, (epoch + 1) * spe)
+        _save_states(trials, state, clock)  # the final states: for evaluate and export
     finally:
         for trial in trials:
-            trial.writer.close()
+            trial.close()
+    return [t.summary or _summarize(t, clock, spe) for t in trials]
+
+
+class _Clock:
+    """Times of a chunk: shared by its trials, as they train in one program."""
+
+    def __init__(self):
+        self.begin, self.train_time, self.timed_steps = time.perf_counter(), 0.0, 0
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self.begin
+
+
+def _save_states(trials: list[_Trial], state: train_lib.TrainState, clock: _Clock) -> None:
+    """A checkpoint of every trial still training, in the single-run format: an interrupted
+    trial resumes from it through `run.run`."""
     host = jax.device_get(state)  # one transfer; slicing on the host compiles nothing
     for i, trial in enumerate(trials):
-        if trial.status == "ok":  # a diverged trial's state went on training as NaNs
-            _save_final(trial, jax.tree.map(lambda x, i=i: x[i], host))
-    wall = time.perf_counter() - begin
-    return [_summarize(t, wall, train_time, programs.steps_per_epoch) for t in trials]
-
-
-def _save_final(trial: _Trial, state: train_lib.TrainState) -> None:
-    """The final state as the run's one checkpoint, for `bnlab evaluate` and `bnlab export`."""
-    from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer
-
-    ckpt = Checkpointer(trial.workdir / CHECKPOINT_DIR, trial.cfg.checkpoint)
-    meta = {"test": {k: float(v) for k, v in trial.test.items()}, "status": trial.status}
-    try:
-        ckpt.save(trial.steps, state, {**meta, "config": trial.cfg.to_dict(), "engine": "vmap"})
-    finally:
-        ckpt.close()
+        if trial.active:
+            meta = {
+                "epoch": {},  # saved at an epoch end: no partial epoch to carry
+                "test": {k: float(v) for k, v in trial.test.items()},
+                "status": trial.status,
+                "wall_time_s": clock.wall,
+                "train_time_s": clock.train_time,
+                "timed_steps": clock.timed_steps,
+                "config": trial.cfg.to_dict(),
+                "engine": "vmap",
+            }
+            trial.checkpointer().save(trial.steps, jax.tree.map(lambda x, i=i: x[i], host), meta)
 
 
 def _record_epoch(trial: _Trial, epoch: int, steps_per_epoch: int, metrics, test, i: int):
@@ -278,18 +329,21 @@ def _record_epoch(trial: _Trial, epoch: int, steps_per_epoch: int, metrics, test
         trial.status, trial.active = "diverged", False
 
 
-def _summarize(trial: _Trial, wall: float, train_time: float, steps_per_epoch: int):
-    examples = (trial.epochs - 1) * steps_per_epoch * trial.cfg.train.batch_size
-    summary = {
+def _summarize(trial: _Trial, clock: _Clock, steps_per_epoch: int) -> dict[str, Any]:
+    trial.summary = {
         "status": trial.status,
         "test_accuracy": float(trial.test["accuracy"]),
         "test_loss": float(trial.test["loss"]),
         "steps": trial.steps,
         "epochs": trial.epochs,
         # Shared by the trials of one program: its wall time and this trial's share of it.
-        "wall_time_s": wall,
-        "train_examples_per_s": examples / train_time if train_time > 0 else None,
+        "wall_time_s": clock.wall,
+        "train_examples_per_s": (
+            clock.timed_steps * trial.cfg.train.batch_size / clock.train_time
+            if clock.train_time > 0
+            else None
+        ),
         "engine": "vmap",
     }
-    write_json(trial.workdir / "summary.json", summary)
-    return summary
+    write_json(trial.workdir / "summary.json", trial.summary)
+    return trial.summary

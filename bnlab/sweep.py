@@ -8,9 +8,9 @@ Trials that differ only in seed and numeric optimizer hyperparameters train toge
 vmapped program (`bnlab.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
 finished once its `summary.json` exists (written atomically, last) with status ok or
 diverged; a sweep run again skips finished trials and retries failed ones. An interrupted
-single-run trial resumes from its latest checkpoint (`run.run` resumes a workdir); an
-interrupted vmapped trial, which keeps no intermediate checkpoints, is redone from scratch.
-Either way nothing is lost or duplicated.
+trial resumes from its latest checkpoint through the single-run trainer (`run.run` resumes a
+workdir; vmapped trials save checkpoints in its format); one interrupted before any checkpoint
+is redone from scratch. Either way nothing is lost or duplicated.
 """
 
 from __future__ import annotations

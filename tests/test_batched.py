@@ -94,3 +94,36 @@ def test_chunk_size_follows_memory(make_config, monkeypatch):
     big = make_config(**{**RELU_MLP, "train.batch_size": 600})
     fewer = batched.chunk_size(big, 100, jnp.zeros((600, 28, 28, 1)))
     assert 1 <= fewer < few < 100
+
+
+def test_a_stopped_group_saves_every_trial_and_each_resumes_alone(
+    make_config, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    configs = [
+        make_config(**{**RELU_MLP, "train.epochs": 3, "checkpoint.every_steps": 10, **t})
+        for t in ({"train.seed": 0}, {"train.seed": 1, "opt.lr": 0.02})
+    ]
+    reference = [tmp_path / f"ref{i}" for i in range(2)]
+    batched.run_group(configs, reference)
+
+    record = batched._record_epoch
+
+    def record_then_signal(trial, epoch, *args):
+        record(trial, epoch, *args)
+        if epoch == 0 and trial.cfg.train.seed == 1:  # SIGTERM during the first epoch's end
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(batched, "_record_epoch", record_then_signal)
+    dirs = [tmp_path / f"stopped{i}" for i in range(2)]
+    with pytest.raises(run.Interrupted):
+        batched.run_group(configs, dirs)
+    for d in dirs:  # each trial saved at step 10 and is not finished
+        assert not (d / "summary.json").exists()
+        assert run.load_checkpoint(d)[1].step == 10
+    for cfg, d, ref in zip(configs, dirs, reference, strict=True):
+        summary = run.run(cfg, d)  # the single-run trainer resumes it
+        assert summary["steps"] == 30 and summary["status"] == "ok"
+        _assert_same_records(d, ref)

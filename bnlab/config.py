@@ -339,7 +339,13 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 # Fields a resumed run may change: they do not change the state's structure or its past steps.
-RESUMABLE = ("train.epochs", "train.eval_batch_size", "data.mnist_dir", "data.tfds_dir")
+RESUMABLE = (
+    "train.epochs",
+    "train.eval_batch_size",
+    "data.mnist_dir",
+    "data.tfds_dir",
+    "parallel.coordinator_address",  # a restarted multi-host job may get another port
+)
 
 
 def resume_differences(old: Config, new: Config) -> list[str]:

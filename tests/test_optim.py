@@ -122,10 +122,35 @@ def test_schedules_accept_traced_hyperparameters(schedule):
         np.testing.assert_allclose(traced(0.3, 0.2, t), plain(t), rtol=1e-6)
 
 
-def test_vmapped_injected_hyperparameters_equal_separate_optimizers():
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+@pytest.mark.parametrize(
+    "schedule, clip",
+    [
+        ("constant", "global_norm"),
+        ("step", "value"),
+        ("exponential", "none"),
+        ("warmup_cosine", "global_norm"),
+        ("cosine", "value"),
+    ],
+)
+def test_vmapped_injected_hyperparameters_equal_separate_optimizers(name, schedule, clip):
     configs = [
-        _opt(name="momentum", lr=lr, momentum=m, clip="global_norm", clip_value=cv, weight_decay=wd)
-        for lr, m, cv, wd in [(0.1, 0.9, 1.0, 1e-3), (0.5, 0.5, 2.0, 1e-2), (1e-3, 0.0, 0.5, 1.0)]
+        _opt(
+            name=name,
+            schedule=schedule,
+            clip=clip,
+            warmup_steps=2,
+            lr=lr,
+            momentum=m,
+            clip_value=cv,
+            weight_decay=wd,
+            decay_rate=rate,
+        )
+        for lr, m, cv, wd, rate in [
+            (0.1, 0.9, 1.0, 1e-3, 0.1),
+            (0.5, 0.5, 2.0, 1e-2, 0.5),
+            (1e-3, 0.0, 0.5, 1.0, 0.01),
+        ]
     ]
     assert len({optim.structure(c) for c in configs}) == 1
     values = {k: jnp.array([optim.hyperparams(c)[k] for c in configs]) for k in optim.INJECTED}

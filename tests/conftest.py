@@ -1,4 +1,5 @@
-"""Strict test setup: 8 CPU devices, the offline MNIST folder, one TFDS preparation per session."""
+"""Strict test setup: 8 CPU devices, the offline MNIST folder, one TFDS preparation and one
+compilation cache per session."""
 
 import os
 from pathlib import Path
@@ -8,8 +9,19 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
+# One persistent compilation cache per test session, shared with the subprocesses the tests
+# start: the many runs of the same small configs compile each program once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnlab-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("BNLAB_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+# Absolute: the docs and notebook tests run their code from other folders.
+os.environ["BNLAB_MNIST_DIR"] = str(Path(os.environ["BNLAB_MNIST_DIR"]).resolve())
 
 import pytest  # noqa: E402
 

@@ -92,12 +92,13 @@ def test_run_group_refuses_mixed_structures(make_config, tmp_path):
 def test_chunk_size_follows_memory(make_config, monkeypatch):
     import jax.numpy as jnp
 
-    cfg = make_config(**RELU_MLP)
+    small_eval = {**RELU_MLP, "train.eval_batch_size": 100}  # memory follows the train batch
+    cfg = make_config(**small_eval)
     sample = jnp.zeros((60, 28, 28, 1))
     assert batched.chunk_size(cfg, 100, sample) == 100  # a tiny MLP: all fit in host memory
     monkeypatch.setattr(batched, "_device_memory", lambda: 40_000_000)
     few = batched.chunk_size(cfg, 100, sample)
-    big = make_config(**{**RELU_MLP, "train.batch_size": 600})
+    big = make_config(**{**small_eval, "train.batch_size": 600})
     fewer = batched.chunk_size(big, 100, jnp.zeros((600, 28, 28, 1)))
     assert 1 <= fewer < few < 100
 

@@ -219,7 +219,7 @@ def activation_percentiles(sweep: Sweep) -> Figure | None:
         sharey=True,
     )  # fmt: skip
     for ax, (title, groups) in zip(axes, panels, strict=True):
-        for field, color in zip(PERCENTILES, ("C0", "C3", "C0"), strict=True):
+        for field, color in zip(PERCENTILES, ("C0", "C3", "C2"), strict=True):
             steps, mean, std = _curve(_ok_trials(groups), field)
             if len(steps):
                 ax.plot(steps, mean, color=color, label=f"{field[-2:]}th percentile")

@@ -6,6 +6,7 @@ The numeric hyperparameters that sweeps vary sit in the optimizer state through
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -62,15 +63,14 @@ def _constant(c: OptConfig, total: int) -> Schedule:
 
 
 def _step(c: OptConfig, total: int) -> Schedule:
-    steps = sorted({int(b * total) for b in c.boundaries})
     # Boundaries that fall on the same step multiply; written out (not optax's piecewise
     # schedule) so that `lr` and `decay_rate` may be traced values of a vmapped sweep.
-    counts = [sum(int(b * total) == s for b in c.boundaries) for s in steps]
+    counts = collections.Counter(int(b * total) for b in c.boundaries)
 
     def schedule(count):
         factor = 1.0
-        for s, n in zip(steps, counts, strict=True):
-            factor = factor * jnp.where(count >= s, c.decay_rate**n, 1.0)
+        for step, n in sorted(counts.items()):
+            factor = factor * jnp.where(count >= step, c.decay_rate**n, 1.0)
         return c.lr * factor
 
     return schedule
@@ -150,7 +150,14 @@ def make_optimizer(
     coupled = c.weight_decay > 0 and c.name != "adamw"
 
     def chain(lr, momentum, clip_value, decay_rate, weight_decay):  # the INJECTED names
-        ch = dataclasses.replace(c, **{k: v for k, v in locals().items() if k in INJECTED})
+        ch = dataclasses.replace(
+            c,
+            lr=lr,
+            momentum=momentum,
+            clip_value=clip_value,
+            decay_rate=decay_rate,
+            weight_decay=weight_decay,
+        )
         clip = make_clip(ch)
         decay = optax.add_decayed_weights(ch.weight_decay) if coupled else optax.identity()
         return optax.chain(clip, decay, make_opt(ch, make_schedule(ch, total_steps)))

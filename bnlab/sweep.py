@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
-from bnlab.checkpoint import CheckpointError
+from bnlab.checkpoint import CHECKPOINT_DIR, CheckpointError
 from bnlab.data import DataError
 from bnlab.writers import write_json
 
@@ -202,8 +202,6 @@ def _refuse_other_sweep(workdir: Path, path, smoke: bool, extra: dict[str, str])
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
-    from bnlab.checkpoint import CHECKPOINT_DIR
-
     return any((run_dir / CHECKPOINT_DIR).glob("*"))
 
 

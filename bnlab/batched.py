@@ -8,10 +8,11 @@ evaluation are vmapped over it. Each trial writes the same files as a single run
 (`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`, checkpoints); a trial whose
 loss turns non-finite is marked diverged and stops being recorded while its siblings go on.
 
-Checkpoints are saved at the end of each epoch that crosses a multiple of
-`checkpoint.every_steps`, on SIGTERM/SIGINT (after the epoch in progress, then `Interrupted`
-is raised), and at the end, one per trial in the single-run format: an interrupted trial
-resumes from its latest checkpoint through `run.run`.
+The trials train through the single run's loop (`bnlab.loop`) and write their files through
+the same `records.Record`: checkpoints, one per trial in the single-run format, are saved at
+the same steps as a single run's (chunk ends crossing `checkpoint.every_steps`, epoch ends with
+`checkpoint.best_metric`, a trial's end, SIGTERM/SIGINT), so an interrupted trial resumes from
+its latest checkpoint through `run.run`.
 """
 
 from __future__ import annotations
@@ -20,29 +21,19 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnlab import data as data_lib
-from bnlab import optim
+from bnlab import loop, optim
 from bnlab import train as train_lib
-from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer
 from bnlab.config import Config, ConfigError
-from bnlab.run import (
-    Interrupted,
-    _StopSignals,
-    _window_records,
-    diverged,
-    load_splits,
-    prepare_workdir,
-)
-from bnlab.writers import MetricWriter, write_json
+from bnlab.records import Record, prepare_workdir
+from bnlab.run import load_splits
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
 MAX_CHUNK = 256  # trials per program at most: each keeps a metrics file and a TensorBoard writer
@@ -69,7 +60,8 @@ class BatchedPrograms(NamedTuple):
     except the data."""
 
     init: Callable[..., train_lib.TrainState]  # (init_keys, values, sample) -> states
-    train_epoch: Callable[..., tuple[train_lib.TrainState, dict]]  # (states, values, x, y, keys)
+    # (states, values, x, y, keys, start, rngs, steps=) -> (states, metrics)
+    train_epoch: Callable[..., tuple[train_lib.TrainState, dict]]
     evaluate: Callable[..., dict]  # (params, batch_stats, x, y) -> metrics per trial
     steps_per_epoch: int
 
@@ -87,11 +79,15 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
         tx, _ = optim.make_optimizer(cfg.opt, total, values)
         return train_lib.init_state(single.model, tx, key, sample)
 
-    def epoch(state, values, images, labels, key, start, steps):
+    def epoch(state, values, images, labels, key, start, rng, steps):
         # The update reads the hyperparameters from the state; `values` only feed the logged lr.
         _, schedule = optim.make_optimizer(cfg.opt, total, values)
         step_fn = functools.partial(
-            train_lib.train_step, model=single.model, tx=single.tx, schedule=schedule
+            train_lib.train_step,
+            model=single.model,
+            tx=single.tx,
+            schedule=schedule,
+            extra_metrics=train_lib.norm_metrics(cfg),
         )
         return train_lib.train_epoch(
             state,
@@ -102,6 +98,7 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             batch_size=cfg.train.batch_size,
             step_fn=step_fn,
             steps=steps,
+            rng=rng,
         )
 
     def evaluate(params, batch_stats, images, labels):
@@ -115,11 +112,13 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             probe_unit=cfg.train.probe_unit,
         )
 
-    batched_epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None, None))
+    batched_epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None, 0, None))
     return BatchedPrograms(
         init=jax.jit(jax.vmap(init, in_axes=(0, 0, None))),
         train_epoch=jax.jit(
-            lambda s, v, x, y, k, start=0, steps=None: batched_epoch(s, v, x, y, k, start, steps),
+            lambda s, v, x, y, k, start, r, steps=None: batched_epoch(
+                s, v, x, y, k, start, r, steps
+            ),
             donate_argnums=0,
             static_argnames="steps",
         ),
@@ -197,7 +196,7 @@ def run_group(
         if log is not None:
             log(f"training trials {start + 1}-{start + len(configs[part])} of {len(configs)} "
                 "in one program")  # fmt: skip
-        summaries += _train_chunk(programs, configs[part], dirs[part], train_set, test_set)
+        summaries += _train_trials(programs, configs[part], dirs[part], train_set, test_set)
     return summaries
 
 
@@ -212,138 +211,46 @@ def _fresh_workdir(workdir: str | os.PathLike) -> Path:
     return path
 
 
-class _Trial:
-    """Per-trial bookkeeping of a chunk: writer, status, last test metrics."""
-
-    def __init__(self, cfg: Config, workdir: Path):
-        self.cfg, self.workdir = cfg, workdir
-        write_json(workdir / "config.json", cfg.to_dict())
-        self.writer = MetricWriter(workdir)
-        self.status, self.test, self.steps, self.epochs = "ok", {}, 0, 0
-        self.active = True
-        self.summary: dict[str, Any] | None = None
-        self._ckpt = None
-
-    def checkpointer(self):
-        if self._ckpt is None:
-            self._ckpt = Checkpointer(self.workdir / CHECKPOINT_DIR, self.cfg.checkpoint)
-        return self._ckpt
-
-    def close(self) -> None:
-        self.writer.close()
-        if self._ckpt is not None:
-            self._ckpt.close()
-
-
-def _train_chunk(programs, configs, dirs, train_set, test_set) -> list[dict[str, Any]]:
+def _train_trials(programs, configs, dirs, train_set, test_set) -> list[dict[str, Any]]:
     cfg = configs[0]
-    spe, every = programs.steps_per_epoch, cfg.checkpoint.every_steps
     values = {
         k: jnp.asarray([getattr(c.opt, k) for c in configs], jnp.float32) for k in optim.INJECTED
     }
     keys = [train_lib.run_keys(c.train.seed) for c in configs]
     init_keys = jnp.stack([k[0] for k in keys])
     data_keys = jnp.stack([k[1] for k in keys])
+    rngs = jnp.stack([train_lib.run_rng(c.train.seed) for c in configs])
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     state = programs.init(init_keys, values, sample)
-    trials = [_Trial(c, d) for c, d in zip(configs, dirs, strict=True)]
-    clock = _Clock()
+    spe = programs.steps_per_epoch
+    records = [
+        Record(c, d, steps_per_epoch=spe, engine="vmap") for c, d in zip(configs, dirs, strict=True)
+    ]
+
+    def train(state, epoch, start, steps):
+        epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
+        state, metrics = programs.train_epoch(
+            state, values, train_set.images, train_set.labels, epoch_keys, start, rngs, steps=steps
+        )
+        return state, jax.device_get(metrics)
+
+    def evaluate(state):
+        test = programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
+        return {"test": jax.device_get(test)}
+
+    def host_states(state):
+        host = jax.device_get(state)  # one transfer; slicing on the host compiles nothing
+        return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(len(records))]
+
+    engine = loop.Engine(
+        train=train, evaluate=evaluate, host_states=host_states, steps_per_epoch=spe, stacked=True
+    )
     try:
-        with _StopSignals() as stop:
-            for epoch in range(cfg.train.epochs):
-                tick = time.perf_counter()
-                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_keys, epoch)
-                state, metrics = programs.train_epoch(
-                    state, values, train_set.images, train_set.labels, keys
-                )
-                metrics = jax.device_get(metrics)
-                if epoch > 0:  # the first epoch includes compilation
-                    clock.train_time += time.perf_counter() - tick
-                    clock.timed_steps += spe
-                test = jax.device_get(
-                    programs.evaluate(
-                        state.params, state.batch_stats, test_set.images, test_set.labels
-                    )
-                )
-                steps = np.asarray(jax.device_get(state.step))
-                for i, trial in enumerate(trials):
-                    if trial.active:
-                        trial.steps = int(steps[i])
-                        _record_epoch(trial, epoch, spe, metrics, test, i)
-                        if not trial.active:  # diverged: its result is final now
-                            _summarize(trial, clock, spe)
-                last = epoch + 1 == cfg.train.epochs
-                if last or not any(t.active for t in trials):
-                    break
-                crossed = every and (epoch + 1) * spe // every > epoch * spe // every
-                if crossed or stop.signum is not None:
-                    _save_states(trials, state, clock)
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, (epoch + 1) * spe)
-        _save_states(trials, state, clock)  # the final states: for evaluate and export
+        for record in records:
+            record.start()
+        with loop.StopSignals() as stop:
+            loop.train(engine, state, records, stop=stop)
     finally:
-        for trial in trials:
-            trial.close()
-    return [t.summary or _summarize(t, clock, spe) for t in trials]
-
-
-class _Clock:
-    """Times of a chunk: shared by its trials, as they train in one program."""
-
-    def __init__(self):
-        self.begin, self.train_time, self.timed_steps = time.perf_counter(), 0.0, 0
-
-    @property
-    def wall(self) -> float:
-        return time.perf_counter() - self.begin
-
-
-def _save_states(trials: list[_Trial], state: train_lib.TrainState, clock: _Clock) -> None:
-    """A checkpoint of every trial still training, in the single-run format: an interrupted
-    trial resumes from it through `run.run`."""
-    host = jax.device_get(state)  # one transfer; slicing on the host compiles nothing
-    for i, trial in enumerate(trials):
-        if trial.active:
-            meta = {
-                "epoch": {},  # saved at an epoch end: no partial epoch to carry
-                "test": {k: float(v) for k, v in trial.test.items()},
-                "status": trial.status,
-                "wall_time_s": clock.wall,
-                "train_time_s": clock.train_time,
-                "timed_steps": clock.timed_steps,
-                "config": trial.cfg.to_dict(),
-                "engine": "vmap",
-            }
-            trial.checkpointer().save(trial.steps, jax.tree.map(lambda x, i=i: x[i], host), meta)
-
-
-def _record_epoch(trial: _Trial, epoch: int, steps_per_epoch: int, metrics, test, i: int):
-    mine = {k: v[i] for k, v in metrics.items()}
-    first_step = epoch * steps_per_epoch
-    for step, means in _window_records(mine, first_step, trial.cfg.train.log_every_steps):
-        trial.writer.write(step, "train", epoch=epoch, **means)
-    trial.test = {k: v[i] for k, v in test.items()}
-    trial.writer.write(first_step + steps_per_epoch, "test", epoch=epoch, **trial.test)
-    trial.epochs = epoch + 1
-    if diverged(mine["loss"], trial.test["loss"]):
-        trial.status, trial.active = "diverged", False
-
-
-def _summarize(trial: _Trial, clock: _Clock, steps_per_epoch: int) -> dict[str, Any]:
-    trial.summary = {
-        "status": trial.status,
-        "test_accuracy": float(trial.test["accuracy"]),
-        "test_loss": float(trial.test["loss"]),
-        "steps": trial.steps,
-        "epochs": trial.epochs,
-        # Shared by the trials of one program: its wall time and this trial's share of it.
-        "wall_time_s": clock.wall,
-        "train_examples_per_s": (
-            clock.timed_steps * trial.cfg.train.batch_size / clock.train_time
-            if clock.train_time > 0
-            else None
-        ),
-        "engine": "vmap",
-    }
-    write_json(trial.workdir / "summary.json", trial.summary)
-    return trial.summary
+        for record in records:
+            record.close()
+    return [r.summary for r in records]

@@ -1,17 +1,16 @@
-"""The default configuration, loading experiment files, dotted overrides, and validation.
+"""The configuration: its groups, loading experiment files, dotted overrides, and validation.
 
-Experiments are Python files whose `get_config()` returns an `ml_collections.ConfigDict`
-(usually `default_config()` with a few fields changed). The code uses the validated, typed,
-frozen `Config` that `validate` returns.
+Every field is declared once, with its default, type, meaning and check (`bnlab.schema.field`),
+on the frozen dataclass of its group. The group belongs to the module that reads it: `model` to
+`bnlab.models`, `norm` to the normalization registry `bnlab.norms` (each registered
+normalization adds its own fields), `opt` to `bnlab.optim`; `data`, `train`, `checkpoint` and
+`parallel` are declared here. `default_config()` derives the `ml_collections.ConfigDict` that
+experiment files edit; `validate` checks it and returns the typed, frozen `Config`.
 """
 
-from __future__ import annotations
-
-import ast
 import copy
 import dataclasses
 import importlib.util
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,13 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-MNIST_DIR_ENV = "BNLAB_MNIST_DIR"
+from bnlab import models, norms, schema
+from bnlab.idx import MNIST_DIR_ENV
+from bnlab.optim import OptConfig
+from bnlab.schema import ConfigError, field, parse_value
+
+__all__ = ["MNIST_DIR_ENV", "ConfigError", "parse_value"]  # re-exported from where they live
+
 # Multi-host settings read from the environment when the config leaves them at None.
 COORDINATOR_ENV = "BNLAB_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "BNLAB_NUM_PROCESSES"
@@ -27,168 +32,127 @@ PROCESS_ID_ENV = "BNLAB_PROCESS_ID"
 PARALLEL_MODES = ("none", "pmap", "sharded")
 BN_SYNCS = ("sync", "local")
 TASKS = {"mnist10": 10, "binary01": 2}  # task -> number of classes
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Base config: the reference CNN with BN on 10-class MNIST, SGD with momentum."""
-    c = ml_collections.ConfigDict()
-    c.model = dict(
-        name="cnn",  # "cnn" (reference CNN) | "mlp" (Ioffe & Szegedy Fig. 1 MLP)
-        norm="batchnorm",  # "batchnorm" | "none"
-        placement="before",  # normalization "before" | "after" the nonlinearity
-        activation="relu",  # "relu" | "sigmoid" | "tanh"
-        init="lecun_normal",  # kernel init: "lecun_normal" | "he_normal" | "normal"
-        init_std=0.01,  # standard deviation of the "normal" init
-        conv_impl="im2col",  # CNN convolutions: "im2col" (fast on CPU) | "xla" (cuDNN on GPU)
-    )
-    c.norm = dict(
-        momentum=0.99,  # weight of the old running statistics (flax convention)
-        epsilon=1e-5,  # added to the variance
-        convention="flax",  # running variance "flax" (biased) | "torch" (unbiased)
-        backward="analytic",  # gradient: "analytic" (custom VJP) | "autodiff"
-    )
-    c.opt = dict(
-        name="momentum",  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad
-        lr=0.05,  # peak learning rate
-        momentum=0.9,  # momentum / nesterov: momentum coefficient
-        rmsprop_momentum=0.0,  # rmsprop: momentum coefficient (0: none)
-        b1=0.9,  # adam/adamw first-moment decay
-        b2=0.999,  # adam/adamw second-moment decay
-        eps=1e-8,  # adam/adamw/rmsprop/adagrad denominator epsilon
-        decay=0.9,  # rmsprop squared-gradient decay
-        weight_decay=0.0,  # L2 factor added to the gradient (decoupled for adamw)
-        schedule="constant",  # constant | step | exponential | cosine | warmup_cosine
-        boundaries=(0.5, 0.75),  # step: fractions of training where lr *= decay_rate
-        decay_rate=0.1,  # step: factor per boundary; exponential: factor over the whole run
-        warmup_steps=0,  # warmup_cosine: linear warmup length in steps
-        clip="none",  # none | global_norm | value
-        clip_value=1.0,  # max global norm ("global_norm") or max |g| ("value")
-    )
-    c.data = dict(
-        mnist_dir=config_dict.placeholder(
-            str
-        ),  # local IDX folder; None: $BNLAB_MNIST_DIR or TFDS download
-        tfds_dir=config_dict.placeholder(str),  # TFDS data dir; None: TFDS's default
-        task="mnist10",  # "mnist10" (10 classes) | "binary01" (digits 0 vs 1)
-        train_size=0,  # use the first N training examples (0: all)
-    )
-    c.train = dict(
-        epochs=2,  # passes over the training set
-        batch_size=128,  # examples per step
-        eval_batch_size=1000,  # examples per evaluation step
-        seed=0,  # seeds init and data order
-        log_every_steps=50,  # train metrics averaged over this many steps per record
-        probe_unit=-1,  # >= 0: test records carry act_p15/50/85, the percentiles of the
-        # input to this unit's nonlinearity in the last hidden layer (-1: off)
-    )
-    c.checkpoint = dict(
-        # Save the full train state about every N optimizer steps (at the first chunk end at or
-        # after each multiple of N; an epoch runs in chunks of N steps). 0: only at the end.
-        every_steps=500,
-        keep=3,  # most recent checkpoints kept on disk (older ones are deleted)
-        # Also keep the checkpoint with the best test metric ("" off | "accuracy" | "loss");
-        # test metrics exist at epoch ends, so it also saves at every epoch end.
-        best_metric="",
-    )
-    c.parallel = dict(
-        mode="none",  # "none" (one device) | "pmap" | "sharded" (jit over a device Mesh)
-        # BN statistics across devices: "sync" (global batch, every step) | "local" (ghost BN:
-        # per device or group; running statistics averaged over the devices)
-        bn="sync",
-        bn_group_size=1,  # local: consecutive devices sharing statistics (1: each device alone)
-        num_devices=0,  # devices splitting each batch, over all processes (0: all of them)
-        # Multi-host, None reading the environment: "host:port" of process 0
-        # ($BNLAB_COORDINATOR_ADDRESS), the number of processes ($BNLAB_NUM_PROCESSES, else 1)
-        # and this process's 0-based id ($BNLAB_PROCESS_ID, else 0).
-        coordinator_address=config_dict.placeholder(str),
-        num_processes=config_dict.placeholder(int),
-        process_id=config_dict.placeholder(int),
-    )
-    return c
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    norm: str
-    placement: str
-    activation: str
-    init: str
-    init_std: float
-    conv_impl: str
-
-
-@dataclasses.dataclass(frozen=True)
-class NormConfig:
-    momentum: float
-    epsilon: float
-    convention: str
-    backward: str
-
-
-@dataclasses.dataclass(frozen=True)
-class OptConfig:
-    name: str
-    lr: float
-    momentum: float
-    rmsprop_momentum: float
-    b1: float
-    b2: float
-    eps: float
-    decay: float
-    weight_decay: float
-    schedule: str
-    boundaries: tuple[float, ...]
-    decay_rate: float
-    warmup_steps: int
-    clip: str
-    clip_value: float
+BEST_METRICS = {"": None, "accuracy": "max", "loss": "min"}  # test metric -> better direction
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    mnist_dir: str | None
-    tfds_dir: str | None
-    task: str
-    train_size: int
+    """The `data` group: where MNIST comes from and which part of it trains."""
+
+    mnist_dir: str | None = field(
+        None, f"local IDX folder; None: ${MNIST_DIR_ENV} or TFDS download"
+    )
+    tfds_dir: str | None = field(None, "TFDS data dir; None: TFDS's default")
+    task: str = field("mnist10", '"mnist10" (10 classes) | "binary01" (digits 0 vs 1)',
+                      choices=TASKS)  # fmt: skip
+    train_size: int = field(
+        0, "use the first N training examples (0: all)", check=schema.non_negative
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    epochs: int
-    batch_size: int
-    eval_batch_size: int
-    seed: int
-    log_every_steps: int
-    probe_unit: int
+    """The `train` group: length, batch sizes, seed and logging of a run."""
+
+    epochs: int = field(2, "passes over the training set", check=schema.positive)
+    batch_size: int = field(128, "examples per step", check=schema.positive)
+    eval_batch_size: int = field(1000, "examples per evaluation step", check=schema.positive)
+    seed: int = field(0, "seeds init, data order and any noise")
+    log_every_steps: int = field(
+        50, "train metrics averaged over this many steps per record", check=schema.positive
+    )
+    divergence_loss: float = field(
+        1e4,
+        "a train or evaluation loss above this (or any non-finite train metric) marks the run "
+        "diverged",
+        check=schema.positive,
+    )
+    early_stopping_patience: int = field(
+        0,
+        "stop when the validation metric has not improved for this many epochs (0: off; needs "
+        "data.validation_size)",
+        check=schema.non_negative,
+    )
+    early_stopping_metric: str = field(
+        "loss",
+        'validation metric that early stopping watches: "loss" | "accuracy"',
+        choices=("loss", "accuracy"),
+    )
+    probe_unit: int = field(
+        -1,
+        ">= 0: test records carry act_p15/50/85, the percentiles of the input to this unit's "
+        "nonlinearity in the last hidden layer (-1: off)",
+        check=lambda v: None if v >= -1 else "must be -1 (off) or a unit index >= 0",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int
-    keep: int
-    best_metric: str
+    """The `checkpoint` group: when checkpoints are saved and which are kept."""
+
+    every_steps: int = field(
+        500,
+        "save the full train state about every N optimizer steps (at the first chunk end at or "
+        "after each multiple of N; an epoch runs in chunks of N steps); 0: only at the end",
+        check=schema.non_negative,
+    )
+    keep: int = field(
+        3,
+        "most recent checkpoints kept on disk (older ones are deleted)",
+        check=schema.at_least(1, "the latest checkpoint is kept"),
+    )
+    best_metric: str = field(
+        "",
+        'also keep the checkpoint with the best test metric ("" off | "accuracy" | "loss"); '
+        "test metrics exist at epoch ends, so it also saves at every epoch end",
+        choices=BEST_METRICS,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    mode: str
-    bn: str
-    bn_group_size: int
-    num_devices: int
-    coordinator_address: str | None
-    num_processes: int
-    process_id: int
+    """The `parallel` group: data parallelism over devices, and multi-host runs."""
+
+    mode: str = field(
+        "none",
+        '"none" (one device) | "pmap" | "sharded" (jit over a device Mesh)',
+        choices=PARALLEL_MODES,
+    )
+    bn: str = field(
+        "sync",
+        'BN statistics across devices: "sync" (global batch, every step) | "local" (ghost BN: '
+        "per device or group; running statistics averaged over the devices)",
+        choices=BN_SYNCS,
+    )
+    bn_group_size: int = field(
+        1,
+        "local: consecutive devices sharing statistics (1: each device alone)",
+        check=schema.at_least(1),
+    )
+    num_devices: int = field(
+        0,
+        "devices splitting each batch, over all processes (0: all of them)",
+        check=schema.non_negative,
+    )
+    coordinator_address: str | None = field(
+        None, f'multi-host: "host:port" of process 0; None: ${COORDINATOR_ENV}'
+    )
+    num_processes: int | None = field(
+        None,
+        f"multi-host: number of processes; None: ${NUM_PROCESSES_ENV}, else 1",
+        check=lambda v: None if v is None or v >= 1 else "must be >= 1",
+    )
+    process_id: int | None = field(
+        None,
+        f"multi-host: this process's 0-based id; None: ${PROCESS_ID_ENV}, else 0",
+        check=lambda v: None if v is None or v >= 0 else "must be >= 0",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig
-    norm: NormConfig
+    model: models.ModelConfig
+    norm: Any  # norms.norm_config_class(): shared fields + each normalization's own
     opt: OptConfig
     data: DataConfig
     train: TrainConfig
@@ -199,16 +163,49 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_GROUPS = {
-    "model": ModelConfig,
-    "norm": NormConfig,
-    "opt": OptConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "checkpoint": CheckpointConfig,
-    "parallel": ParallelConfig,
-}
-BEST_METRICS = {"": None, "accuracy": "max", "loss": "min"}  # test metric -> better direction
+def groups() -> dict[str, type]:
+    """Group name -> its dataclass, in config order (the `norm` group as registered now)."""
+    return {
+        "model": models.ModelConfig,
+        "norm": norms.norm_config_class(),
+        "opt": OptConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+        "checkpoint": CheckpointConfig,
+        "parallel": ParallelConfig,
+    }
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Base config: the reference CNN with BN on 10-class MNIST, SGD with momentum. Each
+    field's meaning is on its dataclass (`describe()` lists them all)."""
+    c = ml_collections.ConfigDict()
+    for name, cls in groups().items():
+        group = {}
+        for f in dataclasses.fields(cls):
+            annotation = schema.field_type(cls, f.name)
+            if f.default is None:  # typed, so that an override is checked
+                kind = next(t for t in _options(annotation) if t is not type(None))
+                group[f.name] = config_dict.placeholder(kind)
+            else:
+                group[f.name] = f.default
+        c[name] = group
+    return c
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """`(group.field, default, meaning)` of every field, for references and `--help`."""
+    return [
+        (f"{name}.{f.name}", f.default, schema.doc(f))
+        for name, cls in groups().items()
+        for f in dataclasses.fields(cls)
+    ]
+
+
+def _options(annotation) -> tuple:
+    import typing
+
+    return typing.get_args(annotation) or (annotation,)
 
 
 def load_module(path: str | os.PathLike):
@@ -279,17 +276,6 @@ def apply_overrides(
     return cfg
 
 
-def parse_value(text: str) -> Any:
-    """`"0.1" -> 0.1`, `"(1, 2)" -> (1, 2)`, `"None" -> None`, `"true" -> True`, else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _resolve(cfg, key):
     parts = key.split(".")
     node = cfg
@@ -306,28 +292,38 @@ def _resolve(cfg, key):
 
 
 def validate(cfg: ml_collections.ConfigDict) -> Config:
-    """Checks every field and returns the typed config; `ConfigError` lists all problems."""
+    """Checks every field and returns the typed config; `ConfigError` lists all problems.
+
+    A field the config lacks takes its default (a config.json of an older bnlab); an unknown
+    group or field is an error.
+    """
     raw = cfg.to_dict()
-    problems = [f"unknown config group {g!r}" for g in raw if g not in _GROUPS]
-    groups = {}
-    for name, cls in _GROUPS.items():
-        values = dict(raw.get(name, {}))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        problems += [f"unknown field {name}.{k}" for k in values if k not in fields]
-        problems += [f"missing field {name}.{k}" for k in sorted(fields - values.keys())]
-        groups[name] = {k: v for k, v in values.items() if k in fields}
+    classes = groups()
+    problems = [f"unknown config group {g!r}" for g in raw if g not in classes]
+    values: dict[str, dict[str, Any]] = {}
+    for name, cls in classes.items():
+        given = dict(raw.get(name, {}))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        problems += [f"unknown field {name}.{k}" for k in given if k not in fields]
+        values[name] = {}
+        for key, f in fields.items():
+            value, problem = schema.coerce(given.get(key, f.default), schema.field_type(cls, key))
+            if problem:
+                problems.append(f"{name}.{key}: {problem}")
+            values[name][key] = value
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
-    data = groups["data"]
+    data = values["data"]
     if data["mnist_dir"] is None:
         data["mnist_dir"] = os.environ.get(MNIST_DIR_ENV) or None
-    groups["opt"]["boundaries"] = tuple(groups["opt"]["boundaries"])
     try:
-        _parallel_from_env(groups["parallel"])
+        _parallel_from_env(values["parallel"])
     except ValueError as err:
         raise ConfigError(f"invalid config: {err}") from err
-    config = Config(**{name: cls(**groups[name]) for name, cls in _GROUPS.items()})
-    problems = _check_values(config)
+    config = Config(**{name: cls(**values[name]) for name, cls in classes.items()})
+    problems = [p for name in classes for p in schema.field_problems(name, getattr(config, name))]
+    if not problems:  # the checks across groups assume each field is valid on its own
+        problems = _check_across(config)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return config
@@ -376,69 +372,20 @@ def _parallel_from_env(par: dict[str, Any]) -> None:
             par[key] = default if text is None else int(text)
 
 
-def _check_values(c: Config) -> list[str]:
-    # Local imports keep config a leaf: these modules only provide the name tables.
-    from bnlab import models, norm, optim
-
-    p = []
-
-    def choice(key, value, options):
-        if value not in options:
-            p.append(f"{key}={value!r} is not one of {sorted(options)}")
-
-    choice("model.name", c.model.name, models.MODELS)
-    choice("model.norm", c.model.norm, models.NORMS)
-    choice("model.placement", c.model.placement, models.PLACEMENTS)
-    choice("model.activation", c.model.activation, models.ACTIVATIONS)
-    choice("model.init", c.model.init, models.INITS)
-    choice("model.conv_impl", c.model.conv_impl, models.CONV_IMPLS)
-    choice("norm.convention", c.norm.convention, norm.CONVENTIONS)
-    choice("norm.backward", c.norm.backward, norm.BACKWARDS)
-    choice("opt.name", c.opt.name, optim.OPTIMIZERS)
-    choice("opt.schedule", c.opt.schedule, optim.SCHEDULES)
-    choice("opt.clip", c.opt.clip, optim.CLIPS)
-    choice("data.task", c.data.task, TASKS)
-    choice("checkpoint.best_metric", c.checkpoint.best_metric, BEST_METRICS)
-    choice("parallel.mode", c.parallel.mode, PARALLEL_MODES)
-    choice("parallel.bn", c.parallel.bn, BN_SYNCS)
-    if not 0.0 <= c.norm.momentum <= 1.0:
-        p.append(f"norm.momentum={c.norm.momentum} must lie in [0, 1] (weight of old statistics)")
-
-    def require(keys: str, ok, requirement: str):
-        for key in keys.split():
-            group, field = key.split(".")
-            value = getattr(getattr(c, group), field)
-            if not ok(value):
-                p.append(f"{key}={value} {requirement}")
-
-    require(
-        "norm.epsilon opt.lr opt.eps opt.decay_rate opt.clip_value model.init_std train.epochs "
-        "train.batch_size train.eval_batch_size train.log_every_steps",
-        lambda v: v > 0 and math.isfinite(v),
-        "must be finite and > 0",
-    )
-    require(
-        "opt.momentum opt.rmsprop_momentum opt.b1 opt.b2 opt.decay",
-        lambda v: 0.0 <= v < 1.0,
-        "must lie in [0, 1)",
-    )
-    require(
-        "opt.weight_decay opt.warmup_steps data.train_size checkpoint.every_steps "
-        "parallel.num_devices parallel.process_id",
-        lambda v: v >= 0,
-        "must be >= 0",
-    )
-    require("checkpoint.keep", lambda v: v >= 1, "must be >= 1 (the latest checkpoint is kept)")
-    require("train.probe_unit", lambda v: v >= -1, "must be -1 (off) or a unit index >= 0")
-    require("parallel.bn_group_size parallel.num_processes", lambda v: v >= 1, "must be >= 1")
-    p.extend(_check_parallel(c))
-    if not all(0.0 < b < 1.0 for b in c.opt.boundaries):
-        p.append(f"opt.boundaries={c.opt.boundaries} must be fractions of training in (0, 1)")
+def _check_across(c: Config) -> list[str]:
+    """Checks that involve more than one field."""
+    p = _check_parallel(c)
     if c.data.train_size and c.data.train_size < c.train.batch_size:
         p.append(
             f"data.train_size={c.data.train_size} is smaller than train.batch_size="
             f"{c.train.batch_size}; raise train_size or lower batch_size"
         )
+    devices = c.parallel.num_devices if c.parallel.mode != "none" else 1
+    p += norms.problems(
+        c,
+        widths=models.NORM_WIDTHS[c.model.name],
+        per_device_batch=c.train.batch_size // max(devices, 1),
+    )
     return p
 
 

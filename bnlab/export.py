@@ -17,33 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
+from bnlab import norms
 from bnlab.config import ConfigError
 
 FORMATS = {"npz": ".npz", "torch": ".pt"}  # format -> default file suffix
-_BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+NORM_MODULE = "norm"  # the models name every normalization layer `.../norm`
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree: Any) -> dict[str, np.ndarray]:
     """`{"a": {"b": x}}` -> `{"a/b": x}` (host arrays)."""
-    if not isinstance(tree, dict):
-        return {prefix: np.asarray(tree)}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}/{key}" if prefix else str(key)))
-    return flat
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     """The inverse of `flatten`."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def save_npz(path: str | os.PathLike, params, batch_stats, *, step: int) -> None:
@@ -59,33 +50,78 @@ def load_npz(path: str | os.PathLike) -> tuple[dict, dict, int]:
         return tree.get("params", {}), tree.get("batch_stats", {}), int(npz["step"])
 
 
-def to_torch_layout(params, batch_stats, *, step: int) -> dict[str, np.ndarray]:
-    """The PyTorch `state_dict` of bnlab's MLP or CNN, as numpy arrays (see the module doc)."""
-    flat = flatten(params)
-    stats = flatten(batch_stats)
+def to_torch_layout(
+    params, batch_stats, *, step: int, cfg=None, shapes: dict[str, tuple] | None = None
+) -> dict[str, np.ndarray]:
+    """The PyTorch `state_dict` of bnlab's MLP or CNN, as numpy arrays (see the module doc).
+
+    The normalization layers (`.../norm` modules) are written by the registry entry of
+    `cfg.model.norm` (BN when `cfg` is None); `shapes` are their input shapes without the batch
+    axis, by module path, for layers whose PyTorch weights span them (LayerNorm).
+    """
+    spec = norms.get(cfg.model.norm if cfg is not None else "batchnorm")
+    flat_params, flat_stats = flatten(params), flatten(batch_stats)
+    norm_params: dict[str, dict] = {}
     out: dict[str, np.ndarray] = {}
     feature_map = _cnn_feature_map(params)
-    for path, value in flat.items():
+    for path, value in flat_params.items():
         module, name = path.rsplit("/", 1)
         key = module.replace("/", ".")
-        if name == "kernel" and value.ndim == 4:  # HWIO -> OIHW
+        if module.rsplit("/", 1)[-1] == NORM_MODULE:
+            norm_params.setdefault(module, {})[name] = value
+        elif name == "kernel" and value.ndim == 4:  # HWIO -> OIHW
             out[f"{key}.weight"] = value.transpose(3, 2, 0, 1)
         elif name == "kernel":
             if module == "dense" and feature_map is not None:  # rows HWC -> CHW
                 h, w, c = feature_map
                 value = value.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
             out[f"{key}.weight"] = value.T
-        elif module.endswith("norm"):
-            out[f"{key}.{_BN_NAMES[name]}"] = value
         else:
             out[f"{key}.{name}"] = value
-    for path, value in stats.items():
+    norm_stats: dict[str, dict] = {}
+    for path, value in flat_stats.items():
         module, name = path.rsplit("/", 1)
-        key = module.replace("/", ".")
-        out[f"{key}.{_BN_NAMES[name]}"] = value
-        if name == "mean":
-            out[f"{key}.num_batches_tracked"] = np.asarray(step, np.int64)
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+        norm_stats.setdefault(module, {})[name] = value
+    for module in sorted(set(norm_params) | set(norm_stats)):
+        if spec.torch is None:
+            raise ConfigError(
+                f"PyTorch has no layer equal to model.norm={cfg.model.norm!r}, so this run "
+                "cannot be exported as a state_dict; use --format npz."
+            )
+        shape = (shapes or {}).get(module)
+        out.update(
+            spec.torch(
+                module.replace("/", "."),
+                norm_params.get(module, {}),
+                norm_stats.get(module, {}),
+                None if cfg is None else cfg.norm,
+                shape,
+                step=step,
+            )
+        )
+    # np.array keeps 0-d arrays 0-d (num_batches_tracked), unlike np.ascontiguousarray.
+    return {k: np.array(v, order="C") for k, v in out.items()}
+
+
+def norm_input_shapes(model, sample) -> dict[str, tuple[int, ...]]:
+    """Input shape (batch axis dropped) of every normalization layer of `model`, by path."""
+    import jax
+
+    def shapes(x):
+        _, state = model.apply(
+            model.init(jax.random.key(0), x, train=False),
+            x,
+            train=False,
+            capture_intermediates=lambda mdl, _: mdl.name == NORM_MODULE,
+            mutable=["intermediates"],
+        )
+        return state["intermediates"]
+
+    flat = traverse_util.flatten_dict(jax.eval_shape(shapes, sample), sep="/")
+    return {
+        k.rsplit("/__call__", 1)[0]: tuple(v[0].shape[1:]) if isinstance(v, tuple) else v.shape[1:]
+        for k, v in flat.items()
+    }
 
 
 def _cnn_feature_map(params) -> tuple[int, int, int] | None:
@@ -110,18 +146,29 @@ def export(
         raise ConfigError(f"export format {fmt!r} is not one of {sorted(FORMATS)}.")
     from bnlab.run import load_checkpoint
 
-    _, restored = load_checkpoint(workdir, step=step)
+    cfg, restored = load_checkpoint(workdir, step=step)
     out = Path(out) if out is not None else Path(workdir) / f"export{FORMATS[fmt]}"
     params, batch_stats = restored.state.params, restored.state.batch_stats
     if fmt == "npz":
         save_npz(out, params, batch_stats, step=restored.step)
         return out
+    if norms.get(cfg.model.norm).torch is None:
+        raise ConfigError(
+            f"PyTorch has no layer equal to model.norm={cfg.model.norm!r}, so this run cannot be "
+            "exported as a state_dict; use --format npz."
+        )
     try:
         import torch
     except ImportError as err:
         raise ConfigError(
             "--format torch needs PyTorch: pip install 'bnlab[torch]' (or use --format npz)."
         ) from err
-    layout = to_torch_layout(params, batch_stats, step=restored.step)
+    from bnlab import train as train_lib
+
+    model = train_lib.build_model(cfg)
+    sample = np.zeros((1, 28, 28, 1), np.float32)
+    layout = to_torch_layout(
+        params, batch_stats, step=restored.step, cfg=cfg, shapes=norm_input_shapes(model, sample)
+    )
     torch.save({k: torch.tensor(v) for k, v in layout.items()}, out)
     return out

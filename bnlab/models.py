@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,16 +10,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnlab import schema
 from bnlab.layers import BatchNorm, Identity
+from bnlab.schema import field
 from bnlab.types import Array
 
 ModuleDef = Any
 
-NORMS: dict[str, ModuleDef] = {"batchnorm": BatchNorm, "none": Identity}
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": nn.relu,
     "sigmoid": nn.sigmoid,
     "tanh": nn.tanh,
+    "linear": lambda x: x,  # deep linear networks (Yang et al. 2019 study them too)
 }
 PLACEMENTS = ("before", "after")
 PROBE = "act_input"  # name under which each block sows the input of its nonlinearity
@@ -147,12 +149,31 @@ def avg_pool2(x_BxHxWxC: Array) -> Array:
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+# Features at each normalization site, in order: what a normalization's config check needs.
+NORM_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": MLP.hidden, "cnn": (32, 64, 256)}
 
 
-def make_norm(name: str, **kwargs) -> ModuleDef:
-    """A normalization layer factory by name; `kwargs` go to the layer (e.g. momentum)."""
-    if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; known: {sorted(NORMS)}")
-    if NORMS[name] is Identity:
-        return Identity  # "none" has no options to bind
-    return functools.partial(NORMS[name], **kwargs)
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The `model` group: architecture, normalization and initialization."""
+
+    name: str = field("cnn", '"cnn" (reference CNN) | "mlp" (Ioffe & Szegedy Fig. 1 MLP)',
+                      choices=MODELS)  # fmt: skip
+    norm: str = field(
+        "batchnorm",
+        "normalization layer: a name registered in bnlab.norms (its fields are under norm)",
+        choices="bnlab.norms:NORMS",
+    )
+    placement: str = field(
+        "before", 'normalization "before" | "after" the nonlinearity', choices=PLACEMENTS
+    )
+    activation: str = field("relu", '"relu" | "sigmoid" | "tanh" | "linear"', choices=ACTIVATIONS)
+    init: str = field(
+        "lecun_normal", 'kernel init: "lecun_normal" | "he_normal" | "normal"', choices=INITS
+    )
+    init_std: float = field(0.01, 'standard deviation of the "normal" init', check=schema.positive)
+    conv_impl: str = field(
+        "im2col",
+        'CNN convolutions: "im2col" (fast on CPU) | "xla" (cuDNN on GPU)',
+        choices=CONV_IMPLS,
+    )

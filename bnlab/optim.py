@@ -14,9 +14,61 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from bnlab.config import OptConfig
+from bnlab import schema
+from bnlab.schema import field
 
 Schedule = Callable[[int], float]
+
+
+def _fractions(boundaries) -> str | None:
+    ok = all(0.0 < b < 1.0 for b in boundaries)
+    return None if ok else "must be fractions of training in (0, 1)"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    """The `opt` group: optimizer, learning-rate schedule, clipping and weight decay."""
+
+    name: str = field("momentum", "optimizer", choices=lambda: OPTIMIZERS)
+    lr: float = field(0.05, "peak learning rate", check=schema.positive)
+    momentum: float = field(
+        0.9, "momentum / nesterov: momentum coefficient", check=schema.unit_interval_open
+    )
+    rmsprop_momentum: float = field(
+        0.0, "rmsprop: momentum coefficient (0: none)", check=schema.unit_interval_open
+    )
+    b1: float = field(0.9, "adam/adamw first-moment decay", check=schema.unit_interval_open)
+    b2: float = field(0.999, "adam/adamw second-moment decay", check=schema.unit_interval_open)
+    eps: float = field(
+        1e-8, "adam/adamw/rmsprop/adagrad denominator epsilon", check=schema.positive
+    )
+    decay: float = field(0.9, "rmsprop squared-gradient decay", check=schema.unit_interval_open)
+    weight_decay: float = field(
+        0.0, "L2 factor added to the gradient (decoupled for adamw)", check=schema.non_negative
+    )
+    schedule: str = field("constant", "learning-rate schedule", choices=lambda: SCHEDULES)
+    boundaries: tuple[float, ...] = field(
+        (0.5, 0.75), "step: fractions of training where lr *= decay_rate", check=_fractions
+    )
+    decay_rate: float = field(
+        0.1,
+        "step: factor per boundary; exponential: factor over the whole run",
+        check=schema.positive,
+    )
+    warmup_steps: int = field(
+        0, "warmup_cosine: linear warmup length in steps", check=schema.non_negative
+    )
+    clip: str = field(
+        "none",
+        "gradient clipping: none | global_norm | value | adaptive (unit-wise, Brock et al. 2021)",
+        choices=lambda: CLIPS,
+    )
+    clip_value: float = field(
+        1.0,
+        'max global norm ("global_norm"), max |g| ("value"), or max unit-wise gradient/weight '
+        'norm ratio ("adaptive")',
+        check=schema.positive,
+    )
 
 
 def _sgd(c: OptConfig, lr) -> optax.GradientTransformation:
@@ -101,6 +153,10 @@ CLIPS: dict[str, Callable[[OptConfig], optax.GradientTransformation]] = {
     "none": lambda c: optax.identity(),
     "global_norm": lambda c: optax.clip_by_global_norm(c.clip_value),
     "value": lambda c: optax.clip(c.clip_value),
+    # Adaptive gradient clipping (Brock et al. 2021), the normalizer-free networks' substitute for
+    # BN: each unit's gradient norm is capped at clip_value times its weight norm (optax's
+    # unit-wise definition).
+    "adaptive": lambda c: optax.adaptive_grad_clip(c.clip_value),
 }
 
 # Numeric hyperparameters that live in the optimizer state (`optax.inject_hyperparams`): trials

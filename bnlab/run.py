@@ -14,9 +14,6 @@ import functools
 import json
 import os
 import shutil
-import signal
-import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,57 +23,15 @@ import numpy as np
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import parallel
+from bnlab import loop, parallel
 from bnlab import train as train_lib
 from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, Restored
 from bnlab.config import Config, ConfigError
-from bnlab.writers import MetricWriter, truncate_jsonl, write_json
+from bnlab.loop import Interrupted, StopSignals
+from bnlab.records import Record, prepare_workdir
+from bnlab.writers import truncate_jsonl
 
-RESULT_FILES = ("summary.json",)  # a finished run; never overwritten
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM/SIGINT stopped a run after it saved a checkpoint; run it again to resume."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
-
-
-def prepare_workdir(workdir: str | os.PathLike) -> Path:
-    """Creates `workdir`; refuses a file, an unwritable folder, or a finished run's folder (an
-    unfinished run's folder is resumed by `run`)."""
-    path = Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"workdir {path} is a file; pass a folder path to --workdir.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"workdir {path} is not writable ({err.strerror}); choose another --workdir."
-        ) from err
-    existing = [name for name in RESULT_FILES if (path / name).exists()]
-    if existing:
-        raise ConfigError(
-            f"workdir {path} already holds a finished run ({', '.join(existing)}); results are "
-            "never overwritten. Choose a new --workdir or move the old one away."
-        )
-    return path
-
-
-def _window_records(metrics: dict[str, np.ndarray], first_step: int, every: int):
-    """Per-epoch windows of `every` steps (the last may be shorter): (last step, means) pairs.
-
-    Each record carries `window`, the number of steps it averages.
-    """
-    steps = len(next(iter(metrics.values())))
-    for start in range(0, steps, every):
-        stop = min(start + every, steps)
-        means = {k: float(np.mean(v[start:stop])) for k, v in metrics.items()}
-        yield first_step + stop, {**means, "window": stop - start}
+__all__ = ["Interrupted", "evaluate", "load_checkpoint", "load_splits", "prepare_workdir", "run"]
 
 
 def load_splits(cfg: Config) -> tuple[data_lib.Dataset, data_lib.Dataset]:
@@ -88,40 +43,6 @@ def load_splits(cfg: Config) -> tuple[data_lib.Dataset, data_lib.Dataset]:
             f"examples of task {cfg.data.task!r}; lower train.batch_size."
         )
     return train_set, data_lib.load(cfg.data, "test")
-
-
-def diverged(train_losses: np.ndarray, test_loss: float) -> bool:
-    """A non-finite loss in any step, or in the test loss (a NaN made by an epoch's last step
-    shows only in the weights)."""
-    return not (np.all(np.isfinite(train_losses)) and np.isfinite(test_loss))
-
-
-class _Progress:
-    """Where a run stands; saved as JSON with each checkpoint."""
-
-    def __init__(self, meta: dict[str, Any] | None = None):
-        meta = meta or {}
-        self.step: int = meta.get("step", 0)
-        # Per-step train metrics of the epoch in progress (its windows and divergence need them).
-        epoch = meta.get("epoch", {})
-        self.epoch_metrics = {k: np.asarray(v, np.float32) for k, v in epoch.items()}
-        self.test: dict[str, float] = meta.get("test", {})
-        self.status: str = meta.get("status", "ok")
-        self.wall_time_s: float = meta.get("wall_time_s", 0.0)
-        self.train_time_s: float = meta.get("train_time_s", 0.0)
-        self.timed_steps: int = meta.get("timed_steps", 0)
-
-    def meta(self, cfg: Config) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "epoch": {k: v.tolist() for k, v in self.epoch_metrics.items()},
-            "test": self.test,
-            "status": self.status,
-            "wall_time_s": self.wall_time_s,
-            "train_time_s": self.train_time_s,
-            "timed_steps": self.timed_steps,
-            "config": cfg.to_dict(),
-        }
 
 
 def run(
@@ -140,34 +61,55 @@ def run(
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     state = programs.init(init_key, sample)
+    spe = programs.steps_per_epoch
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     try:
-        state, done = _resume(cfg, workdir, ckpt, state)
-        write_json(workdir / "config.json", cfg.to_dict())
-        state, done = _train(
-            cfg, workdir, programs, ckpt, state, done, data_key, train_set, test_set, progress
-        )
+        state, meta = _resume(cfg, workdir, ckpt, state)
     finally:
         ckpt.close()
-    summary = {
-        "status": done.status,
-        "test_accuracy": float(done.test["accuracy"]),
-        "test_loss": float(done.test["loss"]),
-        "steps": int(state.step),
-        "epochs": done.step // programs.steps_per_epoch,
-        "wall_time_s": done.wall_time_s,
-        # Over the chunks of steps that did not compile; None if every chunk compiled.
-        "train_examples_per_s": (
-            done.timed_steps * cfg.train.batch_size / done.train_time_s
-            if done.train_time_s > 0
-            else None
-        ),
-    }
-    write_json(workdir / "summary.json", summary)
-    return summary
+    record = Record(cfg, workdir, steps_per_epoch=spe, meta=meta)
+    engine = _engine(cfg, programs, data_key, train_set, test_set)
+    bar = _progress_bar(progress, cfg.train.epochs, record.step // spe)
+    record.start(purge_step=record.step + 1 if record.step else None)
+    try:
+        with StopSignals() as stop:
+            loop.train(engine, state, [record], stop=stop, on_chunk=_bar_update(bar))
+    finally:
+        record.close()
+        if bar is not None:
+            bar.close()
+    return record.summary
 
 
-def _resume(cfg: Config, workdir: Path, ckpt: Checkpointer, state) -> tuple[Any, _Progress]:
+def _engine(cfg: Config, programs, data_key, train_set, test_set) -> loop.Engine:
+    """The single-run programs as the loop drives them (host metrics, host checkpoints)."""
+    rng = train_lib.run_rng(cfg.train.seed)
+
+    def train(state, epoch, start, steps):
+        state, metrics = programs.train_epoch(
+            state,
+            train_set.images,
+            train_set.labels,
+            jax.random.fold_in(data_key, epoch),
+            start,
+            steps=steps,
+            rng=rng,
+        )
+        return state, jax.device_get(metrics)
+
+    def evaluate(state):
+        test = programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
+        return {"test": jax.device_get(test)}
+
+    return loop.Engine(
+        train=train,
+        evaluate=evaluate,
+        host_states=lambda state: [state],
+        steps_per_epoch=programs.steps_per_epoch,
+    )
+
+
+def _resume(cfg: Config, workdir: Path, ckpt: Checkpointer, state) -> tuple[Any, dict | None]:
     """The state and progress to continue from: the latest good checkpoint, else step 0."""
     config_path = workdir / "config.json"
     if config_path.exists():
@@ -181,12 +123,12 @@ def _resume(cfg: Config, workdir: Path, ckpt: Checkpointer, state) -> tuple[Any,
             )
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
-        return state, _Progress()
+        return state, None
     restored: Restored = ckpt.restore(state)
     _refuse_changes(config_lib.from_dict(restored.meta["config"]), cfg, ckpt.directory)
     ckpt.set_aside_after(restored.step)
     truncate_jsonl(workdir / "metrics.jsonl", restored.step)
-    return restored.state, _Progress(restored.meta)
+    return restored.state, restored.meta
 
 
 def _refuse_changes(old: Config, new: Config, where: Path) -> None:
@@ -199,123 +141,6 @@ def _refuse_changes(old: Config, new: Config, where: Path) -> None:
             + ", ".join(config_lib.RESUMABLE)
             + " may change on resume; use a new --workdir for a different run."
         )
-
-
-def _train(cfg, workdir, programs, ckpt, state, done, data_key, train_set, test_set, progress):
-    """Runs the remaining steps in chunks, saving checkpoints; returns (state, progress)."""
-    spe = programs.steps_per_epoch
-    total = spe * cfg.train.epochs
-    every = cfg.checkpoint.every_steps
-    chunk = min(every or spe, spe)  # at most 2 chunk lengths, so at most 2 compilations
-    compiled: set[int] = set()
-    writer = MetricWriter(workdir, purge_step=done.step + 1 if done.step else None)
-    bar = _progress_bar(progress, cfg.train.epochs, done.step // spe)
-    start = time.perf_counter()
-    try:
-        with _StopSignals() as stop:
-            while done.step < total and done.status == "ok":
-                before = done.step
-                state = _train_chunk(programs, state, done, data_key, train_set, chunk, compiled)
-                epoch = before // spe
-                _write_windows(writer, done, epoch * spe, before, cfg.train.log_every_steps, spe)
-                epoch_end = done.step % spe == 0
-                if epoch_end:
-                    _end_epoch(writer, programs, state, done, test_set, epoch, bar)
-                finished = done.step == total or done.status != "ok"
-                if (
-                    finished
-                    or stop.signum is not None
-                    or (every and done.step // every > before // every)
-                    or (cfg.checkpoint.best_metric and epoch_end)
-                ):
-                    done.wall_time_s += time.perf_counter() - start
-                    start = time.perf_counter()
-                    ckpt.save(done.step, state, done.meta(cfg), done.test if epoch_end else None)
-                if stop.signum is not None and not finished:
-                    raise Interrupted(stop.signum, done.step)
-    finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
-    done.wall_time_s += time.perf_counter() - start
-    return state, done
-
-
-def _train_chunk(programs, state, done, data_key, train_set, chunk, compiled):
-    epoch, pos = divmod(done.step, programs.steps_per_epoch)
-    steps = min(chunk, programs.steps_per_epoch - pos)
-    tick = time.perf_counter()
-    state, metrics = programs.train_epoch(
-        state,
-        train_set.images,
-        train_set.labels,
-        jax.random.fold_in(data_key, epoch),
-        pos,
-        steps=steps,
-    )
-    metrics = jax.device_get(metrics)
-    if steps in compiled:  # the first call of each chunk length includes compilation
-        done.train_time_s += time.perf_counter() - tick
-        done.timed_steps += steps
-    compiled.add(steps)
-    done.epoch_metrics = {
-        k: np.concatenate([done.epoch_metrics[k], v]) if done.epoch_metrics else v
-        for k, v in metrics.items()
-    }
-    done.step += steps
-    return state
-
-
-def _write_windows(writer, done, first_step, before, every, spe):
-    """Writes the windows that the last chunk completed (and an epoch's last, partial one)."""
-    epoch_end = done.step - first_step == spe
-    for step, means in _window_records(done.epoch_metrics, first_step, every):
-        if step > before and (means["window"] == every or epoch_end):
-            writer.write(step, "train", epoch=first_step // spe, **means)
-
-
-def _end_epoch(writer, programs, state, done, test_set, epoch, bar):
-    test = jax.device_get(
-        programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
-    )
-    done.test = {k: float(v) for k, v in test.items()}
-    writer.write(done.step, "test", epoch=epoch, **test)
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{done.epoch_metrics['loss'][-1]:.4f}", test_acc=f"{test['accuracy']:.4f}"
-        )
-    if diverged(done.epoch_metrics["loss"], test["loss"]):
-        done.status = "diverged"
-    done.epoch_metrics = {}
-
-
-class _StopSignals:
-    """Turns the first SIGTERM/SIGINT into a request (`signum`) that the loop acts on at the
-    next chunk end; a second signal acts at once, as the previous handler would."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame  # unused
-        self.signum = signum
-        self._restore()
-
-    def _restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc):
-        self._restore()
 
 
 def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
@@ -364,3 +189,16 @@ def _progress_bar(enabled: bool, total: int, initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="epoch", desc="train")
+
+
+def _bar_update(bar):
+    if bar is None:
+        return None
+
+    def update(records, epoch_end):
+        record = records[0]
+        if epoch_end:
+            bar.update(1)
+            bar.set_postfix(test_acc=f"{record.evals['test']['accuracy']:.4f}")
+
+    return update

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bnlab.config import MNIST_DIR_ENV
-from bnlab.data import IDX_FILES, MNIST_URL, SPLITS, DataError, local_paths, read_idx
+from bnlab.idx import IDX_FILES, MNIST_DIR_ENV, MNIST_URL, SPLITS, DataError, local_paths, read_idx
 
 
 class BnlabMnist(tfds.core.GeneratorBasedBuilder):

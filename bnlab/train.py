@@ -13,7 +13,7 @@ import optax
 from jax import lax
 
 from bnlab import data as data_lib
-from bnlab import models, parallel
+from bnlab import models, norms, optim, parallel
 from bnlab.config import Config, ConfigError
 from bnlab.types import Array, BatchStats, Params
 
@@ -30,18 +30,17 @@ class TrainState(NamedTuple):
 def build_model(cfg: Config) -> nn.Module:
     """The model that `cfg.model`/`cfg.norm` describe, with its normalization layer injected
     (BN statistics across the devices that `cfg.parallel` names)."""
-    m, n, par = cfg.model, cfg.norm, cfg.parallel
+    m, par = cfg.model, cfg.parallel
     axis = {}
-    if m.norm == "batchnorm" and par.mode != "none":
-        axis = parallel.bn_axis(par, parallel.device_count(par, cfg.train.batch_size))
-    norm = models.make_norm(
-        m.norm,
-        momentum=n.momentum,
-        epsilon=n.epsilon,
-        convention=n.convention,
-        backward=n.backward,
-        **axis,
-    )
+    if par.mode != "none":
+        devices = parallel.device_count(par, cfg.train.batch_size)
+        axis = parallel.bn_axis(par, devices)
+        problems = norms.problems(
+            cfg, widths=models.NORM_WIDTHS[m.name], per_device_batch=cfg.train.batch_size // devices
+        )
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    norm = norms.build(cfg, axis)
     kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
     return models.MODELS[m.name](
         norm=norm,
@@ -51,6 +50,14 @@ def build_model(cfg: Config) -> nn.Module:
         kernel_init=models.INITS[m.init](m.init_std),
         **kwargs,
     )
+
+
+def norm_metrics(cfg: Config) -> Callable[[Array], Metrics] | None:
+    """The normalization's per-step values to log (`NormSpec.step_metrics`), or None."""
+    spec = norms.get(cfg.model.norm)
+    if spec.step_metrics is None:
+        return None
+    return functools.partial(spec.step_metrics, cfg.norm)
 
 
 def init_state(
@@ -80,6 +87,8 @@ def train_step(
     schedule: Callable[[Array], Array],
     axis_name: str | None = None,
     average_stats: bool = False,
+    rng: Array | None = None,
+    extra_metrics: Callable[[Array], Metrics] | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch = (images f32[B,28,28,1], labels i32[B])`.
 
@@ -88,8 +97,12 @@ def train_step(
     `average_stats` averages per-device ("local"/ghost) running statistics in the same
     collective: the moving average is linear, so this equals averaging them only before
     evaluation, and every device holds the same state after every step.
+    `rng` is the run's key for layers with randomness; this step's keys derive from it and the
+    step count (`step_rngs`), so nothing random is stored in the state. `extra_metrics(step)`
+    adds values to log (e.g. a normalization's schedule).
     """
     images, labels = batch
+    rngs = {} if rng is None else step_rngs(rng, state.step, axis_name)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -97,6 +110,7 @@ def train_step(
             images,
             train=True,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
         return cross_entropy(logits, labels), (logits, updates.get("batch_stats", {}))
 
@@ -114,7 +128,19 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(state.step))
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+def step_rngs(rng: Array, step: Array, axis_name: str | None = None) -> dict[str, Array]:
+    """The rng streams of one training step: `noise` (noisy normalizations) is the same on every
+    device, so a layer can draw it for the global batch; `dropout` differs per device."""
+    key = jax.random.fold_in(rng, step)
+    noise, dropout = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    if axis_name is not None:
+        dropout = jax.random.fold_in(dropout, lax.axis_index(axis_name))
+    return {"noise": noise, "dropout": dropout}
 
 
 def epoch_batches(key: Array, num_examples: int, batch_size: int) -> Array:
@@ -135,18 +161,21 @@ def train_epoch(
     step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
     steps: int | None = None,
     axis_name: str | None = None,
+    rng: Array | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
     device: `lax.scan` over the shuffled batches; metrics stacked per step.
 
     Running an epoch in chunks gives exactly the steps of running it whole. With `axis_name`,
-    each device gathers only its part of every global batch.
+    each device gathers only its part of every global batch. `rng` (the run's key for random
+    layers) goes to every step.
     """
+    extra = {} if rng is None else {"rng": rng}
 
     def body(state, idx):
         if axis_name is not None:
             idx = parallel.device_slice(idx, axis_name)
-        return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]))
+        return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]), **extra)
 
     batches = epoch_batches(key, labels.shape[0], batch_size)
     if steps is not None:
@@ -231,8 +260,6 @@ class Programs(NamedTuple):
 
 def make_programs(cfg: Config, num_train: int) -> Programs:
     """Model, optimizer and the jitted `init`/`train_epoch`/`evaluate` for `cfg`."""
-    from bnlab import optim  # optim depends on config only; imported here to keep one direction
-
     steps_per_epoch = num_train // cfg.train.batch_size
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.opt.schedule == "warmup_cosine" and cfg.opt.warmup_steps >= total_steps:
@@ -272,6 +299,7 @@ def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[Trai
         schedule=schedule,
         axis_name=axis_name,
         average_stats=par.bn == "local",
+        extra_metrics=norm_metrics(cfg),
     )
     epoch = functools.partial(
         train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
@@ -282,13 +310,17 @@ def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[Trai
 
     @functools.cache
     def mapped(steps):
-        return parallel.device_map(
-            functools.partial(epoch, steps=steps), mode=par.mode, num_devices=num_devices
-        )
+        def per_device(state, images, labels, key, start, *rng):
+            return epoch(
+                state, images, labels, key, start, steps=steps, rng=rng[0] if rng else None
+            )
 
-    def run_epoch(state, images, labels, key, start=0, steps=None):
-        start = jnp.asarray(start, jnp.int32)
-        return parallel.first_device(mapped(steps)(state, images, labels, key, start))
+        return parallel.device_map(per_device, mode=par.mode, num_devices=num_devices)
+
+    def run_epoch(state, images, labels, key, start=0, steps=None, rng=None):
+        args = (state, images, labels, key, jnp.asarray(start, jnp.int32))
+        args += () if rng is None else (rng,)
+        return parallel.first_device(mapped(steps)(*args))
 
     return run_epoch
 
@@ -297,3 +329,8 @@ def run_keys(seed: int) -> tuple[Array, Array]:
     """`(init_key, data_key)` of a run; epoch `e` shuffles with `fold_in(data_key, e)`."""
     root = jax.random.key(seed)
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+
+
+def run_rng(seed: int) -> Array:
+    """The key of a run's random layers (noise, dropout); step `t` uses `step_rngs(rng, t)`."""
+    return jax.random.fold_in(jax.random.key(seed), 2)

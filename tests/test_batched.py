@@ -116,14 +116,16 @@ def test_a_stopped_group_saves_every_trial_and_each_resumes_alone(
     reference = [tmp_path / f"ref{i}" for i in range(2)]
     batched.run_group(configs, reference)
 
-    record = batched._record_epoch
+    from bnlab.records import Record
 
-    def record_then_signal(trial, epoch, *args):
-        record(trial, epoch, *args)
-        if epoch == 0 and trial.cfg.train.seed == 1:  # SIGTERM during the first epoch's end
+    end_epoch = Record.end_epoch
+
+    def record_then_signal(record, epoch, *args):
+        end_epoch(record, epoch, *args)
+        if epoch == 0 and record.cfg.train.seed == 1:  # SIGTERM during the first epoch's end
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(batched, "_record_epoch", record_then_signal)
+    monkeypatch.setattr(Record, "end_epoch", record_then_signal)
     dirs = [tmp_path / f"stopped{i}" for i in range(2)]
     with pytest.raises(run.Interrupted):
         batched.run_group(configs, dirs)

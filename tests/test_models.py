@@ -78,8 +78,10 @@ def test_placement_before_and_after_differ_as_defined():
 
 
 def test_unknown_norm_lists_known():
-    with pytest.raises(ValueError, match="unknown norm 'groupnorm'"):
-        models.make_norm("groupnorm")
+    from bnlab import norms
+
+    with pytest.raises(ValueError, match=r"model.norm='weightnorm' is not one of \[.*'batchnorm'"):
+        norms.get("weightnorm")
 
 
 def test_unknown_placement_is_an_error():

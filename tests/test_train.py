@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from bnlab import config, data, train
-from bnlab.run import diverged, run
+from bnlab.records import diverged
+from bnlab.run import run
 
 MLP = "experiments/bn_paper_mlp.py"
 
@@ -127,11 +128,27 @@ def test_nonfinite_loss_marks_run_diverged(make_config, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
 
 
+def _diverged(train_losses, test_loss, grad_norm=None, bound=1e4):
+    train = {"loss": train_losses}
+    if grad_norm is not None:
+        train["grad_norm"] = grad_norm
+    return diverged(train, {"test": {"loss": test_loss}}, bound)
+
+
 def test_divergence_is_seen_in_train_or_test_loss():
-    assert not diverged(np.array([1.0, 0.5]), 0.3)
-    assert diverged(np.array([1.0, np.nan]), 0.3)
-    assert diverged(np.array([1.0, 0.5]), float("nan"))  # NaN made by the last step's update
-    assert diverged(np.array([np.inf]), 0.3)
+    assert not _diverged(np.array([1.0, 0.5]), 0.3)
+    assert _diverged(np.array([1.0, np.nan]), 0.3)
+    assert _diverged(np.array([1.0, 0.5]), float("nan"))  # NaN made by the last step's update
+    assert _diverged(np.array([np.inf]), 0.3)
+
+
+def test_divergence_is_any_nonfinite_train_metric_or_a_loss_above_the_bound():
+    # A loss of 3e24 with a non-finite gradient norm once ended with status "ok".
+    assert _diverged(np.array([1.0, 0.5]), 0.3, grad_norm=np.array([1.0, np.inf]))
+    assert _diverged(np.array([1.0, 3e24]), 0.3)
+    assert _diverged(np.array([1.0, 0.5]), 2e4)
+    assert not _diverged(np.array([1.0, 9e3]), 0.3, grad_norm=np.array([1.0, 1e30]))
+    assert _diverged(np.array([1.0, 20.0]), 0.3, bound=10.0)
 
 
 def test_logged_lr_and_grad_norm_are_the_real_values(make_config):

@@ -1,0 +1,260 @@
+"""The files of one run: config.json, metrics.jsonl and TensorBoard, summary.json, and the
+progress saved with each checkpoint.
+
+A single run and each trial of a vmapped group keep one `Record` and write every file through
+it, so the two engines cannot drift apart. A `Record` holds where its run stands (step, the
+per-step train metrics of the epoch in progress, the last evaluations, status, times); its
+`meta()` goes into every checkpoint, and a resumed run starts from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer
+from bnlab.config import Config, ConfigError
+from bnlab.writers import MetricWriter, write_json
+
+RESULT_FILES = ("summary.json",)  # a finished run; never overwritten
+EVAL_SPLITS = ("validation", "test")  # evaluated at every epoch end, in this order
+FINISHED = ("ok", "diverged", "early_stopped")  # statuses of a run that has its result
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    """Creates `workdir`; refuses a file, an unwritable folder, or a finished run's folder (an
+    unfinished run's folder is resumed by `run.run`)."""
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"workdir {path} is a file; pass a folder path to --workdir.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"workdir {path} is not writable ({err.strerror}); choose another --workdir."
+        ) from err
+    existing = [name for name in RESULT_FILES if (path / name).exists()]
+    if existing:
+        raise ConfigError(
+            f"workdir {path} already holds a finished run ({', '.join(existing)}); results are "
+            "never overwritten. Choose a new --workdir or move the old one away."
+        )
+    return path
+
+
+def window_records(metrics: dict[str, np.ndarray], first_step: int, every: int):
+    """Per-epoch windows of `every` steps (the last may be shorter): (last step, means) pairs.
+
+    Each record carries `window`, the number of steps it averages.
+    """
+    steps = len(next(iter(metrics.values())))
+    for start in range(0, steps, every):
+        stop = min(start + every, steps)
+        means = {k: float(np.mean(v[start:stop])) for k, v in metrics.items()}
+        yield first_step + stop, {**means, "window": stop - start}
+
+
+def diverged(
+    train: dict[str, np.ndarray], evals: dict[str, dict[str, float]], bound: float
+) -> bool:
+    """Any non-finite train metric of the epoch, a train loss above `bound`, or a non-finite or
+    too large evaluation loss (a NaN made by an epoch's last step shows only in the weights)."""
+    for values in train.values():
+        if not np.all(np.isfinite(values)):
+            return True
+    if "loss" in train and np.any(np.asarray(train["loss"]) > bound):
+        return True
+    return any(not math.isfinite(e["loss"]) or e["loss"] > bound for e in evals.values())
+
+
+class Record:
+    """Where one run stands, and its files. `writes=False` (every process but the first of a
+    multi-process run) keeps the state without writing anything."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        workdir: Path,
+        *,
+        steps_per_epoch: int,
+        meta: dict[str, Any] | None = None,
+        engine: str | None = None,
+        writes: bool = True,
+    ):
+        self.cfg, self.workdir, self.engine, self.writes = cfg, Path(workdir), engine, writes
+        self.steps_per_epoch = steps_per_epoch
+        meta = meta or {}
+        self.step: int = meta.get("step", 0)
+        # Per-step train metrics of the epoch in progress (its windows and divergence need them).
+        self.epoch_metrics = {
+            k: np.asarray(v, np.float32) for k, v in meta.get("epoch", {}).items()
+        }
+        self.evals: dict[str, dict[str, float]] = dict(meta.get("evals", {}))
+        if "test" in meta and "test" not in self.evals and meta["test"]:
+            self.evals["test"] = meta["test"]  # a checkpoint of an earlier bnlab
+        self.status: str = meta.get("status", "ok")
+        self.wall_time_s: float = meta.get("wall_time_s", 0.0)
+        self.train_time_s: float = meta.get("train_time_s", 0.0)
+        self.timed_steps: int = meta.get("timed_steps", 0)
+        self.best: dict[str, Any] | None = meta.get("best")
+        self.stale_epochs: int = meta.get("stale_epochs", 0)
+        self.summary: dict[str, Any] | None = None
+        self._writer: MetricWriter | None = None
+        self._ckpt: Checkpointer | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status == "ok"
+
+    # --- files -------------------------------------------------------------------------------
+
+    def start(self, *, purge_step: int | None = None) -> None:
+        """Writes config.json and opens the metric files (appending, after a resume)."""
+        if self.writes:
+            write_json(self.workdir / "config.json", self.cfg.to_dict())
+            self._writer = MetricWriter(self.workdir, purge_step=purge_step)
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if self._ckpt is None:
+            self._ckpt = Checkpointer(self.workdir / CHECKPOINT_DIR, self.cfg.checkpoint)
+        return self._ckpt
+
+    def _write(self, step: int, split: str, **values: Any) -> None:
+        if self._writer is not None:
+            self._writer.write(step, split, **values)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._ckpt is not None:
+            self._ckpt.close()
+            self._ckpt = None
+
+    # --- progress ----------------------------------------------------------------------------
+
+    def add_train(self, metrics: dict[str, np.ndarray]) -> None:
+        """Appends a chunk's per-step train metrics (a chunk never crosses an epoch end); writes
+        the log windows it completed (and an epoch's last, partial one)."""
+        before, spe = self.step, self.steps_per_epoch
+        self.epoch_metrics = {
+            k: np.concatenate([self.epoch_metrics[k], v]) if self.epoch_metrics else np.asarray(v)
+            for k, v in metrics.items()
+        }
+        self.step += len(next(iter(metrics.values())))
+        first_step = before // spe * spe
+        epoch_end = self.step - first_step == spe
+        every = self.cfg.train.log_every_steps
+        for step, means in window_records(self.epoch_metrics, first_step, every):
+            if step > before and (means["window"] == every or epoch_end):
+                self._write(step, "train", epoch=first_step // spe, **means)
+
+    def add_throughput(self, seconds: float, steps: int) -> None:
+        """A chunk of `steps` that trained in `seconds` (no compilation in it)."""
+        self.train_time_s += seconds
+        self.timed_steps += steps
+
+    def add_wall_time(self, seconds: float) -> None:
+        self.wall_time_s += seconds
+
+    def add_diagnostics(self, step: int, values: dict[str, float]) -> None:
+        self._write(step, "diag", **values)
+
+    def end_epoch(self, epoch: int, evals: dict[str, dict[str, float]]) -> None:
+        """Writes the epoch's evaluations; marks the run diverged or early-stopped."""
+        self.evals = {split: {k: float(v) for k, v in m.items()} for split, m in evals.items()}
+        for split in EVAL_SPLITS:
+            if split in self.evals:
+                self._write(self.step, split, epoch=epoch, **self.evals[split])
+        if diverged(self.epoch_metrics, self.evals, self.cfg.train.divergence_loss):
+            self.status = "diverged"
+        else:
+            self._early_stopping(epoch)
+        self.epoch_metrics = {}
+
+    def _early_stopping(self, epoch: int) -> None:
+        patience = self.cfg.train.early_stopping_patience
+        if "validation" not in self.evals:
+            return
+        metric = self.cfg.train.early_stopping_metric
+        value = self.evals["validation"][metric]
+        better = (
+            self.best is None
+            or (metric == "accuracy" and value > self.best["value"])
+            or (metric == "loss" and value < self.best["value"])
+        )
+        if better:
+            self.best = {"epoch": epoch, "step": self.step, "value": value, "evals": self.evals}
+            self.stale_epochs = 0
+        else:
+            self.stale_epochs += 1
+        if patience and self.stale_epochs >= patience:
+            self.status = "early_stopped"
+
+    def ranking_metrics(self) -> dict[str, float] | None:
+        """The metrics that rank a checkpoint for `checkpoint.best_metric`: validation when the
+        run has a validation split, else test."""
+        return self.evals.get("validation") or self.evals.get("test")
+
+    def meta(self) -> dict[str, Any]:
+        meta = {
+            "step": self.step,
+            "epoch": {k: v.tolist() for k, v in self.epoch_metrics.items()},
+            "test": self.evals.get("test", {}),
+            "evals": self.evals,
+            "status": self.status,
+            "wall_time_s": self.wall_time_s,
+            "train_time_s": self.train_time_s,
+            "timed_steps": self.timed_steps,
+            "best": self.best,
+            "stale_epochs": self.stale_epochs,
+            "config": self.cfg.to_dict(),
+        }
+        if self.engine is not None:
+            meta["engine"] = self.engine
+        return meta
+
+    def save(self, state: Any, *, epoch_end: bool) -> None:
+        """A checkpoint of `state` (this run's host copy) with this record's progress."""
+        ranking = self.ranking_metrics() if epoch_end else None
+        self.checkpointer.save(self.step, state, self.meta(), ranking)
+
+    def finish(self) -> dict[str, Any]:
+        """The run's summary, written to summary.json (last: it marks the run finished)."""
+        test = self.evals.get("test", {})
+        summary: dict[str, Any] = {
+            "status": self.status,
+            "test_accuracy": float(test.get("accuracy", math.nan)),
+            "test_loss": float(test.get("loss", math.nan)),
+            "steps": self.step,
+            "epochs": self.step // self.steps_per_epoch,
+            "wall_time_s": self.wall_time_s,
+            "train_examples_per_s": (
+                self.timed_steps * self.cfg.train.batch_size / self.train_time_s
+                if self.train_time_s > 0
+                else None
+            ),
+        }
+        if "validation" in self.evals:
+            summary["validation_accuracy"] = float(self.evals["validation"]["accuracy"])
+            summary["validation_loss"] = float(self.evals["validation"]["loss"])
+        if self.best is not None:
+            summary["best_epoch"] = self.best["epoch"]
+            summary["best_step"] = self.best["step"]
+            for split, metrics in self.best["evals"].items():
+                for key in ("accuracy", "loss"):
+                    summary[f"best_{split}_{key}"] = float(metrics[key])
+        if self.engine is not None:
+            summary["engine"] = self.engine
+        if self.writes:
+            write_json(self.workdir / "summary.json", summary)
+        self.summary = summary
+        return summary

@@ -1,12 +1,14 @@
 """`bnlab` command line: parse, validate early, call the library.
 
-Exit status: 0 done, 2 bad input or a checkpoint error (the message says how to fix it),
-3 a diverged run, 4 stopped by SIGTERM/SIGINT after saving a checkpoint (run it again to resume).
+Exit status: 0 done, 1 some sweep trials failed (run it again to retry them), 2 bad input or a
+checkpoint error (the message says how to fix it), 3 a diverged run, 4 stopped by SIGTERM/SIGINT
+(run it again to resume), 5 a multi-process run lost one of its processes (start them all again).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,10 +24,12 @@ from bnlab.data import DataError
 
 OVERRIDE_PREFIX = "--config."
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+EXIT_LOST_PROCESS = 5  # == bnlab.parallel.EXIT_LOST_PROCESS
 EXIT_CODES = (
     "exit status: 0 done, 1 some sweep trials failed (rerun to retry them), "
     "2 bad input or checkpoint error, 3 diverged, "
-    "4 stopped by SIGTERM/SIGINT after saving a checkpoint (run the same command to resume)"
+    "4 stopped by SIGTERM/SIGINT (run the same command to resume), "
+    "5 a multi-process run lost one of its processes (start them all again to resume)"
 )
 
 
@@ -217,6 +221,12 @@ COMMANDS = {
 }
 
 
+def _lost_process() -> type[Exception]:
+    from bnlab.parallel import LostProcess
+
+    return LostProcess
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     # Evaluated only once an exception propagates: orbax loads only for commands that use it.
     from bnlab.checkpoint import CheckpointError
@@ -225,6 +235,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None  # the bnlab command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = split_overrides(argv)
@@ -233,15 +244,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _lost_process() as err:
+        print(f"bnlab: error: {err}", file=sys.stderr, flush=True)
+        if from_command_line:  # JAX's exit handler would wait for the lost process, then abort
+            sys.stdout.flush()
+            os._exit(EXIT_LOST_PROCESS)
+        return EXIT_LOST_PROCESS
     except KeyboardInterrupt as err:
-        from bnlab.run import Interrupted
+        from bnlab.loop import Abandoned, Interrupted
 
-        if not isinstance(err, Interrupted):
-            raise
-        print(
-            f"bnlab: {err}, after saving a checkpoint; run the same command to resume.",
-            file=sys.stderr,
-        )
+        if isinstance(err, Interrupted):
+            print(
+                f"bnlab: {err}, after saving a checkpoint; run the same command to resume.",
+                file=sys.stderr,
+            )
+        elif isinstance(err, Abandoned):
+            print(f"bnlab: {err}. Run the same command to resume.", file=sys.stderr, flush=True)
+            if from_command_line:
+                sys.stdout.flush()
+                # The abandoned chunk may still run in its worker thread: leave without waiting.
+                os._exit(EXIT_INTERRUPTED)
+        else:  # outside a training loop (loading, compiling, between trials): nothing to save
+            print(
+                "bnlab: interrupted outside training; every finished result and checkpoint is "
+                "kept. Run the same command to continue.",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
 
 

@@ -147,6 +147,12 @@ class ParallelConfig:
         f"multi-host: this process's 0-based id; None: ${PROCESS_ID_ENV}, else 0",
         check=lambda v: None if v is None or v >= 0 else "must be >= 0",
     )
+    timeout_s: float = field(
+        600.0,
+        "multi-host: a process that sees no progress for this long (another process stopped "
+        "or hangs) stops with a message (exit status 5) instead of waiting forever",
+        check=schema.positive,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +347,8 @@ RESUMABLE = (
     "data.mnist_dir",
     "data.tfds_dir",
     "parallel.coordinator_address",  # a restarted multi-host job may get another port
+    "parallel.process_id",  # each process of one run has its own
+    "parallel.timeout_s",
 )
 
 

@@ -11,7 +11,9 @@ and record `i` reads slice `i`.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +34,41 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.step = signum, step
 
 
-class StopSignals:
-    """Turns the first SIGTERM/SIGINT into a request (`signum`) that the loop acts on at the
-    next chunk end; a second signal acts at once, as the previous handler would."""
+class Abandoned(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT stopped a run at once, without saving; `step` is where it
+    stood and `saved` the last checkpoint's step (None: no checkpoint)."""
 
-    def __init__(self):
+    def __init__(self, signum: int, step: int | None = None, saved: int | None = None):
+        self.signum, self.step, self.saved = signum, step, saved
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        name = signal.Signals(self.signum).name
+        where = "" if self.step is None else f" at step {self.step}"
+        if self.saved is None:
+            lost = "no checkpoint was saved yet, so the run restarts from step 0"
+        else:
+            lost = f"the last checkpoint is step {self.saved}"
+            if self.step is not None and self.step > self.saved:
+                lost += f"; the {self.step - self.saved} steps after it will be trained again"
+        return f"stopped at once by a second {name}{where}, without saving: {lost}"
+
+
+class StopSignals:
+    """SIGTERM/SIGINT handling of a training loop.
+
+    The first signal is a request (`signum`), acknowledged at once on stderr, that the loop
+    acts on at the next chunk end (it saves a checkpoint, then raises `Interrupted`). A second
+    signal raises `Abandoned` at once, except inside `critical()` sections (a checkpoint save,
+    a summary), which it lets finish first, so no file is left half-written.
+    """
+
+    def __init__(self, announce: bool = True):
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
+        self._critical = 0
+        self._pending: int | None = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -48,16 +78,59 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         del frame  # unused
-        self.signum = signum
-        self._restore()
+        if self.signum is None:
+            self.signum = signum
+            if self.announce:
+                print(
+                    f"\nbnlab: {signal.Signals(signum).name} received: saving a checkpoint and "
+                    "stopping after the current chunk of steps (send it again to stop at once, "
+                    "without saving).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif self._critical:
+            self._pending = signum
+        else:
+            raise Abandoned(signum)
 
-    def _restore(self):
+    @contextlib.contextmanager
+    def critical(self):
+        """A section that a second signal does not interrupt (it acts right after)."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if not self._critical and self._pending is not None:
+            raise Abandoned(self._pending)
+
+    def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
-    def __exit__(self, *exc):
-        self._restore()
+
+def interruptible(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread while this (main) thread waits in short joins: Python runs
+    signal handlers only in the main thread, between bytecodes, so a blocking call into XLA
+    (compiling, or waiting for a chunk) would hold a Ctrl-C until it returns."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+            result["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True, name="bnlab-chunk")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 class Engine(NamedTuple):
@@ -103,53 +176,65 @@ def train(
     cfg = records[0].cfg
     spe = engine.steps_per_epoch
     total = spe * cfg.train.epochs
-    every, best = cfg.checkpoint.every_steps, cfg.checkpoint.best_metric
     chunk = chunk_length(cfg, spe)
-    compiled: set[int] = set()
     step = records[0].step
     for record in records:
         if not record.active or record.step >= total:  # resumed after its last step
             record.finish()
+    try:
+        state = _train(engine, state, records, stop, on_chunk, step, total, chunk)
+    except Abandoned as err:
+        saved = records[0].saved_step
+        raise Abandoned(err.signum, records[0].step, saved) from None
+    return state
+
+
+def _train(engine, state, records, stop, on_chunk, step, total, chunk):
+    cfg = records[0].cfg
+    spe = engine.steps_per_epoch
+    every, best = cfg.checkpoint.every_steps, cfg.checkpoint.best_metric
+    compiled: set[int] = set()
     while step < total and any(r.active for r in records):
         tick = time.perf_counter()
         indexed = [(i, r) for i, r in enumerate(records) if r.active]
         epoch, pos = divmod(step, spe)
         steps = min(chunk, spe - pos)
-        state, metrics = engine.train(state, epoch, pos, steps)
+        state, metrics = interruptible(engine.train, state, epoch, pos, steps)
         seconds = time.perf_counter() - tick
         timed = steps in compiled  # the first chunk of each length includes its compilation
         compiled.add(steps)
-        for i, record in indexed:
-            record.add_train(_take(metrics, i, engine.stacked))
-            if timed:
-                record.add_throughput(seconds, steps)
+        with stop.critical():  # what is written to files is never cut in half
+            for i, record in indexed:
+                record.add_train(_take(metrics, i, engine.stacked))
+                if timed:
+                    record.add_throughput(seconds, steps)
         before, step = step, step + steps
         epoch_end = step % spe == 0
         if epoch_end:
-            evals = engine.evaluate(state)
+            evals = interruptible(engine.evaluate, state)
             if engine.end_epoch is not None:
                 state = engine.end_epoch(state, evals)
-            for i, record in indexed:
-                record.end_epoch(epoch, _take(evals, i, engine.stacked))
-        if on_chunk is not None:
-            on_chunk(records, epoch_end)
-        elapsed = time.perf_counter() - tick
+            with stop.critical():
+                for i, record in indexed:
+                    record.end_epoch(epoch, _take(evals, i, engine.stacked))
+        for _, record in indexed:
+            record.add_wall_time(time.perf_counter() - tick)
         ending = [(i, r) for i, r in indexed if not r.active or step == total]
-        saving = list(ending)
-        if (
+        due = (
             stop.signum is not None
             or (every and step // every > before // every)
             or (best and epoch_end)
-        ):
-            saving = indexed
-        for _, record in indexed:
-            record.add_wall_time(elapsed)
-        if saving:
-            hosts = engine.host_states(state)
-            for i, record in saving:
-                record.save(hosts[i], epoch_end=epoch_end)
-        for _, record in ending:
-            record.finish()
+        )
+        with stop.critical():
+            saving = indexed if due else ending
+            if saving:
+                hosts = engine.host_states(state)
+                for i, record in saving:
+                    record.save(hosts[i], epoch_end=epoch_end)
+            for _, record in ending:
+                record.finish()
+        if on_chunk is not None:
+            on_chunk(records, epoch_end)
         if stop.signum is not None and any(r.active for r in records):
             raise Interrupted(stop.signum, step)
     return state

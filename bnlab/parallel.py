@@ -9,9 +9,14 @@ run that function with the same explicit collectives, so they give the same numb
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -24,6 +29,9 @@ from bnlab.types import Array, PyTree
 
 AXIS = "devices"  # the one name of the data-parallel device axis
 MODES = ("pmap", "sharded")
+EXIT_LOST_PROCESS = 5  # a multi-process run stopped because another process stopped or hangs
+_MESSAGE_BYTES = 4096  # an error message shared between processes, UTF-8, truncated to this
+T = TypeVar("T")
 
 
 def initialize(par: ParallelConfig) -> None:
@@ -37,7 +45,118 @@ def initialize(par: ParallelConfig) -> None:
         coordinator_address=par.coordinator_address,
         num_processes=par.num_processes,
         process_id=par.process_id,
+        # JAX aborts a process whose peer stops sending heartbeats; bnlab's own watchdog
+        # (`Watchdog`, parallel.timeout_s) stops it first, with a message that says why.
+        heartbeat_timeout_seconds=int(par.timeout_s) + 60,
+        initialization_timeout=int(max(par.timeout_s, 60)),
     )
+
+
+class LostProcess(RuntimeError):
+    """Another process of a multi-process run stopped (a collective with it failed)."""
+
+    def __init__(self, cause: BaseException):
+        first = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+        super().__init__(
+            f"process {jax.process_index()} of {jax.process_count()} lost contact with another "
+            f"process of this run ({first}); it stopped or was killed (see its output). Start "
+            "every process again with the same command to resume from the last checkpoint."
+        )
+
+
+@contextlib.contextmanager
+def lost_process_errors():
+    """Turns the runtime error of a collective whose peer is gone into `LostProcess` (in a
+    multi-process run; alone, errors pass unchanged)."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() > 1:
+            raise LostProcess(err) from err
+        raise
+
+
+def is_primary() -> bool:
+    """True in the process that writes a run's files (process 0; the only one when alone)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing to do when alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(fn: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
+    """Runs `fn` in every process; if it raises one of `errors` in any process, every process
+    raises that error (the first failing process's, class and message), so that a problem one
+    process sees (a workdir it cannot continue from) stops all of them alike."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    failure, result = None, None
+    try:
+        result = fn()
+    except errors as err:
+        failure = err
+    text = "" if failure is None else f"{type(failure).__name__}\n{failure}"
+    data = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+    encoded = text.encode()[:_MESSAGE_BYTES]
+    data[0] = failure is not None
+    data[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(data))
+    for index, row in enumerate(gathered):
+        if row[0]:
+            name, _, message = bytes(row[1:]).rstrip(b"\0").decode(errors="replace").partition("\n")
+            cls = next((e for e in errors if e.__name__ == name), errors[0])
+            if failure is not None and index == jax.process_index():
+                raise failure
+            raise cls(f"(process {index}) {message}")
+    return result
+
+
+class Watchdog:
+    """Stops this process with a clear message when the run makes no progress for `timeout_s`:
+    in a multi-process run, a process whose peer was killed or hangs would otherwise wait on
+    a collective forever. Call `kick()` at every sign of progress; a no-op when alone."""
+
+    def __init__(self, timeout_s: float, *, enabled: bool | None = None):
+        self.timeout_s = timeout_s
+        self.enabled = jax.process_count() > 1 if enabled is None else enabled
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def kick(self) -> None:
+        self._last = time.monotonic()
+
+    def __enter__(self):
+        if self.enabled:
+            self.kick()
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="bnlab-watchdog")
+            self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                print(
+                    f"bnlab: error: process {jax.process_index()} of {jax.process_count()} made "
+                    f"no progress for {idle:.0f} s (parallel.timeout_s={self.timeout_s:g}): "
+                    "another process of this run stopped or hangs (see its output). Stopping "
+                    "this one too; start every process again with the same command to resume "
+                    "from the last checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(EXIT_LOST_PROCESS)
+
+    def __exit__(self, *exc):
+        self._done.set()
 
 
 def device_count(par: ParallelConfig, batch_size: int) -> int:

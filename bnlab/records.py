@@ -105,6 +105,7 @@ class Record:
         self.timed_steps: int = meta.get("timed_steps", 0)
         self.best: dict[str, Any] | None = meta.get("best")
         self.stale_epochs: int = meta.get("stale_epochs", 0)
+        self.saved_step: int | None = meta.get("step")  # the checkpoint it resumes from, if any
         self.summary: dict[str, Any] | None = None
         self._writer: MetricWriter | None = None
         self._ckpt: Checkpointer | None = None
@@ -226,6 +227,7 @@ class Record:
         """A checkpoint of `state` (this run's host copy) with this record's progress."""
         ranking = self.ranking_metrics() if epoch_end else None
         self.checkpointer.save(self.step, state, self.meta(), ranking)
+        self.saved_step = self.step
 
     def finish(self) -> dict[str, Any]:
         """The run's summary, written to summary.json (last: it marks the run finished)."""

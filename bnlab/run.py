@@ -25,12 +25,15 @@ from bnlab import config as config_lib
 from bnlab import data as data_lib
 from bnlab import loop, parallel
 from bnlab import train as train_lib
-from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, Restored
+from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Restored
 from bnlab.config import Config, ConfigError
+from bnlab.data import DataError
 from bnlab.loop import Interrupted, StopSignals
 from bnlab.records import Record, prepare_workdir
 from bnlab.writers import truncate_jsonl
 
+# Bad input: a message that says how to fix it (the CLI exits 2), in every process alike.
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 __all__ = ["Interrupted", "evaluate", "load_checkpoint", "load_splits", "prepare_workdir", "run"]
 
 
@@ -53,10 +56,21 @@ def run(
 ) -> dict[str, Any]:
     """Trains `cfg` (resuming the run in `workdir` if there is one) and returns its summary
     (also written to `workdir/summary.json`). Raises `Interrupted` after saving a checkpoint
-    on SIGTERM/SIGINT."""
-    workdir = prepare_workdir(workdir)
+    on SIGTERM/SIGINT.
+
+    In a multi-process run every process calls this with the same (shared) workdir: they
+    agree on where the run stands (one error stops all of them alike), every process takes
+    part in each checkpoint save (orbax coordinates them), and process 0 alone writes the
+    run's other files.
+    """
     parallel.initialize(cfg.parallel)  # multi-host: join the other processes before any compute
-    train_set, test_set = load_splits(cfg)
+    with parallel.lost_process_errors():
+        return _run(cfg, workdir, progress=progress)
+
+
+def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str, Any]:
+    workdir = parallel.agree(lambda: prepare_workdir(workdir), USER_ERRORS)
+    train_set, test_set = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
     programs = train_lib.make_programs(cfg, train_set.size)
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
@@ -64,16 +78,23 @@ def run(
     spe = programs.steps_per_epoch
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     try:
-        state, meta = _resume(cfg, workdir, ckpt, state)
+        state, meta = parallel.agree(lambda: _resume(cfg, workdir, ckpt, state), USER_ERRORS)
     finally:
         ckpt.close()
-    record = Record(cfg, workdir, steps_per_epoch=spe, meta=meta)
+    record = Record(cfg, workdir, steps_per_epoch=spe, meta=meta, writes=parallel.is_primary())
     engine = _engine(cfg, programs, data_key, train_set, test_set)
-    bar = _progress_bar(progress, cfg.train.epochs, record.step // spe)
+    bar = _progress_bar(progress and parallel.is_primary(), cfg.train.epochs, record.step // spe)
     record.start(purge_step=record.step + 1 if record.step else None)
     try:
-        with StopSignals() as stop:
-            loop.train(engine, state, [record], stop=stop, on_chunk=_bar_update(bar))
+        with StopSignals() as stop, parallel.Watchdog(cfg.parallel.timeout_s) as watchdog:
+            update_bar = _bar_update(bar)
+
+            def on_chunk(records, epoch_end):
+                watchdog.kick()
+                if update_bar is not None:
+                    update_bar(records, epoch_end)
+
+            loop.train(engine, state, [record], stop=stop, on_chunk=on_chunk)
     finally:
         record.close()
         if bar is not None:
@@ -104,7 +125,9 @@ def _engine(cfg: Config, programs, data_key, train_set, test_set) -> loop.Engine
     return loop.Engine(
         train=train,
         evaluate=evaluate,
-        host_states=lambda state: [state],
+        # Host copies: in a multi-process run every process saves the same replicated values
+        # (orbax writes them once); a process-local device array cannot be saved there.
+        host_states=lambda state: [jax.device_get(state)],
         steps_per_epoch=programs.steps_per_epoch,
     )
 
@@ -114,20 +137,23 @@ def _resume(cfg: Config, workdir: Path, ckpt: Checkpointer, state) -> tuple[Any,
     config_path = workdir / "config.json"
     if config_path.exists():
         _refuse_changes(config_lib.from_dict(json.loads(config_path.read_text())), cfg, workdir)
+    primary = parallel.is_primary()  # in a multi-process run, one process changes files
     if not ckpt.steps():
-        if config_path.exists():
+        if config_path.exists() and primary:
             warnings.warn(
                 f"workdir {workdir} holds a run stopped before its first checkpoint; "
                 "restarting it from step 0 (its metrics are recomputed identically).",
                 stacklevel=3,
             )
-        (workdir / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
+        if primary:
+            (workdir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
         return state, None
     restored: Restored = ckpt.restore(state)
     _refuse_changes(config_lib.from_dict(restored.meta["config"]), cfg, ckpt.directory)
-    ckpt.set_aside_after(restored.step)
-    truncate_jsonl(workdir / "metrics.jsonl", restored.step)
+    if primary:
+        ckpt.set_aside_after(restored.step)
+        truncate_jsonl(workdir / "metrics.jsonl", restored.step)
     return restored.state, restored.meta
 
 

@@ -32,6 +32,7 @@ from bnlab.data import DataError
 from bnlab.writers import write_json
 
 ENGINES = ("vmap", "sequential")
+FAILURE_FILE = "failure.json"  # the last failed attempt of a trial that is being retried
 # Bad input stops the sweep with its message (a missing dataset, a resume refused for a changed
 # config): every trial would fail alike, and recording them as failed would hide the fix.
 _USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError)
@@ -169,6 +170,7 @@ def run_sweep(
             counts["skipped"] = counts.get("skipped", 0) + 1
             log(f"{trial.trial_id}: finished before, skipped")
         elif _has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
+            _set_failure_aside(run_dir)
             resume.append(trial)
         else:  # new, or interrupted before any checkpoint: from scratch
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -199,6 +201,14 @@ def _refuse_other_sweep(workdir: Path, path, smoke: bool, extra: dict[str, str])
             f"and overrides {old.get('overrides')}; this run has smoke={smoke} and overrides "
             f"{extra}. Use another --workdir for a different variant."
         )
+
+
+def _set_failure_aside(run_dir: Path) -> None:
+    """A failed attempt's summary.json becomes failure.json: the retry may resume the trial's
+    checkpoints (a workdir with a summary is a finished run to the trainer)."""
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        os.replace(summary, run_dir / FAILURE_FILE)
 
 
 def _has_checkpoints(run_dir: Path) -> bool:

@@ -176,3 +176,29 @@ def test_vmapped_bn_trials_with_clipping_decay_warmup_and_probe_equal_single_run
         got = run.load_checkpoint(dirs[i])[1].state
         want = run.load_checkpoint(tmp_path / f"alone{i}")[1].state
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+
+
+def test_vmapped_trials_keep_their_best_checkpoint_as_single_runs_do(make_config, tmp_path):
+    """checkpoint.best_metric: every epoch end is saved and ranked, the best one is kept beside
+    the latest, in a vmapped trial exactly as in the same trial run alone."""
+    import jax
+
+    common = {**RELU_MLP, "train.epochs": 4, "opt.lr": 0.3, "checkpoint.every_steps": 0}
+    common |= {"checkpoint.best_metric": "accuracy", "checkpoint.keep": 1}
+    configs = [make_config(**{**common, "train.seed": seed}) for seed in (0, 1)]
+    dirs = [tmp_path / f"vmap{i}" for i in range(2)]
+    batched.run_group(configs, dirs)
+    for i, cfg in enumerate(configs):
+        alone = tmp_path / f"alone{i}"
+        run.run(cfg, alone)
+        kept = sorted(int(p.name) for p in (dirs[i] / "checkpoints").iterdir())
+        assert kept == sorted(int(p.name) for p in (alone / "checkpoints").iterdir())
+        tests = [r for r in read_jsonl(alone / "metrics.jsonl") if r["split"] == "test"]
+        best = max(tests, key=lambda r: r["accuracy"])["step"]
+        assert kept == sorted({best, 40})  # the best epoch's and the latest
+        for step in kept:
+            got = run.load_checkpoint(dirs[i], step=step)[1].state
+            want = run.load_checkpoint(alone, step=step)[1].state
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want
+            )

@@ -134,6 +134,22 @@ def test_damaged_latest_checkpoint_warns_and_falls_back(reference, tmp_path):
     _assert_same_run(workdir, ref)
 
 
+def test_arrays_that_orbax_reads_back_but_differ_from_the_digest_are_damage(reference, tmp_path):
+    """Checkpoint 20's arrays replaced by checkpoint 19's: orbax restores them without error,
+    only the SHA-256 digest saved with 20 tells that they are not what was saved."""
+    cfg, ref = reference
+    workdir = _unfinished_copy(ref, tmp_path / "run")
+    shutil.rmtree(workdir / "checkpoints" / "20" / "state")
+    shutil.copytree(
+        workdir / "checkpoints" / "19" / "state", workdir / "checkpoints" / "20" / "state"
+    )
+    with pytest.warns(CheckpointWarning, match=r"checkpoints/20 is damaged \(array bytes differ"):
+        assert run.load_checkpoint(workdir)[1].step == 19
+    with pytest.warns(CheckpointWarning, match=r"checkpoints/20 is damaged"):
+        run.run(cfg, workdir)
+    _assert_same_run(workdir, ref)
+
+
 def test_no_good_checkpoint_is_an_error_not_a_fresh_start(reference, tmp_path, capsys):
     cfg, ref = reference
     workdir = _unfinished_copy(ref, tmp_path / "run")

@@ -109,6 +109,34 @@ def test_a_failing_trial_is_marked_and_its_siblings_run(tmp_path):
     assert fixed_run == {"skipped": 3, "ok": 3}
 
 
+def test_a_failed_trial_with_checkpoints_is_retried_from_them(tmp_path, tfds_dir, monkeypatch):
+    """A real trial that checkpoints, then fails: the rerun resumes it (it once stopped the
+    whole sweep with a "finished run" error) and it ends as the uninterrupted trial does."""
+    from bnlab.records import Record
+
+    experiment = _experiment(tmp_path, tfds_dir=tfds_dir, seeds=1)
+    extra = {"data.train_size": "600", "train.epochs": "2", "checkpoint.every_steps": "10"}
+    sweep.run_sweep(experiment, tmp_path / "ref", overrides=extra, log=print)
+    end_epoch = Record.end_epoch
+
+    def fail_in_epoch_2(record, epoch, evals):
+        if epoch == 1:
+            raise RuntimeError("a transient failure after the first checkpoint")
+        end_epoch(record, epoch, evals)
+
+    monkeypatch.setattr(Record, "end_epoch", fail_in_epoch_2)
+    out = tmp_path / "out"
+    assert sweep.run_sweep(experiment, out, overrides=extra, log=print) == {"failed": 2}
+    runs = sorted((out / "runs").iterdir())
+    assert all(sorted(p.name for p in (d / "checkpoints").iterdir()) == ["10"] for d in runs)
+    monkeypatch.setattr(Record, "end_epoch", end_epoch)
+    assert sweep.run_sweep(experiment, out, overrides=extra, log=print) == {"ok": 2}
+    for run_dir in runs:
+        assert "transient" in json.loads((run_dir / sweep.FAILURE_FILE).read_text())["error"]
+        ref = tmp_path / "ref" / "runs" / run_dir.name
+        assert (run_dir / "metrics.jsonl").read_bytes() == (ref / "metrics.jsonl").read_bytes()
+
+
 def test_bad_input_stops_the_sweep_instead_of_failing_trials(tmp_path):
     def runner(cfg, run_dir):
         raise config.ConfigError("a message saying how to fix it")

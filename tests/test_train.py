@@ -90,9 +90,15 @@ def test_evaluate_is_independent_of_eval_batch_size(make_config):
 def test_evaluation_leaves_batch_stats_untouched(make_config):
     cfg, ds, programs, state, key = _setup(make_config)
     state, _ = programs.train_epoch(state, ds.images, ds.labels, key)
-    before = jax.tree.map(np.array, state.batch_stats)
-    programs.evaluate(state.params, state.batch_stats, ds.images, ds.labels)
-    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, state.batch_stats))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = data.to_float(ds.images[:100])
+    # What evaluation runs, with the statistics mutable: it must hand them back unchanged.
+    _, evaluated = programs.model.apply(variables, x, train=False, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, evaluated["batch_stats"], state.batch_stats)
+    # The same call in training mode moves them, so the assertion above can fail.
+    _, trained = programs.model.apply(variables, x, train=True, mutable=["batch_stats"])
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), trained, evaluated)
+    assert all(jax.tree.leaves(moved))
 
 
 @pytest.mark.parametrize("norm, low, high", [("batchnorm", 0.75, 1.0), ("none", 0.0, 0.5)])

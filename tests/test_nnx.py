@@ -514,5 +514,6 @@ def test_checkpoint_of_the_nnx_model_restores_as_a_linen_train_state(tmp_path):
     ckpt.close()
     jax.tree.map(np.testing.assert_array_equal, restored, state)
     bnx.from_linen(fresh, {"params": restored.params, "batch_stats": restored.batch_stats})
-    model.eval(), fresh.eval()
+    model.eval()
+    fresh.eval()
     np.testing.assert_array_equal(fresh(x), model(x))

@@ -109,7 +109,7 @@ class BatchNorm(nnx.Module):
         # Scale first, then bias: the order in which flax draws their keys.
         self.scale = _affine(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
         self.bias = _affine(use_bias, bias_init, shape, param_dtype, rngs, bias_metadata)
-        self.num_features = num_features
+        self.num_features = num_features if isinstance(num_features, int) else shape
         self.use_running_average = use_running_average
         self.axis = axis if isinstance(axis, int) else tuple(axis)
         self.momentum = momentum

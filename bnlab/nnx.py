@@ -271,6 +271,12 @@ def states_to_dicts(tree: PyTree) -> PyTree:
     For an optax state built over NNX parameters (`tx.init(params)` with `params` an
     `nnx.State`): the result has the layout of the same optax state built over linen's params,
     so it fits a `bnlab.train.TrainState` and a linen run's checkpoint.
+
+    Args:
+      tree: any pytree; the `nnx.State`s in it are converted, everything else is kept.
+
+    Returns:
+      The same tree with plain nested dicts (linen's layout) in place of the `nnx.State`s.
     """
     return jax.tree.map(
         lambda x: nnx.to_pure_dict(x) if _is_state(x) else x, tree, is_leaf=_is_state
@@ -278,8 +284,19 @@ def states_to_dicts(tree: PyTree) -> PyTree:
 
 
 def dicts_to_states(tree: PyTree, like: PyTree) -> PyTree:
-    """The inverse of `states_to_dicts`: `like` (a tree holding `nnx.State`s, e.g. the optax
-    state of the NNX model) with its values taken from `tree`; `like` is left unchanged."""
+    """The inverse of `states_to_dicts`.
+
+    Args:
+      tree: `states_to_dicts` of a tree shaped like `like` (e.g. a restored checkpoint's
+        `opt_state`).
+      like: the tree in NNX's layout (e.g. the optax state of the NNX model); left unchanged.
+
+    Returns:
+      `like`'s structure, its `nnx.State`s holding the values of `tree`.
+
+    Raises:
+      ValueError: if `tree` has a key that a `nnx.State` of `like` does not.
+    """
 
     def fill(template, values):
         if not _is_state(template):

@@ -90,13 +90,16 @@ class Conv(nn.Module):
         cin = x_BxHxWxC.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if self.impl == "xla":
-            y = jax.lax.conv_general_dilated(
-                x_BxHxWxC, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-        else:
-            y = _im2col_conv(x_BxHxWxC, kernel)
-        return y + bias
+        return conv_same(x_BxHxWxC, kernel, self.impl) + bias
+
+
+def conv_same(x_BxHxWxC: Array, kernel_HWIO: Array, impl: str = "im2col") -> Array:
+    """Stride-1 SAME convolution without bias, as `Conv` computes it (also `bnlab.nnx_models`)."""
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x_BxHxWxC, kernel_HWIO, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    return _im2col_conv(x_BxHxWxC, kernel_HWIO)
 
 
 def _im2col_conv(x_BxHxWxC: Array, kernel: Array) -> Array:

@@ -1,0 +1,276 @@
+"""The diagnostics registry: `diagnostics.names` -> measurements of a run at one step.
+
+A diagnostic is a pure, jittable function of a `Context` (the run's model, optimizer, state at
+step t, a fixed training batch and a key) that returns named arrays. It is registered by name,
+from inside the package or from an experiment file::
+
+    def weight_norm(ctx):
+        return {"l2": optax.tree.norm(ctx.state.params)}
+
+    register_diagnostic("weight_norm", DiagnosticSpec(fn=weight_norm, doc="||w||_2"))
+
+A run selects diagnostics with `--config.diagnostics.names=ics,landscape`; `measure` returns
+every selected one's arrays under `"<name>/<key>"`. Every function here is vmappable over a
+leading trial axis of `state`, `rng` and the optimizer's injected hyperparameters: no host
+callbacks, no Python branching on traced values, static shapes. Registering a different piece
+under a taken name is an error that names both.
+
+The built-in diagnostics (docs/diagnostics.md): `activations`, `ics` (Santurkar et al. 2018),
+`landscape` (Santurkar et al. 2018), `hessian` (Ghorbani et al. 2019) and `init_gradients`
+(Yang et al. 2019).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import optax
+
+from bnlab import schema
+from bnlab.diagnostics import activations, hessian, ics, init_gradients, landscape
+from bnlab.diagnostics.common import batch_loss, split_names
+from bnlab.diagnostics.hessian import (
+    gaussian_density,
+    hessian_eigenvalues,
+    hessian_matvec,
+    lanczos_quadrature,
+    spectral_density,
+)
+from bnlab.diagnostics.ics import internal_covariate_shift
+from bnlab.diagnostics.init_gradients import init_gradient_norms
+from bnlab.diagnostics.landscape import landscape_measures
+from bnlab.schema import ConfigError, field
+from bnlab.types import Array
+
+__all__ = [
+    "DIAGNOSTICS",
+    "Context",
+    "batch_loss",
+    "DiagnosticSpec",
+    "diagnostics_config_class",
+    "gaussian_density",
+    "get",
+    "hessian_eigenvalues",
+    "hessian_matvec",
+    "init_gradient_norms",
+    "internal_covariate_shift",
+    "lanczos_quadrature",
+    "landscape_measures",
+    "measure",
+    "parse_names",
+    "problems",
+    "register_diagnostic",
+    "spectral_density",
+]
+
+
+class Context(NamedTuple):
+    """What a diagnostic sees of a run at step t."""
+
+    model: nn.Module  # model.apply(variables, images, train=bool, mutable=[...], rngs=...)
+    tx: optax.GradientTransformation  # the run's optimizer: its update is the actual update
+    state: Any  # bnlab.train.TrainState(step, params, batch_stats, opt_state) at step t
+    batch: tuple[Array, Array]  # images f32[B,28,28,1] in [0, 1], labels i32[B]: fixed batch
+    rng: Array  # this measurement's key (noisy normalizations draw from it)
+    cfg: Any  # the run's validated Config: cfg.diagnostics.<field>, cfg.model, cfg.norm, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticSpec:
+    """One diagnostic: its function, config fields and checks."""
+
+    fn: Callable[[Context], dict[str, Array]]  # pure and jittable; keys get "<name>/"
+    doc: str = ""  # one line, for the config reference and reports
+    # Its own config fields under `diagnostics` (`schema.field(default, doc, check=...)`).
+    fields: Mapping[str, dataclasses.Field] = dataclasses.field(default_factory=dict)
+    at_init_only: bool = False  # measured once, at step 0
+    # Problems of `cfg.diagnostics` that involve several fields (see `problems`), or None.
+    check: Callable[[Any], list[str]] | None = None
+    origin: str = ""  # where it was registered (file:line), set by `register_diagnostic`
+
+
+DIAGNOSTICS: dict[str, DiagnosticSpec] = {}
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """`"ics, landscape"` -> `("ics", "landscape")`; empty -> `()`.
+
+    Raises:
+      ConfigError: a name that is not registered (the message lists the registered ones).
+    """
+    names = split_names(text)
+    for name in names:
+        get(name)
+    return names
+
+
+def _names_problem(text: str) -> str | None:
+    unknown = [n for n in split_names(text) if n not in DIAGNOSTICS]
+    if unknown:
+        return (
+            f"names unknown diagnostics {unknown}; registered: {sorted(DIAGNOSTICS)} (an "
+            "experiment file may register its own with bnlab.diagnostics.register_diagnostic)"
+        )
+    return None
+
+
+# Fields every run has under `diagnostics`; each diagnostic adds its own.
+BASE_FIELDS: dict[str, dataclasses.Field] = {
+    "names": field(
+        "",
+        'comma-separated registered diagnostics, e.g. "ics,landscape" ("": none, no cost)',
+        check=_names_problem,
+    ),
+    "every_steps": field(100, "measure every N optimizer steps", check=schema.positive),
+    "batch_size": field(
+        128,
+        "the fixed diagnostic batch: the first N training examples",
+        check=schema.positive,
+    ),
+}
+
+
+def register_diagnostic(name: str, spec: DiagnosticSpec) -> DiagnosticSpec:
+    """Adds `spec` under `name`; returns it.
+
+    The same registration run again (an experiment file imported twice) replaces itself.
+
+    Raises:
+      ValueError: another piece is registered under `name`, or a config field of `spec` is
+        declared by another diagnostic (both messages name the other one).
+    """
+    caller = inspect.stack()[1]
+    spec = dataclasses.replace(spec, origin=f"{caller.filename}:{caller.lineno}")
+    old = DIAGNOSTICS.get(name)
+    if old is not None and old.origin != spec.origin:
+        raise ValueError(
+            f"diagnostic {name!r} is already registered (at {old.origin}); the one at "
+            f"{spec.origin} needs another name."
+        )
+    taken = {k: n for n, s in DIAGNOSTICS.items() if n != name for k in s.fields} | dict.fromkeys(
+        BASE_FIELDS, "every run"
+    )
+    for key in spec.fields:
+        if key in taken:
+            raise ValueError(
+                f"diagnostic {name!r} declares the config field diagnostics.{key}, which "
+                f"{taken[key]!r} already declares; give it another name."
+            )
+    DIAGNOSTICS[name] = spec
+    diagnostics_config_class.cache_clear()
+    return spec
+
+
+def get(name: str) -> DiagnosticSpec:
+    """The spec registered under `name`.
+
+    Raises:
+      ConfigError: `name` is not registered (the message lists the registered names).
+    """
+    if name not in DIAGNOSTICS:
+        raise ConfigError(
+            f"diagnostics.names: {name!r} is not one of {sorted(DIAGNOSTICS)} (the registered "
+            "diagnostics; an experiment file may register its own with "
+            "bnlab.diagnostics.register_diagnostic)."
+        )
+    return DIAGNOSTICS[name]
+
+
+@functools.cache
+def diagnostics_config_class() -> type:
+    """The frozen dataclass of the `diagnostics` group: the shared fields, then each
+    registered diagnostic's own (rebuilt when the registry changes)."""
+    groups = [BASE_FIELDS, *(s.fields for s in DIAGNOSTICS.values())]
+    fields = [
+        (key, f.metadata.get("type") or _type_of(f.default), _fresh(f))
+        for group in groups
+        for key, f in group.items()
+    ]
+    return dataclasses.make_dataclass("DiagnosticsConfig", fields, frozen=True)
+
+
+def _type_of(default: Any) -> type:
+    return tuple if isinstance(default, tuple) else type(default)
+
+
+def _fresh(f: dataclasses.Field) -> dataclasses.Field:
+    # A Field object may belong to one class only; every rebuild gets new ones.
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
+def problems(diagnostics_cfg: Any) -> list[str]:
+    """What the selected diagnostics find wrong with the `diagnostics` group beyond each
+    field's own check (e.g. more eigenvalues asked than Lanczos iterations)."""
+    out = []
+    for name in split_names(diagnostics_cfg.names):
+        spec = DIAGNOSTICS.get(name)
+        if spec is not None and spec.check is not None:
+            out += spec.check(diagnostics_cfg)
+    return out
+
+
+def measure(ctx: Context, names: Sequence[str]) -> dict[str, Array]:
+    """Every diagnostic of `names` on `ctx`, as `{"<name>/<key>": array}`.
+
+    Pure and jittable (`names` static); `jax.vmap` over a leading trial axis of `ctx.state`
+    and `ctx.rng` gives each trial's measurements. `at_init_only` diagnostics are measured
+    whenever named here: the caller names them at step 0 only.
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    out = {}
+    for name in names:
+        for key, value in get(name).fn(ctx).items():
+            out[f"{name}/{key}"] = value
+    return out
+
+
+# --- the built-in diagnostics ----------------------------------------------------------------
+
+register_diagnostic(
+    "activations",
+    DiagnosticSpec(
+        fn=activations.measure,
+        doc="every block's nonlinearity input (training mode): mean, std, 15/50/85th pct.",
+        fields=activations.FIELDS,
+    ),
+)
+register_diagnostic(
+    "ics",
+    DiagnosticSpec(
+        fn=ics.measure,
+        doc="internal covariate shift per weight layer (Santurkar et al. 2018, Def. 2.1)",
+    ),
+)
+register_diagnostic(
+    "landscape",
+    DiagnosticSpec(
+        fn=landscape.measure,
+        doc="loss range, gradient predictiveness, beta-smoothness along the gradient",
+        fields=landscape.FIELDS,
+    ),
+)
+register_diagnostic(
+    "hessian",
+    DiagnosticSpec(
+        fn=hessian.measure,
+        doc="top Hessian eigenvalues (Lanczos) and spectral density (SLQ)",
+        fields=hessian.FIELDS,
+        check=hessian.check,
+    ),
+)
+register_diagnostic(
+    "init_gradients",
+    DiagnosticSpec(
+        fn=init_gradients.measure,
+        doc="per-layer gradient norms at initialization of MLPs vs depth (Yang et al. 2019)",
+        fields=init_gradients.FIELDS,
+        at_init_only=True,
+    ),
+)

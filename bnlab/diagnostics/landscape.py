@@ -1,0 +1,97 @@
+"""`landscape`: how the loss and its gradient change along the gradient (Santurkar et al. 2018,
+Section 3.1, Fig. 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.typing import ArrayLike
+
+from bnlab.diagnostics.common import batch_loss, learning_rate
+from bnlab.schema import field
+from bnlab.types import Array, Params
+
+SCALES = ("lr", "absolute")
+
+
+def _step_sizes_problem(v: tuple) -> str | None:
+    ok = len(v) > 0 and all(isinstance(s, int | float) and s > 0 for s in v)
+    return None if ok else "must be a non-empty tuple of step sizes > 0"
+
+
+FIELDS = {
+    # Santurkar et al. (2018), App. A.2.2: steps of 1/2 to 4 times the training step size.
+    "landscape_step_sizes": field(
+        (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
+        "landscape: step sizes eta along -grad (default: Santurkar et al.'s 1/2 to 4 times the "
+        "learning rate)",
+        check=_step_sizes_problem,
+    ),
+    "landscape_scale": field(
+        "lr",
+        'landscape: "lr" (step sizes are multiples of the run\'s learning rate) | "absolute"',
+        choices=SCALES,
+    ),
+}
+
+
+def landscape_measures(
+    loss_fn: Callable[[Params], Array],
+    params: Params,
+    step_sizes: ArrayLike,
+    *,
+    grads: Params | None = None,
+) -> dict[str, Array]:
+    """Loss range, gradient predictiveness and effective beta-smoothness along `-grad`.
+
+    With `g = grad L(w)` and `w_eta = w - eta g` for each `eta` of `step_sizes`
+    (Santurkar et al. 2018, Section 3.1)::
+
+        loss_range          = max_eta L(w_eta) - min_eta L(w_eta)
+        grad_predictiveness = max_eta ||grad L(w_eta) - g||_2
+        beta_smoothness     = max_eta ||grad L(w_eta) - g||_2 / ||eta g||_2
+
+    Args:
+      loss_fn: `params -> scalar loss` on a fixed batch.
+      params: the weights `w`.
+      step_sizes: `f32[n]`, each > 0 (may be traced, e.g. a multiple of a vmapped lr).
+      grads: `grad(loss_fn)(params)` if already computed.
+
+    Returns:
+      `{"loss_range", "grad_predictiveness", "beta_smoothness"}`, each `f32[]`.
+    """
+    g = jax.grad(loss_fn)(params) if grads is None else grads
+    g_norm = optax.tree.norm(g)
+
+    def along(eta):
+        loss, grad = jax.value_and_grad(loss_fn)(jax.tree.map(lambda w, d: w - eta * d, params, g))
+        return loss, optax.tree.norm(jax.tree.map(jnp.subtract, grad, g))
+
+    etas = jnp.asarray(step_sizes, jnp.float32)
+    # One step size at a time: memory stays that of one gradient, whatever the grid.
+    losses, changes = lax.map(along, etas)
+    return {
+        "loss_range": jnp.max(losses) - jnp.min(losses),
+        "grad_predictiveness": jnp.max(changes),
+        "beta_smoothness": jnp.max(changes / (etas * g_norm)),
+    }
+
+
+def step_sizes(ctx: Any) -> Array:
+    """The grid of `diagnostics.landscape_step_sizes`, scaled by the run's (peak) learning
+    rate from the optimizer state when `landscape_scale="lr"`."""
+    d = ctx.cfg.diagnostics
+    grid = jnp.asarray(d.landscape_step_sizes, jnp.float32)
+    if d.landscape_scale == "absolute":
+        return grid
+    return grid * learning_rate(ctx.state.opt_state)
+
+
+def measure(ctx: Any) -> dict[str, Array]:
+    """The landscape measures at the state's weights on the fixed batch, BN in training mode."""
+    return landscape_measures(batch_loss(ctx), ctx.state.params, step_sizes(ctx))

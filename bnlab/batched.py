@@ -33,7 +33,7 @@ from bnlab import loop, optim
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
 from bnlab.records import Record, prepare_workdir
-from bnlab.run import load_splits
+from bnlab.run import diagnose_program, load_splits
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
 MAX_CHUNK = 256  # trials per program at most: each keeps a metrics file and a TensorBoard writer
@@ -64,6 +64,8 @@ class BatchedPrograms(NamedTuple):
     train_epoch: Callable[..., tuple[train_lib.TrainState, dict]]
     evaluate: Callable[..., dict]  # (params, batch_stats, x, y) -> metrics per trial
     steps_per_epoch: int
+    model: Any  # the trials' model and optimizer (their hyperparameters live in the state)
+    tx: Any
 
 
 def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
@@ -124,6 +126,8 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
         ),
         evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
         steps_per_epoch=single.steps_per_epoch,
+        model=single.model,
+        tx=single.tx,
     )
 
 
@@ -243,7 +247,12 @@ def _train_trials(programs, configs, dirs, train_set, test_set) -> list[dict[str
         return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(len(records))]
 
     engine = loop.Engine(
-        train=train, evaluate=evaluate, host_states=host_states, steps_per_epoch=spe, stacked=True
+        train=train,
+        evaluate=evaluate,
+        host_states=host_states,
+        steps_per_epoch=spe,
+        stacked=True,
+        **diagnose_program(cfg, programs.model, programs.tx, train_set, rngs, trials=True),
     )
     try:
         for record in records:

@@ -4,8 +4,9 @@ Every field is declared once, with its default, type, meaning and check (`bnlab.
 on the frozen dataclass of its group. The group belongs to the module that reads it: `model` to
 `bnlab.models`, `norm` to the normalization registry `bnlab.norms` (each registered
 normalization adds its own fields), `opt` to `bnlab.optim`; `data`, `train`, `checkpoint` and
-`parallel` are declared here. `default_config()` derives the `ml_collections.ConfigDict` that
-experiment files edit; `validate` checks it and returns the typed, frozen `Config`.
+`parallel` are declared here, and `diagnostics` belongs to the diagnostics registry.
+`default_config()` derives the `ml_collections.ConfigDict` that experiment files edit;
+`validate` checks it and returns the typed, frozen `Config`.
 """
 
 import copy
@@ -18,7 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from bnlab import models, norms, schema
+from bnlab import diagnostics, models, norms, schema
 from bnlab.idx import MNIST_DIR_ENV
 from bnlab.optim import OptConfig
 from bnlab.schema import ConfigError, field, parse_value
@@ -164,6 +165,7 @@ class Config:
     train: TrainConfig
     checkpoint: CheckpointConfig
     parallel: ParallelConfig
+    diagnostics: Any  # diagnostics.diagnostics_config_class(): shared fields + each one's own
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +181,7 @@ def groups() -> dict[str, type]:
         "train": TrainConfig,
         "checkpoint": CheckpointConfig,
         "parallel": ParallelConfig,
+        "diagnostics": diagnostics.diagnostics_config_class(),
     }
 
 
@@ -394,6 +397,12 @@ def _check_across(c: Config) -> list[str]:
         widths=models.NORM_WIDTHS[c.model.name],
         per_device_batch=c.train.batch_size // max(devices, 1),
     )
+    p += diagnostics.problems(c.diagnostics)
+    if diagnostics.parse_names(c.diagnostics.names) and c.parallel.mode != "none":
+        p.append(
+            f"diagnostics.names={c.diagnostics.names!r} runs on one device; set "
+            "parallel.mode=none to measure (or diagnostics.names='' to train on several)"
+        )
     return p
 
 

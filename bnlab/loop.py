@@ -147,6 +147,9 @@ class Engine(NamedTuple):
     stacked: bool = False
     # (state, evaluations) -> state at each epoch end (e.g. reduce-on-plateau), or None
     end_epoch: Callable[[Any, dict[str, Metrics]], Any] | None = None
+    # (state, step) -> host diagnostics measured at `step`, or None (no diagnostics)
+    diagnose: Callable[[Any, int], Metrics] | None = None
+    diagnose_every: int = 0  # chunks end at its multiples, where `diagnose` runs
 
 
 def _take(tree: dict, i: int, stacked: bool) -> dict:
@@ -189,16 +192,34 @@ def train(
     return state
 
 
+def _diagnose(engine, state, records, step, stop) -> None:
+    """The diagnostics due at `step` (before the checkpoint of that step: a resumed run never
+    measures a step twice)."""
+    if engine.diagnose is None or step % engine.diagnose_every:
+        return
+    values = interruptible(engine.diagnose, state, step)
+    if not values:
+        return
+    with stop.critical():
+        for i, record in enumerate(records):
+            if record.active:
+                record.add_diagnostics(step, _take(values, i, engine.stacked))
+
+
 def _train(engine, state, records, stop, on_chunk, step, total, chunk):
     cfg = records[0].cfg
     spe = engine.steps_per_epoch
     every, best = cfg.checkpoint.every_steps, cfg.checkpoint.best_metric
     compiled: set[int] = set()
+    if step == 0:
+        _diagnose(engine, state, records, step, stop)
     while step < total and any(r.active for r in records):
         tick = time.perf_counter()
         indexed = [(i, r) for i, r in enumerate(records) if r.active]
         epoch, pos = divmod(step, spe)
         steps = min(chunk, spe - pos)
+        if engine.diagnose is not None:  # a chunk ends at every measurement
+            steps = min(steps, engine.diagnose_every - step % engine.diagnose_every)
         state, metrics = interruptible(engine.train, state, epoch, pos, steps)
         seconds = time.perf_counter() - tick
         timed = steps in compiled  # the first chunk of each length includes its compilation
@@ -217,6 +238,7 @@ def _train(engine, state, records, stop, on_chunk, step, total, chunk):
             with stop.critical():
                 for i, record in indexed:
                     record.end_epoch(epoch, _take(evals, i, engine.stacked))
+        _diagnose(engine, state, records, step, stop)
         for _, record in indexed:
             record.add_wall_time(time.perf_counter() - tick)
         ending = [(i, r) for i, r in indexed if not r.active or step == total]

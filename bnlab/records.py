@@ -166,8 +166,10 @@ class Record:
     def add_wall_time(self, seconds: float) -> None:
         self.wall_time_s += seconds
 
-    def add_diagnostics(self, step: int, values: dict[str, float]) -> None:
-        self._write(step, "diag", **values)
+    def add_diagnostics(self, step: int, values: dict[str, Any]) -> None:
+        """A `"split": "diag"` record: scalars (also to TensorBoard) and arrays as lists."""
+        plain = {k: np.asarray(v).tolist() for k, v in values.items()}
+        self._write(step, "diag", **plain)
 
     def end_epoch(self, epoch: int, evals: dict[str, dict[str, float]]) -> None:
         """Writes the epoch's evaluations; marks the run diverged or early-stopped."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import loop, parallel
+from bnlab import diagnostics, loop, parallel
 from bnlab import train as train_lib
 from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Restored
 from bnlab.config import Config, ConfigError
@@ -129,7 +129,43 @@ def _engine(cfg: Config, programs, data_key, train_set, test_set) -> loop.Engine
         # (orbax writes them once); a process-local device array cannot be saved there.
         host_states=lambda state: [jax.device_get(state)],
         steps_per_epoch=programs.steps_per_epoch,
+        **diagnose_program(cfg, programs.model, programs.tx, train_set, rng),
     )
+
+
+def diagnose_program(cfg: Config, model, tx, train_set, rng, *, trials: bool = False) -> dict:
+    """The `Engine` fields that measure `cfg.diagnostics` (none when no diagnostic is named):
+    `measure` on the first `diagnostics.batch_size` training examples, jitted per set of
+    names; with `trials`, vmapped over a leading trial axis of the state and `rng`."""
+    d = cfg.diagnostics
+    if not diagnostics.parse_names(d.names):
+        return {}
+    if d.batch_size > train_set.size:
+        raise ConfigError(
+            f"diagnostics.batch_size={d.batch_size} exceeds the {train_set.size} training "
+            "examples; lower it."
+        )
+    batch = (
+        data_lib.to_float(train_set.images[: d.batch_size]),
+        train_set.labels[: d.batch_size],
+    )
+
+    def measure(state, run_rng, step, names):
+        ctx = diagnostics.Context(
+            model, tx, state, batch, diagnostics.measurement_key(run_rng, step), cfg
+        )
+        return diagnostics.measure(ctx, names)
+
+    @functools.cache
+    def program(names):
+        fn = functools.partial(measure, names=names)
+        return jax.jit(jax.vmap(fn, in_axes=(0, 0, None)) if trials else fn)
+
+    def diagnose(state, step):
+        names = diagnostics.names_at(d, step)
+        return jax.device_get(program(names)(state, rng, step)) if names else {}
+
+    return {"diagnose": diagnose, "diagnose_every": d.every_steps}
 
 
 def _resume(cfg: Config, workdir: Path, ckpt: Checkpointer, state) -> tuple[Any, dict | None]:

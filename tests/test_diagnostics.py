@@ -427,7 +427,6 @@ def registered():
         yield diagnostics.register_diagnostic("test_weight_norm", spec)
     finally:
         diagnostics.DIAGNOSTICS.pop("test_weight_norm", None)
-        diagnostics.diagnostics_config_class.cache_clear()
 
 
 def test_a_diagnostic_registered_outside_bnlab_runs_on_a_run_model(registered, batch):

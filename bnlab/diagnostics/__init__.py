@@ -23,12 +23,11 @@ The built-in diagnostics (docs/diagnostics.md): `activations`, `ics` (Santurkar 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import optax
 
 from bnlab import schema
@@ -44,7 +43,8 @@ from bnlab.diagnostics.hessian import (
 from bnlab.diagnostics.ics import internal_covariate_shift
 from bnlab.diagnostics.init_gradients import init_gradient_norms
 from bnlab.diagnostics.landscape import landscape_measures
-from bnlab.schema import ConfigError, field
+from bnlab.registry import Registry
+from bnlab.schema import field
 from bnlab.types import Array
 
 __all__ = [
@@ -62,6 +62,8 @@ __all__ = [
     "lanczos_quadrature",
     "landscape_measures",
     "measure",
+    "measurement_key",
+    "names_at",
     "parse_names",
     "problems",
     "register_diagnostic",
@@ -92,9 +94,6 @@ class DiagnosticSpec:
     # Problems of `cfg.diagnostics` that involve several fields (see `problems`), or None.
     check: Callable[[Any], list[str]] | None = None
     origin: str = ""  # where it was registered (file:line), set by `register_diagnostic`
-
-
-DIAGNOSTICS: dict[str, DiagnosticSpec] = {}
 
 
 def parse_names(text: str) -> tuple[str, ...]:
@@ -135,35 +134,12 @@ BASE_FIELDS: dict[str, dataclasses.Field] = {
 }
 
 
-def register_diagnostic(name: str, spec: DiagnosticSpec) -> DiagnosticSpec:
-    """Adds `spec` under `name`; returns it.
-
-    The same registration run again (an experiment file imported twice) replaces itself.
-
-    Raises:
-      ValueError: another piece is registered under `name`, or a config field of `spec` is
-        declared by another diagnostic (both messages name the other one).
-    """
-    caller = inspect.stack()[1]
-    spec = dataclasses.replace(spec, origin=f"{caller.filename}:{caller.lineno}")
-    old = DIAGNOSTICS.get(name)
-    if old is not None and old.origin != spec.origin:
-        raise ValueError(
-            f"diagnostic {name!r} is already registered (at {old.origin}); the one at "
-            f"{spec.origin} needs another name."
-        )
-    taken = {k: n for n, s in DIAGNOSTICS.items() if n != name for k in s.fields} | dict.fromkeys(
-        BASE_FIELDS, "every run"
-    )
-    for key in spec.fields:
-        if key in taken:
-            raise ValueError(
-                f"diagnostic {name!r} declares the config field diagnostics.{key}, which "
-                f"{taken[key]!r} already declares; give it another name."
-            )
-    DIAGNOSTICS[name] = spec
-    diagnostics_config_class.cache_clear()
-    return spec
+DIAGNOSTICS: Registry[DiagnosticSpec] = Registry(
+    "diagnostic", "diagnostics.names", "diagnostics", BASE_FIELDS, "every run"
+)
+# Adds a spec under a name and returns it; the same registration again (an experiment file
+# imported twice) replaces itself; a taken name or config field is a ValueError naming both.
+register_diagnostic = DIAGNOSTICS.register
 
 
 def get(name: str) -> DiagnosticSpec:
@@ -172,35 +148,13 @@ def get(name: str) -> DiagnosticSpec:
     Raises:
       ConfigError: `name` is not registered (the message lists the registered names).
     """
-    if name not in DIAGNOSTICS:
-        raise ConfigError(
-            f"diagnostics.names: {name!r} is not one of {sorted(DIAGNOSTICS)} (the registered "
-            "diagnostics; an experiment file may register its own with "
-            "bnlab.diagnostics.register_diagnostic)."
-        )
-    return DIAGNOSTICS[name]
+    return DIAGNOSTICS.lookup(name)
 
 
-@functools.cache
 def diagnostics_config_class() -> type:
     """The frozen dataclass of the `diagnostics` group: the shared fields, then each
     registered diagnostic's own (rebuilt when the registry changes)."""
-    groups = [BASE_FIELDS, *(s.fields for s in DIAGNOSTICS.values())]
-    fields = [
-        (key, f.metadata.get("type") or _type_of(f.default), _fresh(f))
-        for group in groups
-        for key, f in group.items()
-    ]
-    return dataclasses.make_dataclass("DiagnosticsConfig", fields, frozen=True)
-
-
-def _type_of(default: Any) -> type:
-    return tuple if isinstance(default, tuple) else type(default)
-
-
-def _fresh(f: dataclasses.Field) -> dataclasses.Field:
-    # A Field object may belong to one class only; every rebuild gets new ones.
-    return dataclasses.field(default=f.default, metadata=f.metadata)
+    return DIAGNOSTICS.config_class("DiagnosticsConfig")
 
 
 def problems(diagnostics_cfg: Any) -> list[str]:
@@ -229,6 +183,21 @@ def measure(ctx: Context, names: Sequence[str]) -> dict[str, Array]:
         for key, value in get(name).fn(ctx).items():
             out[f"{name}/{key}"] = value
     return out
+
+
+def names_at(diagnostics_cfg: Any, step: int) -> tuple[str, ...]:
+    """The selected diagnostics measured at `step`: at multiples of `every_steps`, and the
+    `at_init_only` ones at step 0 alone."""
+    if step % diagnostics_cfg.every_steps:
+        return ()
+    names = split_names(diagnostics_cfg.names)
+    return tuple(n for n in names if step == 0 or not get(n).at_init_only)
+
+
+def measurement_key(rng: Array, step: Array | int) -> Array:
+    """The key of the measurement at `step` from the run's rng (apart from the training
+    steps' streams, which fold 0 and 1 into `fold_in(rng, step)`)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), 2)
 
 
 # --- the built-in diagnostics ----------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""A name -> spec table that experiment files extend, shared by the normalization and the
+diagnostics registries (`bnlab.norms.NORMS`, `bnlab.diagnostics.DIAGNOSTICS`).
+
+Its rules: registering the same piece again (an experiment file imported twice: the same file
+and line) replaces it; another piece under a taken name, or a config field that another entry
+(or the shared fields) already declares, is an error that names both places. Each entry's
+config fields join the shared ones in one frozen dataclass: the config group it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+from bnlab.schema import ConfigError
+
+S = TypeVar("S")  # a frozen dataclass with `fields` (name -> schema.field) and `origin`
+
+
+class Registry(dict[str, S], Generic[S]):
+    """`name -> spec`; `register` and `get` enforce the rules above."""
+
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        group: str,
+        shared: Mapping[str, dataclasses.Field],
+        shared_owner: str,
+    ):
+        super().__init__()
+        self.kind = kind  # "normalization"
+        self.key = key  # the config field that names an entry: "model.norm"
+        self.group = group  # the config group of the entries' fields: "norm"
+        self.shared = dict(shared)  # fields every entry's group has...
+        self.shared_owner = shared_owner  # ...and who they belong to, for messages
+        self._class: type | None = None
+
+    def register(self, name: str, spec: S) -> S:
+        """Adds `spec` under `name` (see the module doc); returns it.
+
+        Raises:
+          ValueError: another piece holds `name`, or declares one of `spec`'s config fields.
+        """
+        caller = inspect.stack()[1]
+        spec = dataclasses.replace(spec, origin=f"{caller.filename}:{caller.lineno}")
+        old = self.get_spec(name)
+        if old is not None and old.origin != spec.origin:
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered (at {old.origin}); the one at "
+                f"{spec.origin} needs another name."
+            )
+        taken = {k: n for n, s in self.items() if n != name for k in s.fields}
+        taken |= dict.fromkeys(self.shared, self.shared_owner)
+        for field_name in spec.fields:
+            if field_name in taken:
+                raise ValueError(
+                    f"{self.kind} {name!r} declares the config field {self.group}.{field_name}, "
+                    f"which {taken[field_name]!r} already declares; give it another name."
+                )
+        self[name] = spec
+        return spec
+
+    def __setitem__(self, name: str, spec: S) -> None:
+        super().__setitem__(name, spec)
+        self._class = None
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self._class = None
+
+    def pop(self, name: str, *default: Any) -> Any:
+        self._class = None
+        return super().pop(name, *default)
+
+    def get_spec(self, name: str) -> S | None:
+        return dict.get(self, name)
+
+    def lookup(self, name: str) -> S:
+        """The spec under `name`; a `ConfigError` listing the registered names otherwise."""
+        if name not in self:
+            raise ConfigError(
+                f"{self.key}={name!r} is not one of {sorted(self)} (the registered {self.kind}s; "
+                f"an experiment file may register its own)."
+            )
+        return self[name]
+
+    def config_class(self, class_name: str) -> type:
+        """The frozen dataclass of the entries' config group: the shared fields, then each
+        entry's own (rebuilt after a registration)."""
+        if self._class is None:
+            groups = [self.shared, *(s.fields for s in self.values())]
+            fields = [
+                (key, f.metadata.get("type") or _type_of(f.default), _fresh(f))
+                for group in groups
+                for key, f in group.items()
+            ]
+            self._class = dataclasses.make_dataclass(class_name, fields, frozen=True)
+        return self._class
+
+
+def _type_of(default: Any) -> type:
+    return tuple if isinstance(default, tuple) else type(default)
+
+
+def _fresh(f: dataclasses.Field) -> dataclasses.Field:
+    # A Field object belongs to one class only: every rebuild gets new ones.
+    return dataclasses.field(default=f.default, metadata=f.metadata)

@@ -87,7 +87,7 @@ def sweep_one_by_one(cfgs, workdir: Path) -> None:
 
 def sweep_flax(cfgs, workdir: Path) -> None:
     del workdir  # the flax-style loop writes nothing
-    train_set, test_set = run.load_splits(cfgs[0])
+    train_set, test_set, _ = run.load_splits(cfgs[0])
     images = np.asarray(train_set.images, np.float32) / 255.0
     labels = np.asarray(train_set.labels)
     test_images = np.asarray(test_set.images, np.float32) / 255.0

@@ -33,7 +33,7 @@ from bnlab import loop, optim
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
 from bnlab.records import Record, prepare_workdir
-from bnlab.run import diagnose_program, load_splits
+from bnlab.run import diagnose_program, evaluate_splits, load_splits, plateau_program
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
 MAX_CHUNK = 256  # trials per program at most: each keeps a metrics file and a TensorBoard writer
@@ -150,6 +150,7 @@ def chunk_size(cfg: Config, num_trials: int, sample: jax.Array) -> int:
             train=True,
             capture_intermediates=True,
             mutable=["intermediates", "batch_stats"],
+            rngs=train_lib.step_rngs(jax.random.key(0), 0),  # for dropout and noisy layers
         ),
         variables,
         sample,
@@ -188,7 +189,8 @@ def run_group(
     if len(keys) != 1:
         raise ConfigError("run_group: the configs differ in more than seed and INJECTED values")
     cfg = configs[0]
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg)
+    train_set = splits.train
     dirs = [_fresh_workdir(w) for w in workdirs]
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     size = chunk_size(cfg, len(configs), sample)
@@ -200,7 +202,7 @@ def run_group(
         if log is not None:
             log(f"training trials {start + 1}-{start + len(configs[part])} of {len(configs)} "
                 "in one program")  # fmt: skip
-        summaries += _train_trials(programs, configs[part], dirs[part], train_set, test_set)
+        summaries += _train_trials(programs, configs[part], dirs[part], splits)
     return summaries
 
 
@@ -215,8 +217,8 @@ def _fresh_workdir(workdir: str | os.PathLike) -> Path:
     return path
 
 
-def _train_trials(programs, configs, dirs, train_set, test_set) -> list[dict[str, Any]]:
-    cfg = configs[0]
+def _train_trials(programs, configs, dirs, splits) -> list[dict[str, Any]]:
+    cfg, train_set = configs[0], splits.train
     values = {
         k: jnp.asarray([getattr(c.opt, k) for c in configs], jnp.float32) for k in optim.INJECTED
     }
@@ -239,8 +241,7 @@ def _train_trials(programs, configs, dirs, train_set, test_set) -> list[dict[str
         return state, jax.device_get(metrics)
 
     def evaluate(state):
-        test = programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
-        return {"test": jax.device_get(test)}
+        return jax.device_get(evaluate_splits(programs.evaluate, state, splits))
 
     def host_states(state):
         host = jax.device_get(state)  # one transfer; slicing on the host compiles nothing
@@ -252,6 +253,7 @@ def _train_trials(programs, configs, dirs, train_set, test_set) -> list[dict[str
         host_states=host_states,
         steps_per_epoch=spe,
         stacked=True,
+        end_epoch=plateau_program(cfg, list(configs)),
         **diagnose_program(cfg, programs.model, programs.tx, train_set, rngs, trials=True),
     )
     try:

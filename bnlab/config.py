@@ -49,6 +49,12 @@ class DataConfig:
     train_size: int = field(
         0, "use the first N training examples (0: all)", check=schema.non_negative
     )
+    validation_size: int = field(
+        0,
+        "hold out the last N training examples (the same for every seed and train_size) as a "
+        "validation split, evaluated at every epoch end (0: none)",
+        check=schema.non_negative,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +396,22 @@ def _check_across(c: Config) -> list[str]:
         p.append(
             f"data.train_size={c.data.train_size} is smaller than train.batch_size="
             f"{c.train.batch_size}; raise train_size or lower batch_size"
+        )
+    validation = c.data.validation_size > 0
+    if c.opt.schedule == "plateau" and not validation:
+        p.append(
+            "opt.schedule='plateau' lowers the learning rate when the validation loss stalls; "
+            "set data.validation_size (e.g. 5000) to hold out a validation split"
+        )
+    if c.opt.schedule == "plateau" and not c.opt.decay_rate < 1.0:
+        p.append(
+            f"opt.decay_rate={c.opt.decay_rate} must lie in (0, 1) with opt.schedule='plateau' "
+            "(the factor of each drop of the learning rate)"
+        )
+    if c.train.early_stopping_patience and not validation:
+        p.append(
+            f"train.early_stopping_patience={c.train.early_stopping_patience} watches the "
+            "validation split; set data.validation_size (e.g. 5000) or set the patience to 0"
         )
     devices = c.parallel.num_devices if c.parallel.mode != "none" else 1
     p += norms.problems(

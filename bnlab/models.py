@@ -52,6 +52,12 @@ class _NormAct(nn.Module):
         return x if self.placement == "before" else layer(x, use_running_average=not train)
 
 
+def _dropout(x: Array, rate: float, train: bool) -> Array:
+    """Dropout (Srivastava et al. 2014) in training; its mask comes from the `dropout` rng
+    stream, which the training step derives from the run's key and the step."""
+    return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
+
+
 class MLP(nn.Module):
     """Ioffe & Szegedy (2015) Fig. 1 network: 784-100-100-100-10, sigmoid by default."""
 
@@ -61,6 +67,7 @@ class MLP(nn.Module):
     act: Callable[[Array], Array] = nn.sigmoid
     placement: str = "before"
     kernel_init: Callable = nn.initializers.lecun_normal()
+    dropout: float = 0.0  # after each hidden block
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -68,6 +75,7 @@ class MLP(nn.Module):
         for i, width in enumerate(self.hidden):
             x = nn.Dense(width, kernel_init=self.kernel_init, name=f"dense{i}")(x)
             x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
+            x = _dropout(x, self.dropout, train)
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
 
 
@@ -128,6 +136,8 @@ class CNN(nn.Module):
     placement: str = "before"
     kernel_init: Callable = nn.initializers.lecun_normal()
     conv_impl: str = "im2col"
+    dropout: float = 0.0  # after the dense block (and the conv blocks with dropout_conv)
+    dropout_conv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -138,9 +148,11 @@ class CNN(nn.Module):
             x = conv(x)
             x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
             x = avg_pool2(x)
+            x = _dropout(x, self.dropout if self.dropout_conv else 0.0, train)
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(256, kernel_init=self.kernel_init, name="dense")(x)
         x = _NormAct(self.norm, self.act, self.placement, name="block2")(x, train)
+        x = _dropout(x, self.dropout, train)
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
 
 
@@ -179,4 +191,13 @@ class ModelConfig:
         "im2col",
         'CNN convolutions: "im2col" (fast on CPU) | "xla" (cuDNN on GPU)',
         choices=CONV_IMPLS,
+    )
+    dropout: float = field(
+        0.0,
+        "dropout rate after each hidden block of the MLP and the CNN's dense block (0: off; "
+        "training only)",
+        check=lambda v: None if 0.0 <= v < 1.0 else "must lie in [0, 1) (0 turns dropout off)",
+    )
+    dropout_conv: bool = field(
+        False, "CNN: dropout after the conv blocks too (model.dropout's rate)"
     )

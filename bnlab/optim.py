@@ -10,8 +10,10 @@ import collections
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
 from jax.typing import ArrayLike
 
 from bnlab import schema
@@ -57,6 +59,25 @@ class OptConfig:
     )
     warmup_steps: int = field(
         0, "warmup_cosine: linear warmup length in steps", check=schema.non_negative
+    )
+    plateau_patience: int = field(
+        3,
+        "plateau: epochs without a relative improvement of the validation loss before the lr "
+        "drops by decay_rate",
+        check=schema.at_least(1),
+    )
+    plateau_threshold: float = field(
+        1e-3,
+        "plateau: the relative decrease of the validation loss that counts as an improvement",
+        check=lambda v: None if 0.0 < v <= 1.0 else "must lie in (0, 1]",
+    )
+    plateau_cooldown: int = field(
+        0, "plateau: epochs after a drop before stalls count again", check=schema.non_negative
+    )
+    plateau_min_scale: float = field(
+        1e-3,
+        "plateau: the floor of the lr's scale (a multiple of opt.lr)",
+        check=schema.non_negative,
     )
     clip: str = field(
         "none",
@@ -143,6 +164,9 @@ def _warmup_cosine(c: OptConfig, total: int) -> Schedule:
 
 SCHEDULES: dict[str, Callable[[OptConfig, int], Schedule]] = {
     "constant": _constant,
+    # The lr itself is constant; the chain's last element scales the updates by a factor that
+    # drops at epoch ends when the validation loss stalls (`plateau_step`).
+    "plateau": _constant,
     "step": _step,
     "exponential": _exponential,
     "cosine": lambda c, total: optax.cosine_decay_schedule(c.lr, total),
@@ -162,6 +186,60 @@ CLIPS: dict[str, Callable[[OptConfig], optax.GradientTransformation]] = {
 # Numeric hyperparameters that live in the optimizer state (`optax.inject_hyperparams`): trials
 # that differ only in these (and the seed) share one compiled program, vmapped over the state.
 INJECTED = ("lr", "momentum", "clip_value", "decay_rate", "weight_decay")
+
+
+def _plateau(c: OptConfig, factor: float) -> optax.GradientTransformationExtraArgs:
+    return optax.contrib.reduce_on_plateau(
+        factor=factor,
+        patience=c.plateau_patience,
+        rtol=c.plateau_threshold,
+        cooldown=c.plateau_cooldown,
+        min_scale=c.plateau_min_scale,
+    )
+
+
+def _plateau_scaling() -> optax.GradientTransformation:
+    """Scales the updates by the plateau state's `scale`; the state changes only at epoch ends
+    (`plateau_step`), so every step of an epoch uses one learning rate.
+
+    optax's `contrib.reduce_on_plateau` holds the state and the decision rule, but its update
+    expects the monitored value at every call: in the scanned epoch there is none (the
+    validation loss exists at epoch ends), so the steps only read its scale here and
+    `plateau_step` calls optax's update once per epoch.
+    """
+
+    def init(params):
+        return _plateau(OptConfig(schedule="plateau"), 0.5).init(params)
+
+    def update(updates, state, params=None):
+        del params  # the scale alone decides
+        return jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _is_plateau(x) -> bool:
+    return isinstance(x, optax.contrib.ReduceLROnPlateauState)
+
+
+def plateau_step(opt_state: optax.OptState, value: ArrayLike, c: OptConfig) -> optax.OptState:
+    """`opt_state` after one epoch whose validation loss is `value`: optax's
+    reduce-on-plateau rule (patience, relative threshold, cooldown, floor) with factor
+    `c.decay_rate`. A state without a plateau element is returned unchanged."""
+    plateau = _plateau(c, float(c.decay_rate))
+
+    def step(state):
+        if not _is_plateau(state):
+            return state
+        return plateau.update(updates={}, state=state, value=value)[1]
+
+    return jax.tree.map(step, opt_state, is_leaf=_is_plateau)
+
+
+def lr_scale(opt_state: optax.OptState) -> jax.Array:
+    """The factor that reduce-on-plateau applies to the learning rate now (1 without it)."""
+    scales = [s.scale for s in jax.tree.leaves(opt_state, is_leaf=_is_plateau) if _is_plateau(s)]
+    return jnp.asarray(scales[0] if scales else 1.0, jnp.float32)
 
 
 def _lookup(table: dict, kind: str, name: str):
@@ -216,7 +294,10 @@ def make_optimizer(
         )
         clip = make_clip(ch)
         decay = optax.add_decayed_weights(ch.weight_decay) if coupled else optax.identity()
-        return optax.chain(clip, decay, make_opt(ch, make_schedule(ch, total_steps)))
+        parts = [clip, decay, make_opt(ch, make_schedule(ch, total_steps))]
+        if c.schedule == "plateau":
+            parts.append(_plateau_scaling())
+        return optax.chain(*parts)
 
     tx = optax.inject_hyperparams(chain)(**values)
     schedule = make_schedule(dataclasses.replace(c, **values), total_steps)

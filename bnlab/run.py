@@ -16,14 +16,15 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import diagnostics, loop, parallel
+from bnlab import diagnostics, loop, optim, parallel
 from bnlab import train as train_lib
 from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Restored
 from bnlab.config import Config, ConfigError
@@ -37,15 +38,48 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 __all__ = ["Interrupted", "evaluate", "load_checkpoint", "load_splits", "prepare_workdir", "run"]
 
 
-def load_splits(cfg: Config) -> tuple[data_lib.Dataset, data_lib.Dataset]:
-    """The train and test splits of `cfg`, checked against the batch size."""
-    train_set = data_lib.load(cfg.data, "train")
+class Splits(NamedTuple):
+    train: data_lib.Dataset
+    test: data_lib.Dataset
+    validation: data_lib.Dataset | None  # the last data.validation_size training examples
+
+
+def load_splits(cfg: Config) -> Splits:
+    """The train, test and (with `data.validation_size`) validation splits of `cfg`.
+
+    The validation split is the last `validation_size` examples of the task's training split,
+    whatever the seed and `data.train_size`; training draws from the examples before it (its
+    first `train_size` of them).
+    """
+    full = data_lib.load(dataclasses.replace(cfg.data, train_size=0), "train")
+    held_out, n_train = cfg.data.validation_size, cfg.data.train_size
+    pool = full.size - held_out
+    if pool < cfg.train.batch_size:
+        raise ConfigError(
+            f"data.validation_size={held_out} leaves {max(pool, 0)} of the {full.size} training "
+            f"examples of task {cfg.data.task!r} for training, fewer than one batch "
+            f"(train.batch_size={cfg.train.batch_size}); hold out fewer."
+        )
+    if n_train > pool:
+        held = f" after holding out data.validation_size={held_out}" if held_out else ""
+        raise ConfigError(
+            f"data.train_size={n_train} exceeds the {pool} training examples of task "
+            f"{cfg.data.task!r}{held}; lower it (0 uses all)."
+        )
+    train_set = _rows(full, 0, n_train or pool)
     if cfg.train.batch_size > train_set.size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {train_set.size} training "
             f"examples of task {cfg.data.task!r}; lower train.batch_size."
         )
-    return train_set, data_lib.load(cfg.data, "test")
+    validation = _rows(full, pool, full.size) if held_out else None
+    return Splits(train_set, data_lib.load(cfg.data, "test"), validation)
+
+
+def _rows(ds: data_lib.Dataset, start: int, stop: int) -> data_lib.Dataset:
+    if (start, stop) == (0, ds.size):
+        return ds
+    return data_lib.Dataset(ds.images[start:stop], ds.labels[start:stop])
 
 
 def run(
@@ -70,7 +104,8 @@ def run(
 
 def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str, Any]:
     workdir = parallel.agree(lambda: prepare_workdir(workdir), USER_ERRORS)
-    train_set, test_set = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
+    splits = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
+    train_set = splits.train
     programs = train_lib.make_programs(cfg, train_set.size)
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
@@ -82,7 +117,7 @@ def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str
     finally:
         ckpt.close()
     record = Record(cfg, workdir, steps_per_epoch=spe, meta=meta, writes=parallel.is_primary())
-    engine = _engine(cfg, programs, data_key, train_set, test_set)
+    engine = _engine(cfg, programs, data_key, splits)
     bar = _progress_bar(progress and parallel.is_primary(), cfg.train.epochs, record.step // spe)
     record.start(purge_step=record.step + 1 if record.step else None)
     try:
@@ -102,9 +137,10 @@ def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str
     return record.summary
 
 
-def _engine(cfg: Config, programs, data_key, train_set, test_set) -> loop.Engine:
+def _engine(cfg: Config, programs, data_key, splits: Splits) -> loop.Engine:
     """The single-run programs as the loop drives them (host metrics, host checkpoints)."""
     rng = train_lib.run_rng(cfg.train.seed)
+    train_set = splits.train
 
     def train(state, epoch, start, steps):
         state, metrics = programs.train_epoch(
@@ -119,18 +155,62 @@ def _engine(cfg: Config, programs, data_key, train_set, test_set) -> loop.Engine
         return state, jax.device_get(metrics)
 
     def evaluate(state):
-        test = programs.evaluate(state.params, state.batch_stats, test_set.images, test_set.labels)
-        return {"test": jax.device_get(test)}
+        return jax.device_get(evaluate_splits(programs.evaluate, state, splits))
 
     return loop.Engine(
         train=train,
         evaluate=evaluate,
+        end_epoch=plateau_program(cfg),
         # Host copies: in a multi-process run every process saves the same replicated values
         # (orbax writes them once); a process-local device array cannot be saved there.
         host_states=lambda state: [jax.device_get(state)],
         steps_per_epoch=programs.steps_per_epoch,
         **diagnose_program(cfg, programs.model, programs.tx, train_set, rng),
     )
+
+
+def evaluate_splits(evaluate, state, splits: Splits) -> dict[str, Any]:
+    """`{split: metrics}` of the evaluation splits (validation when held out, test)."""
+    out = {}
+    if splits.validation is not None:
+        v = splits.validation
+        out["validation"] = evaluate(state.params, state.batch_stats, v.images, v.labels)
+    out["test"] = evaluate(state.params, state.batch_stats, splits.test.images, splits.test.labels)
+    return out
+
+
+def plateau_program(cfg: Config, trials: list[Config] | None = None):
+    """The epoch-end update of reduce-on-plateau (`opt.schedule=plateau`) from the validation
+    loss, or None for other schedules. With `trials` (one config per trial of a vmapped
+    group, which may differ in `opt.decay_rate`), the state has a leading trial axis."""
+    if cfg.opt.schedule != "plateau":
+        return None
+    stacked = trials is not None
+    configs = trials if stacked else [cfg]
+    factors = sorted({c.opt.decay_rate for c in configs})
+
+    @jax.jit
+    def update(opt_state, losses):
+        for factor in factors:
+            step = functools.partial(
+                optim.plateau_step, c=dataclasses.replace(cfg.opt, decay_rate=factor)
+            )
+            if not stacked:
+                return step(opt_state, losses)
+            new = jax.vmap(step)(opt_state, losses)
+            mine = jnp.asarray([c.opt.decay_rate == factor for c in configs])
+            opt_state = jax.tree.map(
+                lambda n, o, mine=mine: jnp.where(mine.reshape((-1,) + (1,) * (o.ndim - 1)), n, o),
+                new,
+                opt_state,
+            )
+        return opt_state
+
+    def end_epoch(state, evals):
+        losses = jnp.asarray(evals["validation"]["loss"], jnp.float32)
+        return state._replace(opt_state=update(state.opt_state, losses))
+
+    return end_epoch
 
 
 def diagnose_program(cfg: Config, model, tx, train_set, rng, *, trials: bool = False) -> dict:

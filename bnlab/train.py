@@ -41,7 +41,8 @@ def build_model(cfg: Config) -> nn.Module:
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     norm = norms.build(cfg, axis)
-    kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
+    kwargs = {"dropout": m.dropout}
+    kwargs |= {"conv_impl": m.conv_impl, "dropout_conv": m.dropout_conv} if m.name == "cnn" else {}
     return models.MODELS[m.name](
         norm=norm,
         num_classes=data_lib.num_classes(cfg.data.task),
@@ -126,7 +127,7 @@ def train_step(
         "loss": loss,
         "accuracy": accuracy,
         "grad_norm": optax.tree.norm(grads),
-        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32) * optim.lr_scale(state.opt_state),
     }
     if extra_metrics is not None:
         metrics.update(extra_metrics(state.step))

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from bnlab.progress import Clock
 from bnlab.records import Record
 
 Metrics = dict[str, Any]
@@ -210,7 +211,6 @@ def _train(engine, state, records, stop, on_chunk, step, total, chunk):
     cfg = records[0].cfg
     spe = engine.steps_per_epoch
     every, best = cfg.checkpoint.every_steps, cfg.checkpoint.best_metric
-    compiled: set[int] = set()
     if step == 0:
         _diagnose(engine, state, records, step, stop)
     while step < total and any(r.active for r in records):
@@ -220,15 +220,14 @@ def _train(engine, state, records, stop, on_chunk, step, total, chunk):
         steps = min(chunk, spe - pos)
         if engine.diagnose is not None:  # a chunk ends at every measurement
             steps = min(steps, engine.diagnose_every - step % engine.diagnose_every)
+        compiling = Clock.compile_seconds()
         state, metrics = interruptible(engine.train, state, epoch, pos, steps)
-        seconds = time.perf_counter() - tick
-        timed = steps in compiled  # the first chunk of each length includes its compilation
-        compiled.add(steps)
+        # Throughput counts the steps, not the compilation that a chunk may start with.
+        seconds = time.perf_counter() - tick - (Clock.compile_seconds() - compiling)
         with stop.critical():  # what is written to files is never cut in half
             for i, record in indexed:
                 record.add_train(_take(metrics, i, engine.stacked))
-                if timed:
-                    record.add_throughput(seconds, steps)
+                record.add_throughput(max(seconds, 1e-9), steps)
         before, step = step, step + steps
         epoch_end = step % spe == 0
         if epoch_end:

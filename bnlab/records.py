@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,8 @@ class Record:
         self.stale_epochs: int = meta.get("stale_epochs", 0)
         self.saved_step: int | None = meta.get("step")  # the checkpoint it resumes from, if any
         self.summary: dict[str, Any] | None = None
+        # Called with (step, split, values) for every record written (a progress display).
+        self.listener: Callable[[int, str, dict[str, Any]], None] | None = None
         self._writer: MetricWriter | None = None
         self._ckpt: Checkpointer | None = None
 
@@ -131,6 +134,8 @@ class Record:
     def _write(self, step: int, split: str, **values: Any) -> None:
         if self._writer is not None:
             self._writer.write(step, split, **values)
+        if self.listener is not None:
+            self.listener(step, split, values)
 
     def close(self) -> None:
         if self._writer is not None:

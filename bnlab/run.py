@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +31,7 @@ from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Rest
 from bnlab.config import Config, ConfigError
 from bnlab.data import DataError
 from bnlab.loop import Interrupted, StopSignals
+from bnlab.progress import Progress
 from bnlab.records import Record, prepare_workdir
 from bnlab.writers import truncate_jsonl
 
@@ -54,7 +56,7 @@ def load_splits(cfg: Config) -> Splits:
     full = data_lib.load(dataclasses.replace(cfg.data, train_size=0), "train")
     held_out, n_train = cfg.data.validation_size, cfg.data.train_size
     pool = full.size - held_out
-    if pool < cfg.train.batch_size:
+    if held_out and pool < cfg.train.batch_size:
         raise ConfigError(
             f"data.validation_size={held_out} leaves {max(pool, 0)} of the {full.size} training "
             f"examples of task {cfg.data.task!r} for training, fewer than one batch "
@@ -116,24 +118,30 @@ def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str
         state, meta = parallel.agree(lambda: _resume(cfg, workdir, ckpt, state), USER_ERRORS)
     finally:
         ckpt.close()
-    record = Record(cfg, workdir, steps_per_epoch=spe, meta=meta, writes=parallel.is_primary())
+    primary = parallel.is_primary()
+    record = Record(cfg, workdir, steps_per_epoch=spe, meta=meta, writes=primary)
     engine = _engine(cfg, programs, data_key, splits)
-    bar = _progress_bar(progress and parallel.is_primary(), cfg.train.epochs, record.step // spe)
+    shown = None
+    if progress and primary:
+        if record.step:
+            print(f"bnlab: resuming {workdir} from step {record.step}", file=sys.stderr)
+        shown = Progress(spe * cfg.train.epochs, record.step, cfg.train.batch_size)
+        record.listener = shown.on_record
     record.start(purge_step=record.step + 1 if record.step else None)
     try:
         with StopSignals() as stop, parallel.Watchdog(cfg.parallel.timeout_s) as watchdog:
-            update_bar = _bar_update(bar)
 
             def on_chunk(records, epoch_end):
+                del epoch_end  # the display follows the steps
                 watchdog.kick()
-                if update_bar is not None:
-                    update_bar(records, epoch_end)
+                if shown is not None:
+                    shown.on_chunk(record.step, record.train_time_s, record.timed_steps)
 
             loop.train(engine, state, [record], stop=stop, on_chunk=on_chunk)
     finally:
         record.close()
-        if bar is not None:
-            bar.close()
+        if shown is not None:
+            shown.close()
     return record.summary
 
 
@@ -323,24 +331,3 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None) -> dict[str
         )
     )(restored.state.params, restored.state.batch_stats, test_set.images, test_set.labels)
     return {"step": restored.step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-
-
-def _progress_bar(enabled: bool, total: int, initial: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="epoch", desc="train")
-
-
-def _bar_update(bar):
-    if bar is None:
-        return None
-
-    def update(records, epoch_end):
-        record = records[0]
-        if epoch_end:
-            bar.update(1)
-            bar.set_postfix(test_acc=f"{record.evals['test']['accuracy']:.4f}")
-
-    return update

@@ -201,10 +201,10 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from bnlab.run import evaluate
 
-    folders = {
-        key: parse_value(overrides.pop(f"data.{key}", "")) or getattr(args, key)
-        for key in ("mnist_dir", "tfds_dir")
-    }
+    folders = {}
+    for key in ("mnist_dir", "tfds_dir"):  # resumable fields: --config.data.* names the flags
+        value = parse_value(overrides.pop(f"data.{key}", "None"))
+        folders[key] = getattr(args, key) or (None if value is None else str(value))
     _no_overrides(overrides)
     result = evaluate(args.workdir, step=args.step, **folders)
     print(

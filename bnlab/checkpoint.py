@@ -140,7 +140,14 @@ class Checkpointer:
         """Checkpoint `step`, or the latest good one: a damaged checkpoint gives a
         `CheckpointWarning` naming it and the previous one is tried; none good (or a checkpoint
         of another model) raises `CheckpointError`."""
-        steps = self.steps() if step is None else [step]
+        saved = self.steps()
+        if step is not None and step not in saved:
+            raise CheckpointError(
+                f"{self.directory} has no checkpoint of step {step}; its checkpoints are of steps "
+                f"{', '.join(map(str, saved)) or '(none)'}. Pass one of those (--step), or no "
+                "step for the latest good one."
+            )
+        steps = saved if step is None else [step]
         if not steps:
             raise CheckpointError(f"no checkpoints in {self.directory}.")
         problems = []

@@ -17,6 +17,7 @@ from bnlab.config import (
     apply_overrides,
     config_of,
     load_module,
+    parse_value,
     smoke_overrides,
     validate,
 )
@@ -113,10 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="evaluate a run's latest good checkpoint on the test split",
-        description="Evaluate the latest good checkpoint of WORKDIR (or --step) on the test split.",
+        description="Evaluate the latest good checkpoint of WORKDIR (or --step) on the test split, "
+        "from any folder. MNIST is read from --mnist-dir, else $BNLAB_MNIST_DIR, else the "
+        "folders the run trained from (config.json names them); --config.data.mnist_dir and "
+        "--config.data.tfds_dir are the same as the flags.",
     )
     evaluate.add_argument("workdir", help="a training workdir (with checkpoints/)")
     evaluate.add_argument("--step", type=int, help="this checkpoint instead of the latest")
+    evaluate.add_argument(
+        "--mnist-dir", metavar="DIR", help="folder with the four MNIST IDX files (*-ubyte.gz)"
+    )
+    evaluate.add_argument(
+        "--tfds-dir", metavar="DIR", help="TFDS data dir to prepare or read MNIST in"
+    )
     export = sub.add_parser(
         "export",
         help="write a checkpoint's params and batch_stats as .npz or a PyTorch state_dict",
@@ -125,7 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("workdir", help="a training workdir (with checkpoints/)")
     export.add_argument("--format", required=True, choices=("npz", "torch"))
-    export.add_argument("--out", help="output file (default WORKDIR/export.npz or export.pt)")
+    export.add_argument(
+        "--out",
+        help="output file, or a folder for export.npz/export.pt (missing folders are created; "
+        "default: WORKDIR/export.npz or export.pt)",
+    )
     export.add_argument("--step", type=int, help="this checkpoint instead of the latest")
     return parser
 
@@ -163,7 +177,8 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         engine=args.engine,
         max_chunk=args.chunk,
     )
-    print("sweep done: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    done = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"sweep done: {done or f'nothing to run in shard {args.shard}'}")
     if counts.get("failed"):
         print(
             f"bnlab: {counts['failed']} trial(s) failed; their summary.json holds the error. "
@@ -186,8 +201,12 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from bnlab.run import evaluate
 
+    folders = {}
+    for key in ("mnist_dir", "tfds_dir"):  # resumable fields: --config.data.* names the flags
+        value = parse_value(overrides.pop(f"data.{key}", "None"))
+        folders[key] = getattr(args, key) or (None if value is None else str(value))
     _no_overrides(overrides)
-    result = evaluate(args.workdir, step=args.step)
+    result = evaluate(args.workdir, step=args.step, **folders)
     print(
         f"step={result['step']} test_accuracy={result['accuracy']:.4f} "
         f"test_loss={result['loss']:.4f} workdir={args.workdir}"
@@ -208,7 +227,8 @@ def _no_overrides(overrides: dict[str, str]) -> None:
     if overrides:
         raise ConfigError(
             f"--config.* overrides ({', '.join(overrides)}) apply to train and sweep only; "
-            "a checkpoint is used with the config it was trained with."
+            "a checkpoint is used with the config it was trained with (evaluate reads MNIST from "
+            "another folder with --mnist-dir or --tfds-dir)."
         )
 
 

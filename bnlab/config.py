@@ -331,6 +331,9 @@ def validate(cfg: ml_collections.ConfigDict) -> Config:
     data = values["data"]
     if data["mnist_dir"] is None:
         data["mnist_dir"] = os.environ.get(MNIST_DIR_ENV) or None
+    data["mnist_dir"], data["tfds_dir"] = map(
+        absolute_folder, (data["mnist_dir"], data["tfds_dir"])
+    )
     try:
         _parallel_from_env(values["parallel"])
     except ValueError as err:
@@ -342,6 +345,35 @@ def validate(cfg: ml_collections.ConfigDict) -> Config:
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return config
+
+
+def absolute_folder(path: str | None) -> str | None:
+    """A data folder as an absolute path, so that config.json and checkpoints name it from
+    anywhere. A relative path is taken from the working folder or, when nothing is there, from
+    the root of the bnlab checkout (the README's paths are relative to the root; a notebook
+    runs in notebooks/). None and "" (TFDS's default folder) stay as they are."""
+    if not path:
+        return path
+    folder = Path(path).expanduser()
+    if not folder.is_absolute() and not folder.exists():
+        root = Path(__file__).resolve().parents[1]
+        if (root / "pyproject.toml").is_file() and (root / folder).exists():
+            folder = root / folder
+    return os.path.abspath(folder)
+
+
+def data_now(
+    data: DataConfig, *, mnist_dir: str | None = None, tfds_dir: str | None = None
+) -> DataConfig:
+    """A trained run's `data` group pointed at where the data is now: MNIST from `mnist_dir`,
+    else `$BNLAB_MNIST_DIR`, else the run's folder; TFDS's folder `tfds_dir`, else the run's.
+    Both are resumable fields: the files are checked, so any folder gives the same data."""
+    mnist_dir = mnist_dir or os.environ.get(MNIST_DIR_ENV) or data.mnist_dir
+    return dataclasses.replace(
+        data,
+        mnist_dir=absolute_folder(mnist_dir),
+        tfds_dir=absolute_folder(tfds_dir or data.tfds_dir),
+    )
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

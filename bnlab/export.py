@@ -11,6 +11,7 @@ at evaluation, so the values carry over) and `num_batches_tracked` is the step c
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -141,17 +142,42 @@ def export(
     step: int | None = None,
 ) -> Path:
     """Writes the params and batch_stats of a run's latest good checkpoint (or `step`) to `out`
-    (default `WORKDIR/export<suffix>`); returns the path."""
+    and returns its path.
+
+    Args:
+      workdir: a training workdir (with `config.json` and `checkpoints/`).
+      fmt: "npz" (bnlab's layout) or "torch" (a PyTorch `state_dict`, see the module doc).
+      out: the file to write; a folder (created if missing) receives `export<suffix>`.
+        Default: `WORKDIR/export<suffix>`.
+      step: this checkpoint instead of the latest good one.
+
+    Raises:
+      ConfigError: an unknown format, a normalization PyTorch lacks, PyTorch not installed, or
+        an `out` that cannot be written (the message says what to do).
+      CheckpointError: no such run, step or readable checkpoint.
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {sorted(FORMATS)}.")
     from bnlab.run import load_checkpoint
 
     cfg, restored = load_checkpoint(workdir, step=step)
-    out = Path(out) if out is not None else Path(workdir) / f"export{FORMATS[fmt]}"
     params, batch_stats = restored.state.params, restored.state.batch_stats
     if fmt == "npz":
-        save_npz(out, params, batch_stats, step=restored.step)
-        return out
+        write = functools.partial(
+            save_npz, params=params, batch_stats=batch_stats, step=restored.step
+        )
+    else:
+        write = _torch_writer(cfg, params, batch_stats, restored.step)
+    path = _output_path(Path(workdir), f"export{FORMATS[fmt]}", out)
+    try:
+        write(path)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path} ({err.strerror}); pass another --out.") from err
+    return path
+
+
+def _torch_writer(cfg, params, batch_stats, step: int):
+    """`write(path)` of the run's PyTorch state_dict; refuses before anything is written."""
     if norms.get(cfg.model.norm).torch is None:
         raise ConfigError(
             f"PyTorch has no layer equal to model.norm={cfg.model.norm!r}, so this run cannot be "
@@ -161,14 +187,37 @@ def export(
         import torch
     except ImportError as err:
         raise ConfigError(
-            "--format torch needs PyTorch: pip install 'bnlab[torch]' (or use --format npz)."
+            "--format torch needs PyTorch, which is not installed here: pip install torch==2.13.0 "
+            "(the version bnlab is tested with; in a checkout, .venv/bin/pip install -c "
+            "constraints.txt -e '.[torch]' does the same), or use --format npz."
         ) from err
     from bnlab import train as train_lib
 
     model = train_lib.build_model(cfg)
     sample = np.zeros((1, 28, 28, 1), np.float32)
     layout = to_torch_layout(
-        params, batch_stats, step=restored.step, cfg=cfg, shapes=norm_input_shapes(model, sample)
+        params, batch_stats, step=step, cfg=cfg, shapes=norm_input_shapes(model, sample)
     )
-    torch.save({k: torch.tensor(v) for k, v in layout.items()}, out)
-    return out
+    state_dict = {k: torch.tensor(v) for k, v in layout.items()}
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # an unwritable path fails here, as an OSError
+            torch.save(state_dict, f)
+
+    return write
+
+
+def _output_path(workdir: Path, name: str, out: str | os.PathLike | None) -> Path:
+    """Where an export goes: `out`, `out/name` for a folder, else `workdir/name`; the folders
+    on the way are created."""
+    path = workdir / name if out is None else Path(out)
+    if path.is_dir():
+        path = path / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the folder {path.parent} for the export ({err.strerror}); pass an "
+            "--out in a writable folder."
+        ) from err
+    return path

@@ -69,14 +69,14 @@ def _legend(ax, **kwargs) -> None:
 
 
 def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and sample std ignoring NaN (std 0 for a single value, NaN for none)."""
-    present = ~np.isnan(rows)
-    count = present.sum(axis=0)
-    filled = np.where(present, rows, 0.0)
-    mean = np.divide(filled.sum(axis=0), count, out=np.full(count.shape, np.nan), where=count > 0)
-    sq = np.where(present, (rows - mean) ** 2, 0.0).sum(axis=0)
-    var = np.divide(sq, count - 1, out=np.zeros(count.shape), where=count > 1)
-    return mean, np.where(count > 0, np.sqrt(var), np.nan)
+    """Column mean and sample std (ddof=1) ignoring NaN; std 0 for a single value, both NaN for
+    none. numpy is called only on the columns that have enough values, so it never warns."""
+    count = np.count_nonzero(~np.isnan(rows), axis=0)
+    mean, std = np.full(count.shape, np.nan), np.full(count.shape, np.nan)
+    mean[count > 0] = np.nanmean(rows[:, count > 0], axis=0)
+    std[count == 1] = 0.0
+    std[count > 1] = np.nanstd(rows[:, count > 1], axis=0, ddof=1)
+    return mean, std
 
 
 def _curve(trials: list[TrialResult], field: str):
@@ -243,8 +243,8 @@ FIGURES: tuple[tuple[str, str, Callable[[Sweep], Figure | None], str], ...] = (
      "Final test accuracy per optimizer, mean +- std over ok seeds; 'n div.' counts the seeds "
      "that diverged."),
     ("status_counts", "Diverged, failed and missing trials", status_counts,
-     "Trials per setting by status: ok, diverged (non-finite loss), failed (an error), missing "
-     "(not run or not finished)."),
+     "Trials per setting by status: ok, diverged (a non-finite metric or too large a loss), "
+     "failed (an error), missing (not run or not finished)."),
     ("activation_percentiles", "Sigmoid input distribution (Ioffe & Szegedy Fig. 1 b, c)",
      activation_percentiles,
      "15th, 50th and 85th percentiles over the test set of the input to one sigmoid of the last "

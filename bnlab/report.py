@@ -88,9 +88,10 @@ def _overview(sweep: Sweep) -> list[str]:
         f"Overrides applied to every trial: {extra}.",
         "",
         "**Status.** " + ", ".join(f"{counts[s]} {s}" for s in counts) + ". A trial is *ok* when "
-        "it finished with finite losses, *diverged* when a loss became non-finite (NaN or "
-        "infinite; it stopped there), *failed* when it raised an error, *missing* when it has "
-        "no results yet (not run, or interrupted).",
+        "it finished with finite losses, *diverged* when a training metric became non-finite "
+        "(NaN or infinite) or a loss exceeded `train.divergence_loss` (it stopped at the end of "
+        "that epoch), *failed* when it raised an error, *missing* when it has no results yet "
+        "(not run, or interrupted).",
     ]
     steps = sorted({t.summary.get("steps") for t in sweep.trials if t.status == "ok"})
     if steps:
@@ -111,7 +112,7 @@ def _not_ok(sweep: Sweep) -> list[str]:
             where = f"`{t.trial_id}` ({group.name}{seed})"
             if t.status == "diverged":
                 step = t.summary.get("steps")
-                lines.append(f"- {where}: diverged, non-finite loss by step {step}.")
+                lines.append(f"- {where}: diverged, stopped at step {step}.")
             elif t.status == "failed":
                 lines.append(f"- {where}: failed: {t.summary.get('error', 'no error recorded')}")
             elif t.status == "missing":

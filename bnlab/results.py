@@ -11,10 +11,11 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import scipy.stats
 
 from bnlab.config import ConfigError, parse_value
 from bnlab.writers import read_jsonl
@@ -24,50 +25,13 @@ STATUSES = ("ok", "diverged", "failed", "missing")
 UNSET = "(default)"  # a key some trials of a heterogeneous grid do not override
 
 
-def _t_central_mass(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer `df` (Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    cos2, total = math.cos(theta) ** 2, 0.0
-    if df % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
-        term = math.cos(theta)
-        for k in range((df - 1) // 2):
-            total += term
-            term *= cos2 * (2 * k + 2) / (2 * k + 3)
-        return 2 / math.pi * (theta + math.sin(theta) * total)
-    term = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-    for k in range(df // 2):
-        total += term
-        term *= cos2 * (2 * k + 1) / (2 * k + 2)
-    return math.sin(theta) * total
-
-
 def t_quantile(p: float, df: int) -> float:
-    """The `p` quantile of Student's t distribution with `df` degrees of freedom.
-
-    Exact (bisection on the closed-form CDF) up to 200 degrees of freedom; above, the
-    Cornish-Fisher expansion around the normal quantile (error below 1e-9 there).
-    """
+    """The `p` quantile of Student's t distribution with `df` degrees of freedom
+    (`scipy.stats.t.ppf`); `ValueError` outside `0 < p < 1` or for a `df` that is not an
+    integer >= 1 (the seeds of a setting minus one)."""
     if not 0 < p < 1 or df < 1 or int(df) != df:
         raise ValueError(f"t_quantile needs 0 < p < 1 and an integer df >= 1, got {p}, {df}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    if df > 200:
-        z = statistics.NormalDist().inv_cdf(p)
-        return (
-            z
-            + (z**3 + z) / (4 * df)
-            + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
-        )
-    target, lo, hi = 2 * p - 1, 0.0, 1.0
-    while _t_central_mass(hi, df) < target:
-        lo, hi = hi, 2 * hi
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_central_mass(mid, df) < target else (lo, mid)
-        if hi - lo <= 1e-13 * hi:
-            break
-    return (lo + hi) / 2
+    return float(scipy.stats.t.ppf(p, df))
 
 
 class Stats(NamedTuple):

@@ -105,8 +105,13 @@ def run(
 
 
 def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str, Any]:
+    missing = _missing_folders(workdir)
     workdir = parallel.agree(lambda: prepare_workdir(workdir), USER_ERRORS)
-    splits = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
+    try:
+        splits = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
+    except USER_ERRORS:
+        _remove_empty(missing)  # a run that could not start leaves no folder behind
+        raise
     train_set = splits.train
     programs = train_lib.make_programs(cfg, train_set.size)
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
@@ -143,6 +148,22 @@ def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str
         if shown is not None:
             shown.close()
     return record.summary
+
+
+def _missing_folders(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes `folders` (deepest first) while they are empty: nothing that holds a file, or
+    existed before, is touched."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _engine(cfg: Config, programs, data_key, splits: Splits) -> loop.Engine:
@@ -320,10 +341,18 @@ def _one_device(cfg: Config) -> Config:
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="none"))
 
 
-def evaluate(workdir: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
-    """Test loss and accuracy of a run's latest good checkpoint (or `step`)."""
+def evaluate(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    mnist_dir: str | None = None,
+    tfds_dir: str | None = None,
+) -> dict[str, Any]:
+    """Test loss and accuracy of a run's latest good checkpoint (or `step`), on MNIST from
+    `mnist_dir`, else `$BNLAB_MNIST_DIR`, else the run's own folders (`config.data_now`)."""
     cfg, restored = load_checkpoint(workdir, step=step)
-    test_set = data_lib.load(cfg.data, "test")
+    data = config_lib.data_now(cfg.data, mnist_dir=mnist_dir, tfds_dir=tfds_dir)
+    test_set = data_lib.load(data, "test")
     model = train_lib.build_model(_one_device(cfg))
     metrics = jax.jit(
         lambda p, s, x, y: train_lib.evaluate(

@@ -6,11 +6,15 @@ shrink every trial for a quick check (`--smoke`), and `sweep(smoke)` may yield a
 
 Trials that differ only in seed and numeric optimizer hyperparameters train together in one
 vmapped program (`bnlab.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
-finished once its `summary.json` exists (written atomically, last) with status ok or
-diverged; a sweep run again skips finished trials and retries failed ones. An interrupted
-trial resumes from its latest checkpoint through the single-run trainer (`run.run` resumes a
-workdir; vmapped trials save checkpoints in its format); one interrupted before any checkpoint
-is redone from scratch. Either way nothing is lost or duplicated.
+finished once its `summary.json` exists (written atomically, last) with any status but
+failed (ok, diverged, early_stopped); a sweep run again skips finished trials and retries failed
+ones. An interrupted trial resumes from its latest checkpoint through the single-run trainer
+(`run.run` resumes a workdir; vmapped trials save checkpoints in its format); one interrupted
+before any checkpoint is redone from scratch. Either way nothing is lost or duplicated.
+
+`DIR` holds one variant of one sweep (`DIR/sweep.json` indexes its trials for reports): another
+experiment that lacks some of its trials, other `--smoke`/`--config` overrides, or a finished
+trial whose config has changed since is refused with a `ConfigError`.
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def trial_config(
 
 
 def is_finished(run_dir: Path) -> bool:
-    """A trial with a result: ok or diverged. A failed trial is retried by the next run."""
+    """A trial with a result (ok, diverged, early_stopped); a failed one is retried by the next
+    run."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -150,23 +155,29 @@ def run_sweep(
     extra = dict(overrides or {})
     configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
     workdir = Path(workdir)
-    _refuse_other_sweep(workdir, path, smoke, extra)
+    spec = {
+        "experiment": str(path),
+        "experiment_path": os.path.abspath(path),
+        "smoke": smoke,
+        "overrides": extra,
+        "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
+    }
+    _refuse_other_sweep(workdir, spec)
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
-    write_json(
-        workdir / "sweep.json",
-        {
-            "experiment": str(path),
-            "smoke": smoke,
-            "overrides": extra,
-            "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
-        },
-    )
+    write_json(workdir / "sweep.json", spec)
     mine = shard(trials, *shard_spec)
+    if not mine:
+        index, count = shard_spec
+        log(
+            f"shard {index}/{count} holds none of the sweep's {len(trials)} trials (trials go to "
+            "shards by a hash of their id); the other shards run them."
+        )
     counts: dict[str, int] = {}
     resume, todo = [], []
     for trial in mine:
         run_dir = workdir / "runs" / trial.trial_id
         if is_finished(run_dir):
+            _refuse_changed_trial(run_dir, configs[trial.trial_id])
             counts["skipped"] = counts.get("skipped", 0) + 1
             log(f"{trial.trial_id}: finished before, skipped")
         elif _has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
@@ -189,17 +200,50 @@ def run_sweep(
     return counts
 
 
-def _refuse_other_sweep(workdir: Path, path, smoke: bool, extra: dict[str, str]) -> None:
-    """Trial ids cover only the grid point: a folder holds one variant of one sweep."""
+def _refuse_other_sweep(workdir: Path, spec: dict[str, Any]) -> None:
+    """A folder holds one variant of one sweep: trial ids cover only the grid point, and
+    sweep.json (the index that reports read) lists one sweep's trials. Its own experiment file
+    may change its grid, and a copy elsewhere (a shard's machine) may add trials; another file
+    that would drop trials from the index is refused."""
     try:
         old = json.loads((workdir / "sweep.json").read_text())
     except (OSError, json.JSONDecodeError):
         return
-    if old.get("smoke") != smoke or old.get("overrides") != extra:
+    was = f"the sweep {old.get('experiment')} run with smoke={old.get('smoke')} and overrides "
+    was += f"{old.get('overrides')}"
+    if old.get("smoke") != spec["smoke"] or old.get("overrides") != spec["overrides"]:
         raise config_lib.ConfigError(
-            f"{workdir} holds the sweep {old.get('experiment')} run with smoke={old.get('smoke')} "
-            f"and overrides {old.get('overrides')}; this run has smoke={smoke} and overrides "
-            f"{extra}. Use another --workdir for a different variant."
+            f"{workdir} holds {was}; this run has smoke={spec['smoke']} and overrides "
+            f"{spec['overrides']}. Use another --workdir for a different variant."
+        )
+    old_path = old.get("experiment_path") or os.path.abspath(old.get("experiment", ""))
+    old_ids = {t["trial_id"] for t in old.get("trials", [])}
+    dropped = old_ids - {t["trial_id"] for t in spec["trials"]}
+    if old_path != spec["experiment_path"] and dropped:
+        raise config_lib.ConfigError(
+            f"{workdir} holds {was}; {spec['experiment']} is another experiment, without "
+            f"{len(dropped)} of that sweep's {len(old_ids)} trials: running it here would drop "
+            "them from sweep.json and the report. Use another --workdir for it, or move that "
+            "folder away first."
+        )
+
+
+def _refuse_changed_trial(run_dir: Path, cfg: config_lib.Config) -> None:
+    """A finished trial is skipped only if it ran the config that the sweep gives it now (an
+    edited experiment, or another one with the same grid, must not mix with its results)."""
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    try:
+        differences = config_lib.resume_differences(config_lib.from_dict(old), cfg)
+    except config_lib.ConfigError as err:  # a config.json of an older bnlab
+        differences = [f"its config.json no longer validates: {err}"]
+    if differences:
+        raise config_lib.ConfigError(
+            f"{run_dir} finished with another config than this sweep gives that trial now ("
+            + "; ".join(differences)
+            + "). Use another --workdir for the changed experiment, or move the folder away."
         )
 
 

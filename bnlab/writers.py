@@ -76,8 +76,14 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
+# Fields that locate a record (its epoch, how many steps it averages) rather than measure the
+# run: metrics.jsonl keeps them, TensorBoard would only draw them as curves.
+NOT_CURVES = frozenset({"epoch", "window"})
+
+
 class MetricWriter:
-    """Appends records to `metrics.jsonl` and mirrors scalars to TensorBoard (tensorboardX)."""
+    """Appends records to `metrics.jsonl` and mirrors finite scalars to TensorBoard
+    (tensorboardX); a non-finite value is `null` in the file and left out of TensorBoard."""
 
     def __init__(
         self,
@@ -98,7 +104,10 @@ class MetricWriter:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         if self._tb is not None:
             for name, value in metrics.items():
-                if isinstance(value, int | float | np.floating | np.integer) or np.ndim(value) == 0:
+                scalar = isinstance(value, int | float | np.floating | np.integer) or not np.ndim(
+                    value
+                )
+                if scalar and name not in NOT_CURVES and math.isfinite(value):
                     self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
 
     def close(self) -> None:

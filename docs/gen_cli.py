@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import sys
+import textwrap
 from pathlib import Path
 from unittest import mock
 
@@ -14,12 +15,14 @@ from bnlab import cli
 OUTPUT = Path(__file__).resolve().parent / "cli.md"
 WIDTH = "100"  # argparse wraps help text to $COLUMNS; fixed so the file is the same everywhere
 
-HEADER = """# CLI reference
+HEADER = f"""# CLI reference
 
 Generated from the parser by `python docs/gen_cli.py`; `tests/test_docs.py` fails when this
-file and the CLI disagree. Every command also takes `--config.GROUP.FIELD=VALUE` overrides
-(`train` and `sweep`; see [experiments.md](experiments.md)). Exit status: 0 done, 2 bad input
-(the message says what to change), 3 a diverged `train` run (non-finite loss).
+file and the CLI disagree. `train` and `sweep` take `--config.GROUP.FIELD=VALUE` overrides (see
+[experiments.md](experiments.md)); `evaluate` takes only `--config.data.mnist_dir` and
+`--config.data.tfds_dir` (the same as its flags).
+
+{textwrap.fill(cli.EXIT_CODES[0].upper() + cli.EXIT_CODES[1:] + ".", 96, break_on_hyphens=False)}
 """
 
 

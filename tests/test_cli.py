@@ -1,14 +1,16 @@
-"""The `bnlab train` command: a real run on MNIST, its files, and early, clear errors."""
+"""The `bnlab` commands: a real run on MNIST, its files, evaluation and export from anywhere, and
+early, clear errors."""
 
 import json
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
-from conftest import ROOT
+from conftest import MNIST_DIR, ROOT
 
-from bnlab import cli
+from bnlab import cli, config, export, sweep
 
 
 def _bnlab(*args, env=None):
@@ -163,3 +165,120 @@ def test_smoke_applies_the_experiment_smoke_overrides(tmp_path, capsys, tfds_dir
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 1280 // 128 and summary["epochs"] == 1
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tfds_dir):
+    """An MLP run trained in folder `a` with relative data folders; checkpoints at steps 5, 10."""
+    a = tmp_path_factory.mktemp("a")
+    (a / "mnist").symlink_to(MNIST_DIR)
+    (a / "tfds").symlink_to(tfds_dir)
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(a)
+        code = cli.main(
+            [
+                "train", "--config", str(ROOT / "experiments/bn_paper_mlp.py"), "--workdir", "run",
+                "--no-progress", "--config.data.mnist_dir=mnist", "--config.data.tfds_dir=tfds",
+                "--config.data.train_size=600", "--config.train.epochs=1",
+                "--config.checkpoint.every_steps=5",
+            ]
+        )  # fmt: skip
+    assert code == 0
+    return a / "run"
+
+
+def _accuracy_line(workdir) -> str:
+    summary = json.loads((workdir / "summary.json").read_text())
+    return f"test_accuracy={summary['test_accuracy']:.4f}"
+
+
+def test_evaluate_works_from_any_folder_and_finds_moved_data(
+    trained, tmp_path, monkeypatch, capsys
+):
+    data = json.loads((trained / "config.json").read_text())["data"]
+    assert (data["mnist_dir"], data["tfds_dir"]) == (
+        str(trained.parent / "mnist"),
+        str(trained.parent / "tfds"),
+    )
+    monkeypatch.chdir(tmp_path)  # not where it trained
+    monkeypatch.delenv(config.MNIST_DIR_ENV)
+    assert cli.main(["evaluate", str(trained)]) == 0
+    assert _accuracy_line(trained) in capsys.readouterr().out
+    moved = tmp_path / "moved"
+    (trained.parent / "mnist").rename(moved)
+    try:
+        assert cli.main(["evaluate", str(trained)]) == 2
+        assert f"MNIST folder {trained.parent / 'mnist'} does not exist" in capsys.readouterr().err
+        for args, env in [
+            (["--mnist-dir", "moved"], None),  # relative to this folder
+            ([f"--config.data.mnist_dir={moved}"], None),
+            ([], str(moved)),
+        ]:
+            if env:
+                monkeypatch.setenv(config.MNIST_DIR_ENV, env)
+            assert cli.main(["evaluate", str(trained), *args]) == 0, args
+            assert _accuracy_line(trained) in capsys.readouterr().out
+    finally:
+        moved.rename(trained.parent / "mnist")
+    assert cli.main(["evaluate", str(trained), "--config.opt.lr=1"]) == 2
+    assert "--mnist-dir" in capsys.readouterr().err
+
+
+def test_evaluate_a_missing_step_lists_the_steps_there_are(trained, capsys):
+    assert cli.main(["evaluate", str(trained), "--step", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint of step 7; its checkpoints are of steps 5, 10" in err
+    assert "damaged" not in err
+    assert cli.main(["evaluate", str(trained), "--step", "5"]) == 0
+    assert "step=5 " in capsys.readouterr().out
+
+
+def test_export_creates_the_folders_of_out(trained, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "weights.npz"
+    assert cli.main(["export", str(trained), "--format", "npz", "--out", str(out)]) == 0
+    assert export.load_npz(out)[2] == 10
+    assert cli.main(["export", str(trained), "--format", "npz", "--out", str(out.parent)]) == 0
+    assert export.load_npz(out.parent / "export.npz")[2] == 10  # a folder gets export.npz
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main(["export", str(trained), "--format", "npz", "--out", f"{a_file}/w.npz"]) == 2
+    assert f"cannot create the folder {a_file} for the export" in capsys.readouterr().err
+
+
+def test_export_torch_without_torch_gives_an_install_command_that_works(
+    trained, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    out = tmp_path / "w.pt"
+    assert cli.main(["export", str(trained), "--format", "torch", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    pin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"pip install {pin['torch'][0]} " in err and "bnlab[torch]'" not in err
+    assert "-c constraints.txt -e '.[torch]'" in err and not out.exists()
+
+
+def test_a_data_error_leaves_no_new_folder_behind(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["train", "--config", str(ROOT / "experiments/mnist_cnn.py")]
+    args += [f"--config.data.mnist_dir={empty}"]
+    assert cli.main([*args, "--workdir", str(tmp_path / "new" / "run")]) == 2
+    assert f"MNIST folder {empty} has no" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+    assert cli.main([*args, "--workdir", str(empty)]) == 2
+    assert empty.is_dir()  # it existed before: kept
+
+
+def test_a_shard_without_trials_says_so(tmp_path, capsys):
+    experiment = tmp_path / "one.py"
+    experiment.write_text(
+        "from bnlab.config import default_config\nget_config = default_config\n"
+        "def sweep():\n    yield {'train.seed': 0}\n"
+    )
+    trials = sweep.expand(sweep.load_experiment(experiment))
+    empty = next(i for i in range(8) if not sweep.shard(trials, i, 8))
+    args = ["sweep", str(experiment), "--workdir", str(tmp_path / "out"), "--shard", f"{empty}/8"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"shard {empty}/8 holds none of the sweep's 1 trials" in out
+    assert f"sweep done: nothing to run in shard {empty}/8" in out

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from bnlab import config, sweep
+from bnlab import cli, config, sweep
+from bnlab.writers import write_json
 
 EXPERIMENT = """
 from bnlab.config import default_config
@@ -221,3 +222,39 @@ def test_every_experiment_declares_itself_and_validates(path):
         for smoke in (False, True):
             for trial in sweep.expand(module, smoke=smoke):
                 sweep.trial_config(module, trial, smoke=smoke, extra={})
+
+
+def _recording_runner(cfg, run_dir):
+    """A trial that 'trains' instantly: the files a finished run leaves that sweeps read."""
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    write_json(run_dir / "summary.json", {"status": "ok"})
+    return {"status": "ok"}
+
+
+def test_a_folder_is_not_reused_by_another_experiment(tmp_path, capsys):
+    out, experiment = tmp_path / "out", _experiment(tmp_path, seeds=2)
+    kwargs = {"runner": _recording_runner, "engine": "sequential", "log": print}
+    assert sweep.run_sweep(experiment, out, **kwargs) == {"ok": 4}
+    index = (out / "sweep.json").read_bytes()
+    other = tmp_path / "other.py"
+    grid = EXPERIMENT.format(tfds_dir="", seeds=5)
+    other.write_text(grid.replace('("batchnorm", "none")', '("none",)'))  # no BN trials
+    with pytest.raises(config.ConfigError, match="other.py is another experiment"):
+        sweep.run_sweep(other, out, **kwargs)
+    assert cli.main(["sweep", str(other), "--workdir", str(out)]) == 2
+    assert "Use another --workdir for it" in capsys.readouterr().err
+    assert (out / "sweep.json").read_bytes() == index  # the earlier trials stay indexed
+
+    # The same experiment reached by another path (a shard's machine) continues it.
+    copy = tmp_path / "copy" / "exp.py"
+    copy.parent.mkdir()
+    copy.write_text(experiment.read_text())
+    assert sweep.run_sweep(copy, out, **kwargs) == {"skipped": 4}
+    # The same file with a larger grid adds its new trials.
+    experiment.write_text(EXPERIMENT.format(tfds_dir="", seeds=3))
+    assert sweep.run_sweep(experiment, out, **kwargs) == {"skipped": 4, "ok": 2}
+    # A changed base config would mix with the finished trials' results: refused.
+    experiment.write_text(EXPERIMENT.format(tfds_dir="", seeds=3).replace("= 60", "= 30"))
+    with pytest.raises(config.ConfigError, match=r"train.batch_size: 60 -> 30"):
+        sweep.run_sweep(experiment, out, **kwargs)

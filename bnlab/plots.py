@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from bnlab.results import Group, Sweep, TrialResult, format_value, short_names
+from bnlab.results import RESULTS, Group, Sweep, TrialResult, format_value, short_names
 
 NORM_KEY = "model.norm"
 PERCENTILES = ("act_p15", "act_p50", "act_p85")
@@ -79,37 +79,45 @@ def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def _curve(trials: list[TrialResult], field: str):
-    """Steps, mean and std over trials of a test-record field (missing or null -> ignored)."""
-    steps = sorted({r["step"] for t in trials for r in t.test_records if r.get(field) is not None})
+def _curve(trials: list[TrialResult], field: str, split: str = "test"):
+    """Steps, mean and std over trials of a field of `split`'s records (missing or null, or not
+    a number, -> ignored)."""
+    number = lambda r: isinstance(r.get(field), int | float)  # noqa: E731
+    steps = sorted({r["step"] for t in trials for r in t.records(split) if number(r)})
     column = {s: i for i, s in enumerate(steps)}
     rows = np.full((len(trials), len(steps)), np.nan)
     for i, trial in enumerate(trials):
-        for r in trial.test_records:
-            if r.get(field) is not None:
+        for r in trial.records(split):
+            if number(r):
                 rows[i, column[r["step"]]] = r[field]
     return (np.array(steps), *_mean_std(rows))
 
 
 def _ok_trials(groups: list[Group]) -> list[TrialResult]:
-    return [t for g in groups for t in g.with_status("ok")]
+    return [t for g in groups for t in g.with_result()]
 
 
-def accuracy_curves(sweep: Sweep) -> Figure | None:
-    """(1) Test accuracy vs steps, mean +- std over ok seeds, BN vs none; a panel per setting."""
-    if NORM_KEY not in sweep.varying or not any(t.test_records for t in sweep.trials):
+def accuracy_curves(sweep: Sweep, split: str = "test") -> Figure | None:
+    """(1) Test (or validation) accuracy vs steps, mean +- std over the seeds with a result, a
+    line per normalization; a panel per setting."""
+    if NORM_KEY not in sweep.varying or not any(t.records(split) for t in sweep.trials):
         return None
     panels = _panels(sweep, (NORM_KEY,))
-    fig, axes = _figure(len(panels), "Test accuracy during training: BN vs no normalization")
+    fig, axes = _figure(len(panels), f"{split.capitalize()} accuracy during training")
     for ax, (title, groups) in zip(axes, panels, strict=True):
         for label, members in _series(sweep, groups):
-            steps, mean, std = _curve(_ok_trials(members), "accuracy")
+            steps, mean, std = _curve(_ok_trials(members), "accuracy", split)
             if len(steps):
                 (line,) = ax.plot(steps, mean, marker=".", label=label)
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set(title=title, xlabel="training step", ylabel="test accuracy")
+        ax.set(title=title, xlabel="training step", ylabel=f"{split} accuracy")
         _legend(ax)
     return fig
+
+
+def validation_curves(sweep: Sweep) -> Figure | None:
+    """(1b) Validation accuracy vs steps, when the runs hold a validation split out."""
+    return accuracy_curves(sweep, "validation")
 
 
 def accuracy_vs_lr(sweep: Sweep) -> Figure | None:
@@ -185,13 +193,19 @@ def optimizer_comparison(sweep: Sweep) -> Figure | None:
 
 def status_counts(sweep: Sweep) -> Figure | None:
     """(5) Trials per setting by status (diverged, failed, missing), when any is not ok."""
-    if all(t.status == "ok" for t in sweep.trials):
+    if all(t.status in RESULTS for t in sweep.trials):
         return None
     fig = Figure(figsize=(7, 1.2 + 0.35 * len(sweep.groups)), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(sweep.groups))
     left = np.zeros(len(sweep.groups))
-    colors = {"ok": "tab:green", "diverged": DIVERGED_COLOR, "failed": "black", "missing": "0.7"}
+    colors = {
+        "ok": "tab:green",
+        "early_stopped": "tab:olive",
+        "diverged": DIVERGED_COLOR,
+        "failed": "black",
+        "missing": "0.7",
+    }
     for status, color in colors.items():
         counts = np.array([len(g.with_status(status)) for g in sweep.groups])
         ax.barh(y, counts, left=left, color=color, label=status)
@@ -233,6 +247,9 @@ FIGURES: tuple[tuple[str, str, Callable[[Sweep], Figure | None], str], ...] = (
     ("accuracy_curves", "Test accuracy during training", accuracy_curves,
      "Test accuracy vs training step, mean over the seeds that finished ok (band: +- one std), "
      "with and without batch normalization."),
+    ("validation_curves", "Validation accuracy during training", validation_curves,
+     "Validation accuracy (the held-out end of the training split) vs training step, mean "
+     "over the seeds with a result (band: +- one std), a line per normalization."),
     ("accuracy_vs_lr", "Final accuracy vs learning rate", accuracy_vs_lr,
      "Final test accuracy vs learning rate (log scale), mean +- std over ok seeds; an x at the "
      "bottom marks a learning rate where at least one seed diverged."),
@@ -253,10 +270,13 @@ FIGURES: tuple[tuple[str, str, Callable[[Sweep], Figure | None], str], ...] = (
 
 
 def all_figures(sweep: Sweep) -> list[Plot]:
-    """Every figure that applies to this sweep, in report order."""
+    """Every figure that applies to this sweep, in report order: the table above, then those
+    of the runs' diagnostics (`bnlab.diag_plots`)."""
+    from bnlab import diag_plots  # it builds on this module's helpers
+
     plots = []
     for name, title, make, caption in FIGURES:
         figure = make(sweep)
         if figure is not None:
             plots.append(Plot(name, title, caption, figure))
-    return plots
+    return plots + diag_plots.figures(sweep)

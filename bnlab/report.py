@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.plots import FIGURES, Plot, all_figures
-from bnlab.results import SEED_KEY, STATUSES, Stats, Sweep, format_value, load_sweep
+from bnlab.results import RESULTS, SEED_KEY, STATUSES, Stats, Sweep, format_value, load_sweep
 
 __all__ = ["all_figures", "load_sweep", "render", "table", "table_markdown", "write_report"]
 
@@ -26,17 +26,31 @@ FIGURE_DIR = "figures"
 
 
 def table(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per setting: its varying keys, counts by status, Stats of final accuracy/loss."""
-    return [
-        {
+    """One row per setting: its varying keys, counts by status, Stats of final test accuracy
+    and loss, and of validation accuracy (`validation_accuracy`) when the runs hold one out."""
+    rows = []
+    for group in sweep.groups:
+        row = {
             **group.setting,
             "seeds": len(group.trials),
             **{status: len(group.with_status(status)) for status in STATUSES},
             "accuracy": group.stats("accuracy", CONFIDENCE),
             "loss": group.stats("loss", CONFIDENCE),
         }
-        for group in sweep.groups
-    ]
+        if _has_validation(sweep):
+            row["validation_accuracy"] = group.stats("accuracy", CONFIDENCE, split="validation")
+        rows.append(row)
+    return rows
+
+
+def _has_validation(sweep: Sweep) -> bool:
+    return any(t.final("accuracy", "validation") is not None for t in sweep.trials)
+
+
+def _statuses(sweep: Sweep) -> list[str]:
+    """The status columns: early_stopped only where a sweep uses early stopping."""
+    counts = sweep.counts()
+    return [s for s in STATUSES if s != "early_stopped" or counts[s]]
 
 
 def _number(x: float) -> str:
@@ -56,13 +70,16 @@ def _interval(s: Stats) -> str:
 def table_markdown(sweep: Sweep) -> str:
     """The table as Markdown."""
     level = f"{CONFIDENCE:.0%}"
-    header = [f"`{k}`" for k in sweep.varying] + ["seeds", *STATUSES]
+    statuses, validation = _statuses(sweep), _has_validation(sweep)
+    header = [f"`{k}`" for k in sweep.varying] + ["seeds", *statuses]
+    header += ["validation accuracy, mean ± std"] if validation else []
     header += ["test accuracy, mean ± std", f"accuracy {level} CI"]
     header += ["test loss, mean ± std", f"loss {level} CI"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in table(sweep):
         cells = [format_value(row[k]) for k in sweep.varying]
-        cells += [str(row["seeds"]), *(str(row[status]) for status in STATUSES)]
+        cells += [str(row["seeds"]), *(str(row[status]) for status in statuses)]
+        cells += [_mean_std(row["validation_accuracy"])] if validation else []
         for metric in ("accuracy", "loss"):
             cells += [_mean_std(row[metric]), _interval(row[metric])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -90,12 +107,16 @@ def _overview(sweep: Sweep) -> list[str]:
         "**Status.** " + ", ".join(f"{counts[s]} {s}" for s in counts) + ". A trial is *ok* when "
         "it finished with finite losses, *diverged* when a training metric became non-finite "
         "(NaN or infinite) or a loss exceeded `train.divergence_loss` (it stopped at the end of "
-        "that epoch), *failed* when it raised an error, *missing* when it has no results yet "
-        "(not run, or interrupted).",
+        "that epoch), *early_stopped* when its validation metric stopped improving "
+        "(`train.early_stopping_patience`), *failed* when it raised an error, *missing* when it "
+        "has no results yet (not run, or interrupted).",
     ]
-    steps = sorted({t.summary.get("steps") for t in sweep.trials if t.status == "ok"})
+    steps = sorted({t.summary.get("steps") for t in sweep.trials if t.status in RESULTS})
     if steps:
-        lines += ["", f"**Training length** of the ok trials: {', '.join(map(str, steps))} steps."]
+        lines += [
+            "",
+            f"**Training length** of the trials with a result: {', '.join(map(str, steps))} steps.",
+        ]
     if sweep.varying:
         lines += ["", "**Varied** (besides the seed):"]
         lines += [
@@ -120,6 +141,11 @@ def _not_ok(sweep: Sweep) -> list[str]:
                     f"- {where}: missing (no summary.json); run the same `bnlab sweep` command "
                     "again to finish it."
                 )
+            elif t.status == "early_stopped":
+                lines.append(
+                    f"- {where}: stopped early after epoch {t.summary.get('epochs')} "
+                    f"(best validation at epoch {t.summary.get('best_epoch', 0) + 1})."
+                )
             elif t.status != "ok":
                 lines.append(f"- {where}: status {t.status!r}.")
     return lines or ["Every trial finished ok."]
@@ -136,10 +162,11 @@ def render(sweep: Sweep, plots: list[Plot]) -> str:
     level = f"{CONFIDENCE:.0%}"
     lines += [
         "Each row is one setting; its trials differ only in the seed. Final test accuracy and "
-        "loss are over the seeds that finished *ok*: mean ± sample standard deviation, and the "
-        f"{level} confidence interval of the mean (Student t, seeds - 1 degrees of freedom). "
-        "Diverged, failed and missing trials are left out of these statistics and counted in "
-        "their own columns.",
+        "loss (and validation accuracy, where the runs hold a validation split out) are over "
+        "the seeds that finished *ok* or *early_stopped* (their last epoch's): mean ± sample "
+        f"standard deviation, and the {level} confidence interval of the mean (Student t, "
+        "seeds - 1 degrees of freedom). Diverged, failed and missing trials are left out of "
+        "these statistics and counted in their own columns.",
         "",
         table_markdown(sweep),
         "",
@@ -163,6 +190,8 @@ def write_report(directory: str | os.PathLike) -> Path:
     figure_dir.mkdir(exist_ok=True)
     for name, *_ in FIGURES:  # a figure that no longer applies must not linger
         (figure_dir / f"{name}.png").unlink(missing_ok=True)
+    for path in figure_dir.glob("diag_*.png"):  # nor one of a diagnostic
+        path.unlink()
     plots = all_figures(sweep)
     for plot in plots:
         plot.figure.savefig(figure_dir / f"{plot.name}.png", dpi=100)

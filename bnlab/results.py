@@ -21,7 +21,11 @@ from bnlab.config import ConfigError, parse_value
 from bnlab.writers import read_jsonl
 
 SEED_KEY = "train.seed"
-STATUSES = ("ok", "diverged", "failed", "missing")
+STATUSES = ("ok", "early_stopped", "diverged", "failed", "missing")
+# Trials with a result: their final metrics enter the statistics (an early-stopped trial's
+# are those of the epoch where it stopped; summary.json also holds its best epoch's).
+RESULTS = ("ok", "early_stopped")
+SPLITS = ("test", "validation", "diag")  # the records a report reads (train windows are not)
 UNSET = "(default)"  # a key some trials of a heterogeneous grid do not override
 
 
@@ -60,10 +64,18 @@ def summarize(values: Iterable[float], level: float = 0.95) -> Stats:
 class TrialResult:
     trial_id: str
     overrides: dict[str, Any]  # dotted key -> parsed value
-    status: str  # ok | diverged | failed | missing (no summary.json: not run or interrupted)
+    status: str  # STATUSES; missing: no summary.json (not run, or interrupted)
     summary: dict[str, Any]  # summary.json; {} when missing
     config: dict[str, Any]  # config.json (nested); {} when absent
     test_records: list[dict[str, Any]]  # the "test" records of metrics.jsonl; null -> None
+    validation_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    diag_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def records(self, split: str) -> list[dict[str, Any]]:
+        """The records of `split` ("test", "validation" or "diag")."""
+        return {"test": self.test_records, "validation": self.validation_records}.get(
+            split, self.diag_records
+        )
 
     def value(self, key: str) -> Any:
         """The trial's value of a dotted key: its override, else its resolved config."""
@@ -76,9 +88,9 @@ class TrialResult:
             node = node[part]
         return node
 
-    def final(self, metric: str) -> float | None:
-        """`summary.json`'s `test_<metric>` when it is a finite number."""
-        value = self.summary.get(f"test_{metric}")
+    def final(self, metric: str, split: str = "test") -> float | None:
+        """`summary.json`'s `<split>_<metric>` when it is a finite number."""
+        value = self.summary.get(f"{split}_{metric}")
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
@@ -91,9 +103,14 @@ class Group:
     def with_status(self, status: str) -> list[TrialResult]:
         return [t for t in self.trials if t.status == status]
 
-    def stats(self, metric: str, level: float = 0.95) -> Stats:
-        """Statistics of the final test `metric` ("accuracy" or "loss") over the ok seeds."""
-        values = [t.final(metric) for t in self.with_status("ok")]
+    def with_result(self) -> list[TrialResult]:
+        """The seeds that finished with a result (ok or early-stopped)."""
+        return [t for t in self.trials if t.status in RESULTS]
+
+    def stats(self, metric: str, level: float = 0.95, split: str = "test") -> Stats:
+        """Statistics of the final `metric` ("accuracy" or "loss") of `split` ("test" or
+        "validation") over the seeds with a result."""
+        values = [t.final(metric, split) for t in self.with_result()]
         return summarize([v for v in values if v is not None], level)
 
 
@@ -166,8 +183,17 @@ def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResu
         return TrialResult(tid, parsed, "missing", {}, config, [])
     metrics = run_dir / "metrics.jsonl"
     records = read_jsonl(metrics) if metrics.is_file() else []
-    tests = [r for r in records if r.get("split") == "test"]
-    return TrialResult(tid, parsed, str(summary.get("status", "failed")), summary, config, tests)
+    by_split = {split: [r for r in records if r.get("split") == split] for split in SPLITS}
+    return TrialResult(
+        tid,
+        parsed,
+        str(summary.get("status", "failed")),
+        summary,
+        config,
+        by_split["test"],
+        by_split["validation"],
+        by_split["diag"],
+    )
 
 
 def _varying_keys(trials: list[TrialResult]) -> list[str]:

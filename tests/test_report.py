@@ -257,3 +257,64 @@ def test_comparison_bars_only_when_the_sweep_varies_their_keys(tmp_path, keys, f
     links = re.findall(r"\(figures/(\w+)\.png\)", text)
     assert links == [figure, "status_counts"]
     assert image.imread(tmp_path / "figures" / f"{figure}.png").shape[0] > 200
+
+
+def _fake_sweep(directory, trials):
+    """A sweep folder written by hand: `trials` is a list of (overrides, summary, records)."""
+    from bnlab import sweep as sweep_lib
+
+    specs = []
+    for overrides, summary, records in trials:
+        tid = sweep_lib.trial_id(overrides)
+        run_dir = directory / "runs" / tid
+        run_dir.mkdir(parents=True)
+        write_json(run_dir / "summary.json", summary)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        specs.append({"trial_id": tid, "overrides": {k: str(v) for k, v in overrides.items()}})
+    write_json(directory / "sweep.json", {"experiment": "x.py", "smoke": False, "trials": specs})
+
+
+def test_diagnostics_validation_and_early_stopped_trials_in_a_report(tmp_path):
+    def diag(step, seed, norm_scale):
+        return {
+            "step": step,
+            "split": "diag",
+            "ics/dense1/l2": 0.1 * (seed + 1) + step,
+            "hessian/lambda_max": 5.0 + step,
+            "hessian/density_nodes": [[-1.0, 0.0, 20.0], [-1.0, 0.5, 19.0]],
+            "hessian/density_weights": [[0.3, 0.6, 0.1], [0.2, 0.7, 0.1]],
+            **{
+                f"init_gradients/{norm}/depth{d}": [scale * 2.0**d] + [1.0] * (d - 1)
+                for norm, scale in (("batchnorm", norm_scale), ("none", 1.0))
+                for d in (2, 3)
+            },
+        }
+
+    trials = []
+    for lr in (0.1, 0.2):
+        for seed, status in ((0, "ok"), (1, "early_stopped")):
+            summary = {"status": status, "test_accuracy": 0.9 + seed * 0.01 + lr / 10}
+            summary |= {"test_loss": 0.3, "validation_accuracy": 0.8 + seed * 0.02, "steps": 10}
+            summary |= {"epochs": 1, "best_epoch": 0}
+            records = [diag(0, seed, 1.0 + seed), diag(10, seed, 1.0 + seed)]
+            records += [{"step": 10, "split": "validation", "accuracy": 0.8, "loss": 0.5}]
+            trials.append(({"opt.lr": lr, "train.seed": seed}, summary, records))
+    _fake_sweep(tmp_path, trials)
+    sweep = results.load_sweep(tmp_path)
+    row = report.table(sweep)[0]
+    assert row["ok"] == 1 and row["early_stopped"] == 1
+    assert row["accuracy"].n == 2  # an early-stopped trial has a result
+    assert row["validation_accuracy"].mean == pytest.approx(0.81)
+    text = report.write_report(tmp_path).read_text()
+    assert "validation accuracy, mean ± std" in text and "stopped early after epoch 1" in text
+    names = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"diag_ics.png", "diag_hessian.png", "diag_hessian_density.png"} <= names
+    assert "diag_init_gradients.png" in names
+    from bnlab import diag_plots
+
+    depths, rows = diag_plots.first_layer_norms(sweep.groups[0])["batchnorm"]
+    np.testing.assert_array_equal(depths, [2, 3])
+    np.testing.assert_allclose(rows, [[4.0, 8.0], [8.0, 16.0]])  # seeds 0 and 1, 2**d scale
+    grid, density = diag_plots._density(sweep.groups[0], 0)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, rel=1e-3)  # a density
+    assert grid[np.argmax(density)] == pytest.approx(0.25, abs=0.5)  # the bulk, not the outlier

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.plots import FIGURES, Plot, all_figures
-from bnlab.results import RESULTS, SEED_KEY, STATUSES, Stats, Sweep, format_value, load_sweep
+from bnlab.results import (
+    RESULTS,
+    SEED_KEY,
+    STATUSES,
+    UNSET,
+    Stats,
+    Sweep,
+    format_value,
+    load_sweep,
+)
 
 __all__ = ["all_figures", "load_sweep", "render", "table", "table_markdown", "write_report"]
 
@@ -104,7 +113,8 @@ def _overview(sweep: Sweep) -> list[str]:
         f"({', '.join(seeds) or 'not varied'}). "
         f"Overrides applied to every trial: {extra}.",
         "",
-        "**Status.** " + ", ".join(f"{counts[s]} {s}" for s in counts) + ". A trial is *ok* when "
+        "**Status.** " + ", ".join(f"{counts[s]} {s}" for s in _statuses(sweep)) + ". A trial "
+        "is *ok* when "
         "it finished with finite losses, *diverged* when a training metric became non-finite "
         "(NaN or infinite) or a loss exceeded `train.divergence_loss` (it stopped at the end of "
         "that epoch), *early_stopped* when its validation metric stopped improving "
@@ -122,6 +132,13 @@ def _overview(sweep: Sweep) -> list[str]:
         lines += [
             f"- `{k}`: {', '.join(format_value(v) for v in sweep.values(k))}" for k in sweep.varying
         ]
+    for key, leader in sweep.follows.items():
+        pairs = {
+            format_value(t.overrides.get(leader, UNSET)): format_value(t.overrides.get(key, UNSET))
+            for t in sweep.trials
+        }
+        shown = ", ".join(f"{a} -> {b}" for a, b in pairs.items())
+        lines += [f"- `{key}` follows `{leader}`: {shown}"]
     return lines
 
 

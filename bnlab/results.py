@@ -123,6 +123,9 @@ class Sweep:
     trials: list[TrialResult]  # in the sweep's order
     varying: list[str]  # override keys with more than one value, `train.seed` excluded
     groups: list[Group]  # in order of first appearance
+    # Varying keys that an earlier varying key determines -> that key (not a setting of their
+    # own: e.g. the learning rate each `model.name` trains with).
+    follows: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Trials per status, every status of STATUSES included."""
@@ -156,7 +159,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         _load_trial(path / "runs" / t["trial_id"], t["trial_id"], t["overrides"])
         for t in spec["trials"]
     ]
-    varying = _varying_keys(trials)
+    varying, follows = _split_dependent(trials, _varying_keys(trials))
     return Sweep(
         path=path,
         experiment=spec.get("experiment", ""),
@@ -165,6 +168,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         trials=trials,
         varying=varying,
         groups=_group(trials, varying),
+        follows=follows,
     )
 
 
@@ -199,6 +203,39 @@ def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResu
 def _varying_keys(trials: list[TrialResult]) -> list[str]:
     keys = list(dict.fromkeys(k for t in trials for k in t.overrides if k != SEED_KEY))
     return [k for k in keys if len({repr(t.overrides.get(k, UNSET)) for t in trials}) > 1]
+
+
+def _split_dependent(
+    trials: list[TrialResult], keys: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """`keys` without those that another, earlier key determines (a model's own learning rate
+    beside `model.name`), and `{dependent key: the key it follows}`: they add no setting, only
+    columns, so a report names them once instead."""
+
+    def value(trial, key):
+        return repr(trial.overrides.get(key, UNSET))
+
+    def categorical(key):  # names lead numbers: "opt.schedule" over its "opt.decay_rate"
+        return all(isinstance(t.overrides.get(key, ""), str) for t in trials)
+
+    kept, follows = [], {}
+    for key in sorted(keys, key=lambda k: not categorical(k)):
+        leader = next(
+            (
+                k
+                for k in kept
+                if all(
+                    len({value(t, key) for t in trials if value(t, k) == v}) == 1
+                    for v in {value(t, k) for t in trials}
+                )
+            ),
+            None,
+        )
+        if leader is None:
+            kept.append(key)
+        else:
+            follows[key] = leader
+    return [k for k in keys if k in kept], follows
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -259,7 +259,7 @@ def test_comparison_bars_only_when_the_sweep_varies_their_keys(tmp_path, keys, f
     assert image.imread(tmp_path / "figures" / f"{figure}.png").shape[0] > 200
 
 
-def _fake_sweep(directory, trials):
+def _written_sweep(directory, trials):
     """A sweep folder written by hand: `trials` is a list of (overrides, summary, records)."""
     from bnlab import sweep as sweep_lib
 
@@ -299,7 +299,7 @@ def test_diagnostics_validation_and_early_stopped_trials_in_a_report(tmp_path):
             records = [diag(0, seed, 1.0 + seed), diag(10, seed, 1.0 + seed)]
             records += [{"step": 10, "split": "validation", "accuracy": 0.8, "loss": 0.5}]
             trials.append(({"opt.lr": lr, "train.seed": seed}, summary, records))
-    _fake_sweep(tmp_path, trials)
+    _written_sweep(tmp_path, trials)
     sweep = results.load_sweep(tmp_path)
     row = report.table(sweep)[0]
     assert row["ok"] == 1 and row["early_stopped"] == 1
@@ -318,3 +318,21 @@ def test_diagnostics_validation_and_early_stopped_trials_in_a_report(tmp_path):
     grid, density = diag_plots._density(sweep.groups[0], 0)
     assert np.trapezoid(density, grid) == pytest.approx(1.0, rel=1e-3)  # a density
     assert grid[np.argmax(density)] == pytest.approx(0.25, abs=0.5)  # the bulk, not the outlier
+
+
+def test_keys_that_another_key_determines_are_named_once(tmp_path):
+    cnn = {"model.name": "'cnn'", "opt.lr": "0.1", "train.epochs": "10"}
+    grid = [
+        {**model, "model.dropout": repr(rate), "train.seed": repr(seed)}
+        for model in ({"model.name": "'mlp'"}, cnn)
+        for rate in (0.0, 0.5)
+        for seed in (0, 1)
+    ]
+    _fake_sweep(tmp_path, grid)
+    sweep = results.load_sweep(tmp_path)
+    assert sweep.varying == ["model.dropout", "model.name"]
+    assert sweep.follows == {"opt.lr": "model.name", "train.epochs": "model.name"}
+    assert len(sweep.groups) == 4  # the same settings as with every key
+    text = report.write_report(tmp_path).read_text()
+    assert "- `opt.lr` follows `model.name`: mlp -> (default), cnn -> 0.1" in text
+    assert "| `model.dropout` | `model.name` | seeds |" in text

@@ -278,7 +278,14 @@ register_norm(
         injected=("momentum",),
     ),
 )
-register_norm("none", NormSpec(layer=lambda n, axis: layers.Identity, doc="no normalization"))
+register_norm(
+    "none",
+    NormSpec(
+        layer=lambda n, axis: layers.Identity,
+        doc="no normalization",
+        torch=lambda *args, **kwargs: {},  # no layer, nothing to write
+    ),
+)
 register_norm(
     "batchnorm_noaffine",
     NormSpec(

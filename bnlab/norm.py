@@ -1,16 +1,20 @@
-"""Pure batch normalization: statistics, normalization and moving averages.
+"""Pure normalizations: batch normalization, its variants, and layer and group normalization.
 
-Arrays in, arrays out. No Flax, no configs: the Flax wrapper lives in `bnlab.layers`.
+Arrays in, arrays out, explicit state, statistics in float32. No Flax, no configs: the Flax
+wrappers live in `bnlab.layers`, the config and registry in `bnlab.norms`.
 
-Reference: Ioffe & Szegedy (2015), "Batch Normalization: Accelerating Deep Network
-Training by Reducing Internal Covariate Shift", Algorithm 1 and Section 3.
+`batch_norm` follows Ioffe & Szegedy (2015), Algorithm 1 and Section 3. Its variants reuse its
+one-pass moments and closed-form backward: `ghost_batch_norm` (Hoffer et al. 2017),
+`batch_renorm` (Ioffe 2017), `noisy_batch_norm` (Santurkar et al. 2018, Sec. 2) and
+`population_batch_norm` (Ghorbani et al. 2019). `group_norm` (Wu & He 2018) and `layer_norm`
+(Ba et al. 2016) normalize each example on its own.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,32 +93,14 @@ def batch_norm(
         unknown `convention`/`backward`.
       NameError: if `axis_name` is not bound by an enclosing transform.
     """
-    feature_axes = feature_axes_of(axis, x.ndim)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    _check_args(stats, scale, bias, feature_shape, momentum, epsilon, convention, backward)
-    reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
-    scale = jnp.ones(bshape, jnp.float32) if scale is None else jnp.reshape(scale, bshape)
-    bias = jnp.zeros(bshape, jnp.float32) if bias is None else jnp.reshape(bias, bshape)
-
-    epsilon = float(epsilon)  # static: a non-differentiable argument of the custom VJP
+    lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
     if not training:
-        mean = jnp.reshape(stats["mean"], bshape)
-        var = jnp.reshape(stats["var"], bshape)
-        return _affine(x, mean, lax.rsqrt(var + epsilon), scale, bias), stats
-
+        return _normalize_with(x, stats, lay, epsilon), stats
     groups = _freeze_groups(axis_index_groups)
-    w = None if mask is None else _weights(mask, x.shape, bshape)
-    train_fn = _train_analytic if backward == "analytic" else _train_autodiff
-    y, mean, var = train_fn(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
-    if convention == "torch":
-        n = _count(x, w, reduce_axes, axis_name, groups)
-        var = var * (n / jnp.maximum(n - 1, 1))
-    new_stats = {
-        "mean": moving_average(stats["mean"], mean.reshape(feature_shape), momentum),
-        "var": moving_average(stats["var"], var.reshape(feature_shape), momentum),
-    }
-    return y, new_stats
+    w = None if mask is None else _weights(mask, x.shape, lay.bshape)
+    axes = (lay.reduce_axes, axis_name, groups)
+    y, mean, var = _train(x, lay.scale, lay.bias, w, None, epsilon, *axes, backward)
+    return y, _batch_update(stats, x, w, mean, var, momentum, convention, axes)
 
 
 def moving_average(old: Array, batch: Array, momentum: float | Array) -> Array:
@@ -145,6 +131,493 @@ def init_stats(feature_shape: int | Sequence[int], dtype=jnp.float32) -> Stats:
     return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
+def ghost_batch_norm(
+    x: Array,
+    stats: Stats,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    virtual_batch_size: int,
+    momentum: float | Array = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    convention: Convention = "flax",
+    backward: Backward = "analytic",
+) -> tuple[Array, Stats]:
+    """Ghost batch normalization: `batch_norm` over consecutive virtual batches along axis 0.
+
+    Hoffer, Hubara & Soudry (2017), Sec. 4: the batch `x[0:v], x[v:2v], ...` of
+    `v = virtual_batch_size` examples each is normalized with its own statistics
+    `mu_g`, `var_g`, and the running statistics move with their mean over the `G = B / v`
+    virtual batches::
+
+        y[g] = (x[g] - mu_g) / sqrt(var_g + epsilon) * scale + bias
+        new_mean = momentum * mean_old + (1 - momentum) * mean_g(mu_g)
+        new_var  = momentum * var_old  + (1 - momentum) * mean_g(var_g)
+
+    (`var_g` unbiased within its virtual batch for `convention="torch"`). One pass over `x`
+    computes every group's moments, and the closed-form backward of `batch_norm` serves: the
+    group axis is kept as one more feature axis. With `axis_name`, the virtual batches stay
+    within each device and the batch statistics are averaged over the devices before the
+    moving average, so devices holding consecutive slices of a global batch give the result of
+    the global batch on one device. Evaluation is `batch_norm`'s.
+
+    Args:
+      x: input, axis 0 the batch.
+      stats, scale, bias, training, momentum, epsilon, axis, convention, backward: as in
+        `batch_norm`; `axis` must not name axis 0.
+      virtual_batch_size: examples per virtual batch; must divide `x.shape[0]`.
+      axis_name, axis_index_groups: devices whose batch statistics are averaged.
+
+    Returns:
+      `(y, new_stats)` as `batch_norm`.
+
+    Raises:
+      ValueError: if `virtual_batch_size` does not divide the batch, if `axis` names the batch
+        axis, or on `batch_norm`'s bad arguments.
+    """
+    lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
+    if not training:
+        return _normalize_with(x, stats, lay, epsilon), stats
+    batch = x.shape[0]
+    if 0 not in lay.reduce_axes:
+        raise ValueError(f"ghost_batch_norm: axis {axis} names the batch axis 0.")
+    if virtual_batch_size <= 0 or batch % virtual_batch_size:
+        raise ValueError(
+            f"ghost_batch_norm: virtual_batch_size={virtual_batch_size} does not divide the "
+            f"batch of {batch} examples; choose a divisor of {batch}."
+        )
+    groups = batch // virtual_batch_size
+    # x as (G, v, ...): the group axis is a feature axis of the BN math, axis 0 a reduced one.
+    xg = x.reshape((groups, virtual_batch_size) + x.shape[1:])
+    scale, bias = lay.scale[None], lay.bias[None]  # shared by the groups
+    reduce_axes = tuple(a + 1 for a in lay.reduce_axes)
+    y, mean, var = _train(xg, scale, bias, None, None, epsilon, reduce_axes, None, None, backward)
+    var = _stored_var(var, convention, lambda: _count(xg, None, reduce_axes, None, None))
+    mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
+    if axis_name is not None:
+        frozen = _freeze_groups(axis_index_groups)
+        size = _axis_size(axis_name, frozen)
+        mean, var = (s / size for s in _psum((mean, var), axis_name, frozen))
+    return y.reshape(x.shape), _updated(stats, mean, var, momentum)
+
+
+def batch_renorm(
+    x: Array,
+    stats: Stats,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    r_max: float | Array,
+    d_max: float | Array,
+    momentum: float | Array = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    convention: Convention = "flax",
+    backward: Backward = "analytic",
+) -> tuple[Array, Stats]:
+    """Batch renormalization (Ioffe 2017, Algorithm 1).
+
+    With the batch statistics `mu_B`, `sigma_B = sqrt(var_B + epsilon)` (over the devices of
+    `axis_name` too) and `sigma = sqrt(var + epsilon)` from the running statistics in `stats`
+    (those before this step's update)::
+
+        r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mean) / sigma, -d_max, d_max))
+        y = ((x - mu_B) / sigma_B * r + d) * scale + bias
+
+    and the running statistics move as in `batch_norm`. With `r_max=1, d_max=0` this is
+    `batch_norm` exactly (outputs, gradients and statistics). `r` and `d` enter as a correction
+    of the affine parameters, so the one-pass moments and the closed-form backward of
+    `batch_norm` serve unchanged. Evaluation is `batch_norm`'s.
+
+    Args:
+      x, stats, scale, bias, training, momentum, epsilon, axis, axis_name, axis_index_groups,
+        convention, backward: as in `batch_norm`.
+      r_max: bound of `r`, >= 1; may be a traced array (a schedule, see `renorm_schedule`).
+      d_max: bound of `|d|`, >= 0; may be a traced array.
+
+    Returns:
+      `(y, new_stats)` as `batch_norm`.
+
+    Raises:
+      ValueError: on a concrete `r_max < 1` or `d_max < 0`, or `batch_norm`'s bad arguments.
+    """
+    lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
+            raise ValueError(f"batch_renorm: {name}={value} must be >= {low}.")
+    if not training:
+        return _normalize_with(x, stats, lay, epsilon), stats
+    axes = (lay.reduce_axes, axis_name, _freeze_groups(axis_index_groups))
+    correction = (
+        jnp.reshape(stats["mean"], lay.bshape),
+        jnp.reshape(stats["var"], lay.bshape),
+        jnp.asarray(r_max, jnp.float32),
+        jnp.asarray(d_max, jnp.float32),
+    )
+    y, mean, var = _train(x, lay.scale, lay.bias, None, correction, epsilon, *axes, backward)
+    return y, _batch_update(stats, x, None, mean, var, momentum, convention, axes)
+
+
+def renorm_schedule(
+    step: int | Array,
+    *,
+    r_max: float | Array,
+    d_max: float | Array,
+    warmup_steps: int,
+    r_max_steps: int,
+    d_max_steps: int,
+) -> tuple[Array, Array]:
+    """`(r_max_t, d_max_t)` at `step`: Ioffe (2017)'s relaxation schedule (Sec. 4.1).
+
+    Plain BN (`1`, `0`) for `warmup_steps` steps, then linear ramps reaching `r_max` after
+    `r_max_steps` more steps and `d_max` after `d_max_steps` more (a ramp of 0 steps jumps)::
+
+        r_max_t = 1 + (r_max - 1) * clip((step - warmup_steps) / r_max_steps, 0, 1)
+        d_max_t = d_max * clip((step - warmup_steps) / d_max_steps, 0, 1)
+    """
+    t = jnp.asarray(step, jnp.float32) - warmup_steps
+
+    def ramp(length):
+        if length <= 0:
+            return (t >= 0).astype(jnp.float32)
+        return jnp.clip(t / length, 0.0, 1.0)
+
+    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+
+
+def noisy_batch_norm(
+    x: Array,
+    stats: Stats,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    key: Array | None,
+    noise_mean: float | Array,
+    noise_std: float | Array,
+    momentum: float | Array = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    convention: Convention = "flax",
+    backward: Backward = "analytic",
+) -> tuple[Array, Stats]:
+    """Santurkar et al. (2018, Sec. 2)'s "noisy" BN: `batch_norm`, then noise in training only.
+
+    The noise shifts each activation's distribution on purpose, by a different amount every
+    step (a new `key`). bnlab's definition: per feature `j`, `m_j ~ U(-noise_mean, noise_mean)`
+    and `s_j ~ U(0, noise_std)` (`noise_moments`); per example `i` and activation (position `p`,
+    feature `j`) of it, i.i.d.::
+
+        y[i, p, j] = batch_norm(x)[i, p, j] + n[i, p, j],   n[i, p, j] ~ N(m_j, s_j**2)
+
+    Example `i`'s noise is drawn from a key folded with its global index (device index times
+    the per-device batch, plus `i`, when `axis_name` is bound), so that devices holding
+    consecutive slices of a global batch add the noise of that batch on one device; give every
+    device the same `key`. Zero `noise_mean` and `noise_std` give `batch_norm` exactly.
+
+    Args:
+      x, stats, scale, bias, training, momentum, epsilon, axis, axis_name, axis_index_groups,
+        convention, backward: as in `batch_norm`; `axis` must not name axis 0.
+      key: the step's noise key (needed in training; ignored in evaluation).
+      noise_mean: bound of the per-feature noise means, >= 0 (may be traced).
+      noise_std: bound of the per-feature noise standard deviations, >= 0 (may be traced).
+
+    Returns:
+      `(y, new_stats)` as `batch_norm`; the statistics are those of `x`, before the noise.
+
+    Raises:
+      ValueError: without a `key` in training, or on `batch_norm`'s bad arguments.
+    """
+    y, new_stats = batch_norm(
+        x, stats, scale, bias, training=training, momentum=momentum, epsilon=epsilon,
+        axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        convention=convention, backward=backward,
+    )  # fmt: skip
+    if not training:
+        return y, new_stats
+    if key is None:
+        raise ValueError("noisy_batch_norm: training needs a key (a new one every step).")
+    noise = activation_noise(
+        key, x.shape, noise_mean=noise_mean, noise_std=noise_std, axis=axis, axis_name=axis_name
+    )
+    return (y.astype(jnp.float32) + noise).astype(y.dtype), new_stats
+
+
+def noise_moments(
+    key: Array, feature_shape: tuple[int, ...], *, noise_mean, noise_std
+) -> tuple[Array, Array]:
+    """`(m, s)` of `noisy_batch_norm`'s noise at `key`: `m ~ U(-noise_mean, noise_mean)`,
+    `s ~ U(0, noise_std)`, each `f32[feature_shape]`."""
+    key_m, key_s = jax.random.split(jax.random.fold_in(key, 0))
+    m = noise_mean * jax.random.uniform(key_m, feature_shape, minval=-1.0, maxval=1.0)
+    return m, noise_std * jax.random.uniform(key_s, feature_shape)
+
+
+def activation_noise(
+    key: Array,
+    shape: tuple[int, ...],
+    *,
+    noise_mean,
+    noise_std,
+    axis: int | Sequence[int] = -1,
+    axis_name: str | None = None,
+) -> Array:
+    """`f32[shape]`: the noise that `noisy_batch_norm` adds to an input of `shape` at `key`."""
+    feature_axes = feature_axes_of(axis, len(shape))
+    if 0 in feature_axes:
+        raise ValueError(f"noisy_batch_norm: axis {axis} names the batch axis 0.")
+    bshape = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
+    m, s = noise_moments(
+        key, tuple(shape[a] for a in feature_axes), noise_mean=noise_mean, noise_std=noise_std
+    )
+    start = 0 if axis_name is None else lax.axis_index(axis_name) * shape[0]
+    key_n = jax.random.fold_in(key, 1)
+    draw = lambda i: jax.random.normal(jax.random.fold_in(key_n, i), shape[1:])  # noqa: E731
+    z = jax.vmap(draw)(start + jnp.arange(shape[0]))
+    return jnp.reshape(m, bshape) + jnp.reshape(s, bshape) * z
+
+
+def population_batch_norm(
+    x: Array,
+    stats: Stats,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    momentum: float | Array = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    convention: Convention = "flax",
+) -> tuple[Array, Stats]:
+    """BN that normalizes with the running (population) statistics in training too.
+
+    The ablation of Ghorbani, Krishnan & Xiao (2019): the output uses the statistics before
+    this step's update, as constants, while those move with each batch as in `batch_norm`::
+
+        y = (x - stop_gradient(mean)) / sqrt(stop_gradient(var) + epsilon) * scale + bias
+        new_mean = momentum * mean + (1 - momentum) * mu_B
+        new_var  = momentum * var  + (1 - momentum) * var_B
+
+    so `dy/dx = scale / sqrt(var + epsilon)`: no gradient through the batch statistics.
+
+    Args:
+      x, stats, scale, bias, training, momentum, epsilon, axis, axis_name, axis_index_groups,
+        convention: as in `batch_norm` (`axis_name`: the batch statistics span the devices).
+
+    Returns:
+      `(y, new_stats)` as `batch_norm`.
+
+    Raises:
+      ValueError: on `batch_norm`'s bad arguments.
+    """
+    lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, "autodiff")
+    y = _normalize_with(x, lax.stop_gradient(stats), lay, epsilon)
+    if not training:
+        return y, stats
+    axes = (lay.reduce_axes, axis_name, _freeze_groups(axis_index_groups))
+    mean, var = _moments(x.astype(jnp.float32), None, *axes)
+    return y, _batch_update(stats, x, None, mean, var, momentum, convention, axes)
+
+
+def group_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    num_groups: int,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+) -> Array:
+    """Group normalization (Wu & He 2018): each example's channels in `num_groups` groups.
+
+    The `C` channels on `axis` form `num_groups` groups of consecutive channels; each example
+    `i` and group `g` is normalized with the mean and variance over its channels and every
+    other non-batch axis (float32), then an affine transform per channel::
+
+        y[i, ..., c] = (x[i, ..., c] - mu[i, g(c)]) / sqrt(var[i, g(c)] + epsilon)
+                       * scale[c] + bias[c]
+
+    Equal to `flax.linen.GroupNorm(num_groups, epsilon=epsilon, use_fast_variance=False)`
+    (channels last) and `torch.nn.GroupNorm`. No state, no batch statistics: training and
+    evaluation are the same function.
+
+    Args:
+      x: input `[B, ..., C, ...]`, any float dtype; axis 0 the batch.
+      scale: optional per-channel `gamma`, shape `[C]`; `None` means 1.
+      bias: optional per-channel `beta`, shape `[C]`; `None` means 0.
+      num_groups: number of groups, a divisor of `C`.
+      epsilon: added to the variance; a Python number > 0.
+      axis: the channel axis (not 0).
+
+    Returns:
+      `y` like `x`.
+
+    Raises:
+      ValueError: if `num_groups` does not divide `C`, `axis` is 0 or out of range, or
+        `scale`/`bias` are not `[C]`.
+    """
+    if not -x.ndim < axis < x.ndim or axis % x.ndim == 0:
+        raise ValueError(
+            f"group_norm: axis {axis} must name a channel axis of the rank-{x.ndim} input, not "
+            "the batch axis 0."
+        )
+    a, channels = axis % x.ndim, x.shape[axis]
+    if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
+        raise ValueError(
+            f"group_norm: num_groups={num_groups} does not divide the {channels} channels; "
+            "choose a divisor of the channel count."
+        )
+    if not float(epsilon) > 0:
+        raise ValueError(f"group_norm: epsilon={epsilon} must be > 0.")
+    for name, value in (("scale", scale), ("bias", bias)):
+        if value is not None:
+            _check_shape(name, value, (channels,))
+    epsilon = float(epsilon)
+    size = channels // num_groups
+    spatial = tuple(i for i in range(1, x.ndim) if i != a)
+    if num_groups == 1 or not spatial:
+        # Each group is one contiguous run of x (channels last): reduce the grouped view.
+        gshape = x.shape[:a] + (num_groups, size) + x.shape[a + 1 :]
+        xg = x.reshape(gshape)
+        reduce_axes = tuple(i for i in range(1, xg.ndim) if i != a)
+        mean, var = _moments(xg.astype(jnp.float32), None, reduce_axes, None, None)
+        pshape = tuple(d if i in (a, a + 1) else 1 for i, d in enumerate(gshape))
+        scale, bias = _params_or_identity(scale, bias, pshape)
+        return _affine(xg, mean, lax.rsqrt(var + epsilon), scale, bias).reshape(x.shape)
+    mean, var = _strided_group_moments(x.astype(jnp.float32), a, size, spatial)
+    scale, bias = _params_or_identity(
+        scale, bias, tuple(d if i == a else 1 for i, d in enumerate(x.shape))
+    )
+    return _affine(x, mean, lax.rsqrt(var + epsilon), scale, bias)
+
+
+def _params_or_identity(scale, bias, shape):
+    """`scale`, `bias` reshaped to `shape`; 1 and 0 where None."""
+    scale = jnp.ones(shape, jnp.float32) if scale is None else jnp.reshape(scale, shape)
+    return scale, jnp.zeros(shape, jnp.float32) if bias is None else jnp.reshape(bias, shape)
+
+
+def _strided_group_moments(x32, a, size, spatial):
+    """Mean and variance of each example's groups of `size` channels, per channel.
+
+    When a group is strided in memory (several channels at every position), the sums run per
+    channel over the `spatial` axes first, keeping the channels contiguous as BN's do
+    (reducing the `[B, ..., G, C/G]` view instead is about 3x slower on CPU), then over each
+    group's channels. The shift of the one-pass moments is each group's first element.
+    """
+    channels = x32.shape[a]
+    num_groups = channels // size
+    first = tuple(slice(0, 1) if i in spatial else slice(None) for i in range(x32.ndim))
+    shift = lax.slice_in_dim(x32[first], 0, channels, size, axis=a)
+    shift = lax.stop_gradient(jnp.repeat(shift, size, axis=a))
+    d = x32 - shift
+
+    def per_group(m):  # [B, .., C, ..] -> the mean over each group's channels, repeated
+        grouped = m.reshape(m.shape[:a] + (num_groups, size) + m.shape[a + 1 :])
+        return jnp.repeat(jnp.mean(grouped, a + 1), size, axis=a)
+
+    m1 = per_group(jnp.mean(d, spatial, keepdims=True))
+    m2 = per_group(jnp.mean(jnp.square(d), spatial, keepdims=True))
+    return shift + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
+
+
+def layer_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+) -> Array:
+    """Layer normalization (Ba, Kiros & Hinton 2016) over all non-batch axes of each example.
+
+    Each example is normalized with the mean and variance over all its axes but 0 (float32);
+    `scale` and `bias` act on the feature axis `axis` only::
+
+        y[i, ..., c] = (x[i, ..., c] - mu[i]) / sqrt(var[i] + epsilon) * scale[c] + bias[c]
+
+    which is `group_norm` with one group. Equal to `flax.linen.LayerNorm(reduction_axes=(1, ...,
+    ndim - 1), feature_axes=axis, use_fast_variance=False)`; in PyTorch, `torch.nn.LayerNorm`
+    over the whole non-batch shape with `scale`/`bias` broadcast to it.
+
+    Args:
+      x: input, any float dtype; axis 0 the batch.
+      scale: optional `gamma`, shape `[x.shape[axis]]`; `None` means 1.
+      bias: optional `beta`, shape `[x.shape[axis]]`; `None` means 0.
+      epsilon: added to the variance; a Python number > 0.
+      axis: the feature axis of `scale` and `bias` (not 0).
+
+    Returns:
+      `y` like `x`.
+
+    Raises:
+      ValueError: as `group_norm`.
+    """
+    return group_norm(x, scale, bias, num_groups=1, epsilon=epsilon, axis=axis)
+
+
+class _Layout(NamedTuple):
+    """Where `x`'s features are, and the affine parameters broadcast to them."""
+
+    feature_shape: tuple[int, ...]
+    reduce_axes: tuple[int, ...]
+    bshape: tuple[int, ...]  # the shape of x with 1 on every reduced axis
+    scale: Array
+    bias: Array
+
+
+def _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward) -> _Layout:
+    feature_axes = feature_axes_of(axis, x.ndim)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    _check_args(stats, scale, bias, feature_shape, momentum, epsilon, convention, backward)
+    bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+    scale, bias = _params_or_identity(scale, bias, bshape)
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    return _Layout(feature_shape, reduce_axes, bshape, scale, bias)
+
+
+def _normalize_with(x, stats, lay: _Layout, epsilon):
+    """`x` normalized with given statistics (evaluation mode)."""
+    mean = jnp.reshape(stats["mean"], lay.bshape)
+    var = jnp.reshape(stats["var"], lay.bshape)
+    return _affine(x, mean, lax.rsqrt(var + float(epsilon)), lay.scale, lay.bias)
+
+
+def _stored_var(var, convention, count):
+    """The batch variance as the running statistics store it: unbiased for PyTorch's, with
+    `count()` the number of reduced elements (only then computed: a collective with a mask)."""
+    if convention != "torch":
+        return var
+    n = count()
+    return var * (n / jnp.maximum(n - 1, 1))
+
+
+def _batch_update(stats, x, w, mean, var, momentum, convention, axes) -> Stats:
+    """The running statistics moved by the batch's, `axes = (reduce_axes, axis_name, groups)`."""
+    var = _stored_var(var, convention, lambda: _count(x, w, *axes))
+    return _updated(stats, mean, var, momentum)
+
+
+def _updated(stats, mean, var, momentum) -> Stats:
+    shape = jnp.shape(stats["mean"])
+    return {
+        "mean": moving_average(stats["mean"], jnp.reshape(mean, shape), momentum),
+        "var": moving_average(stats["var"], jnp.reshape(var, shape), momentum),
+    }
+
+
 def _affine(x, mean, rstd, scale, bias):
     # Folding scale into rstd saves one multiply per element.
     y = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
@@ -171,38 +644,70 @@ def _weights(mask, x_shape, bshape):
     )
 
 
-def _forward(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
-    x32 = x.astype(jnp.float32)
+def _moments(x32, w, reduce_axes, axis_name, groups):
+    """Mean and variance over `reduce_axes` (and the devices of `axis_name`), keepdims."""
     # Shifted one-pass moments: with a shift taken from the data, E[d^2] - E[d]^2 of
     # d = x - shift has no catastrophic cancellation, needs one pass over x (both sums fuse),
     # and gives a constant feature exactly mean = shift, var = 0 on one device. The shift is a
     # constant of the math, hence stop_gradient; across devices it must be common (pmean).
-    first = tuple(slice(0, 1) if a in reduce_axes else slice(None) for a in range(x.ndim))
+    first = tuple(slice(0, 1) if a in reduce_axes else slice(None) for a in range(x32.ndim))
     shift = lax.stop_gradient(x32[first])
     if axis_name is not None:
         shift = _psum(shift, axis_name, groups) / _axis_size(axis_name, groups)
     d = x32 - shift
     m1, m2 = _global_mean((d, jnp.square(d)), w, reduce_axes, axis_name, groups)
-    mean = shift + m1
-    var = jnp.maximum(m2 - jnp.square(m1), 0.0)
+    return shift + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
+
+
+def _train(x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups, backward):
+    """Training-mode BN: `(y, batch mean, batch var)`, the statistics with keepdims."""
+    fn = _train_analytic if backward == "analytic" else _train_autodiff
+    return fn(x, scale, bias, w, correction, float(epsilon), reduce_axes, axis_name, groups)
+
+
+def _forward(x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups):
+    mean, var = _moments(x.astype(jnp.float32), w, reduce_axes, axis_name, groups)
     rstd = lax.rsqrt(var + epsilon)
-    return _affine(x, mean, rstd, scale, bias), mean, var, rstd
+    rd = None if correction is None else _renorm_factors(mean, rstd, correction, epsilon)
+    gain, shift = _corrected(scale, bias, rd)
+    return _affine(x, mean, rstd, gain, shift), mean, var, rstd, rd
 
 
-def _train_autodiff(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
-    y, mean, var, _ = _forward(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
+def _renorm_factors(mean, rstd, correction, epsilon):
+    """Batch renorm's `(r, d)`, constants of the math (Ioffe 2017, Alg. 1)."""
+    run_mean, run_var, r_max, d_max = correction
+    run_rstd = lax.rsqrt(run_var + epsilon)
+    r = jnp.clip(run_rstd / rstd, 1.0 / r_max, r_max)  # sigma_B / sigma
+    d = jnp.clip((mean - run_mean) * run_rstd, -d_max, d_max)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _corrected(scale, bias, rd):
+    """`x_hat * r + d` then the affine is `x_hat * (scale * r) + (bias + scale * d)`."""
+    if rd is None:
+        return scale, bias
+    r, d = rd
+    return scale * r, bias + scale * d
+
+
+def _train_autodiff(x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups):
+    y, mean, var, _, _ = _forward(
+        x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups
+    )
     return y, mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _train_analytic(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
-    return _train_autodiff(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _train_analytic(x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups):
+    return _train_autodiff(x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups)
 
 
-def _train_analytic_fwd(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups):
-    y, mean, var, rstd = _forward(x, scale, bias, w, epsilon, reduce_axes, axis_name, groups)
+def _train_analytic_fwd(x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups):
+    y, mean, var, rstd, rd = _forward(
+        x, scale, bias, w, correction, epsilon, reduce_axes, axis_name, groups
+    )
     # Keep x rather than x_hat: the previous layer holds x already, so this costs no memory.
-    return (y, mean, var), (x, mean, rstd, scale, bias, w)
+    return (y, mean, var), (x, mean, rstd, scale, bias, w, correction, rd)
 
 
 def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents):
@@ -215,10 +720,12 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
              + w * dmean / n + 2 * w * dvar * x_hat / (rstd * n)
 
     where dmean/dvar are the cotangents of the returned batch statistics (usually zero). The
-    weights only enter through the statistics; the mask gets a zero cotangent.
+    weights only enter through the statistics; the mask gets a zero cotangent. Batch renorm's
+    constant `r`, `d` (Ioffe 2017) scale `g` by `r`, and give `dscale = r * sum(dy * x_hat) +
+    d * sum(dy)`; the running statistics they come from get zero cotangents.
     """
     del epsilon
-    x, mean, rstd, scale, bias, w = res
+    x, mean, rstd, scale, bias, w, correction, rd = res
     dy, dmean, dvar = cotangents
     dy32 = dy.astype(jnp.float32)
     x_hat = (x.astype(jnp.float32) - mean) * rstd
@@ -228,14 +735,29 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
     if axis_name is not None:
         # One collective for the four sums: every device's loss depends on every x.
         sums = _psum(sums, axis_name, groups)
+    if dscale.shape != scale.shape:
+        # Ghost BN's per-group sums: XLA:CPU would fuse them into dx's loop (1.4x slower).
+        sums = lax.optimization_barrier(sums)
     sum_dy, sum_dy_xhat, dmean, dvar = sums
     n = _count(x, w, reduce_axes, axis_name, groups)
     wn = 1.0 / n if w is None else w / n
-    dx = (rstd * scale) * (dy32 - wn * (sum_dy + x_hat * sum_dy_xhat)) + wn * (
+    gain, _ = _corrected(scale, bias, rd)
+    dx = (rstd * gain) * (dy32 - wn * (sum_dy + x_hat * sum_dy_xhat)) + wn * (
         dmean + 2.0 * dvar * x_hat / rstd
     )
+    if rd is not None:
+        dscale = dscale * rd[0] + dbias * rd[1]
+    # Statistics per group of a feature (ghost BN), affine parameters shared by the groups.
+    dscale, dbias = _sum_to(dscale, scale.shape), _sum_to(dbias, bias.shape)
     dw = None if w is None else jnp.zeros_like(w)
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype), dw
+    dcorrection = jax.tree.map(jnp.zeros_like, correction)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype), dw, dcorrection
+
+
+def _sum_to(a, shape):
+    """`a` summed over the axes where `shape` is 1 (the transpose of broadcasting to `a`)."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(a.shape, shape, strict=True)) if m == 1 < n)
+    return jnp.sum(a, axes, keepdims=True) if axes else a
 
 
 _train_analytic.defvjp(_train_analytic_fwd, _train_analytic_bwd)

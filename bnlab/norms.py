@@ -99,6 +99,14 @@ def register_norm(name: str, spec: NormSpec) -> NormSpec:
     return spec
 
 
+def unregister_norm(name: str) -> NormSpec:
+    """Removes `name` from the registry and returns its spec: a test or a notebook that
+    registered a normalization of its own leaves the table as it found it."""
+    spec = NORMS.pop(name)
+    norm_config_class.cache_clear()
+    return spec
+
+
 def get(name: str) -> NormSpec:
     """The spec registered under `name`; a `ConfigError` listing the known names otherwise."""
     if name not in NORMS:
@@ -150,9 +158,10 @@ def build(cfg: Any, axis: dict[str, Any] | None = None) -> ModuleDef:
 # --- the built-in normalizations -------------------------------------------------------------
 
 
-def _batchnorm(n, axis, **extra) -> ModuleDef:
+def _batchnorm(n, axis, layer: type = layers.BatchNorm, **extra) -> ModuleDef:
+    """A `layers.BatchNorm` (or a variant) with the shared fields of `n`."""
     return functools.partial(
-        layers.BatchNorm,
+        layer,
         momentum=n.momentum,
         epsilon=n.epsilon,
         convention=n.convention,
@@ -162,19 +171,101 @@ def _batchnorm(n, axis, **extra) -> ModuleDef:
     )
 
 
+def _torch_affine(key: str, params: dict, shape: tuple[int, ...] = ()) -> dict:
+    """`scale`/`bias` as PyTorch's `weight`/`bias`, broadcast to `shape` when given."""
+    import numpy as np
+
+    out = {}
+    for name, torch_name in (("scale", "weight"), ("bias", "bias")):
+        if name in params:
+            value = np.asarray(params[name])
+            if shape:  # channels first, broadcast over the rest
+                value = np.broadcast_to(value.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+            out[f"{key}.{torch_name}"] = value
+    return out
+
+
 def torch_batchnorm(key: str, params: dict, stats: dict, n, shape, *, step: int) -> dict:
     """`torch.nn.BatchNorm{1,2}d` entries: weight/bias (if affine), running_mean/var, and
     `num_batches_tracked` (a 0-d int64, as PyTorch stores it)."""
     import numpy as np
 
     del n, shape  # BN's entries do not depend on them
-    out = {f"{key}.weight": params["scale"]} if "scale" in params else {}
-    if "bias" in params:
-        out[f"{key}.bias"] = params["bias"]
+    out = _torch_affine(key, params)
     out[f"{key}.running_mean"] = stats["mean"]
     out[f"{key}.running_var"] = stats["var"]
     out[f"{key}.num_batches_tracked"] = np.asarray(step, np.int64)
     return out
+
+
+def torch_layernorm(key: str, params: dict, stats: dict, n, shape, *, step: int) -> dict:
+    """`torch.nn.LayerNorm(normalized_shape)` entries, with `normalized_shape` the layer's
+    input shape without the batch axis in PyTorch's order (channels first: `(C, H, W)` for an
+    NHWC input) and `scale`/`bias` broadcast to it."""
+    del stats, n, step  # no running statistics
+    if shape is None:
+        raise ValueError(
+            f"{key}: a LayerNorm's PyTorch weights span its input shape; pass the shapes "
+            "(bnlab.export.norm_input_shapes) to the export."
+        )
+    return _torch_affine(key, params, (shape[-1], *shape[:-1]))
+
+
+def torch_groupnorm(key: str, params: dict, stats: dict, n, shape, *, step: int) -> dict:
+    """`torch.nn.GroupNorm` entries: weight and bias per channel."""
+    del stats, n, shape, step  # no running statistics; per-channel weights
+    return _torch_affine(key, params)
+
+
+def _divisors_of_all(widths: tuple[int, ...]) -> list[int]:
+    """Group counts that fit every width: a divisor of it, or more than it (clipped)."""
+    return [g for g in range(1, max(widths) + 1) if all(w < g or w % g == 0 for w in widths)]
+
+
+def _groupnorm_check(n, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
+    del per_device_batch  # each example is normalized on its own
+    bad = [w for w in widths if w >= n.num_groups and w % n.num_groups]
+    if not bad:
+        return []
+    return [
+        f"norm.num_groups={n.num_groups} does not divide the {bad[0]} channels of a normalized "
+        f"layer (this model normalizes {list(widths)} channels); choose one of "
+        f"{_divisors_of_all(widths)} (a layer with fewer channels than groups uses one group "
+        "per channel)"
+    ]
+
+
+def _ghost_check(n, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
+    del widths  # any layer
+    v = n.virtual_batch_size
+    if per_device_batch % v == 0:
+        return []
+    divisors = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0]
+    return [
+        f"norm.virtual_batch_size={v} does not divide the per-device batch of "
+        f"{per_device_batch} examples (train.batch_size over the devices); choose one of "
+        f"{divisors}, or change train.batch_size"
+    ]
+
+
+def _renorm_schedule(n) -> dict[str, Any]:
+    """`bnlab.norm.renorm_schedule`'s arguments from the `norm` config group."""
+    return {
+        "r_max": n.r_max,
+        "d_max": n.d_max,
+        "warmup_steps": n.renorm_warmup_steps,
+        "r_max_steps": n.r_max_steps,
+        "d_max_steps": n.d_max_steps,
+    }
+
+
+def _renorm_metrics(n, step) -> dict[str, Any]:
+    r_max, d_max = norm.renorm_schedule(step, **_renorm_schedule(n))
+    return {"renorm_r_max": r_max, "renorm_d_max": d_max}
+
+
+def _count_field(default: int, doc: str) -> dataclasses.Field:
+    return field(default, doc, check=schema.non_negative)
 
 
 register_norm(
@@ -184,6 +275,138 @@ register_norm(
         doc="batch normalization (Ioffe & Szegedy 2015)",
         batch_stats=True,
         torch=torch_batchnorm,
+        injected=("momentum",),
     ),
 )
-register_norm("none", NormSpec(layer=lambda n, axis: layers.Identity, doc="no normalization"))
+register_norm(
+    "none",
+    NormSpec(
+        layer=lambda n, axis: layers.Identity,
+        doc="no normalization",
+        torch=lambda *args, **kwargs: {},  # no layer, nothing to write
+    ),
+)
+register_norm(
+    "batchnorm_noaffine",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(n, axis, use_scale=False, use_bias=False),
+        doc="batch normalization without gamma and beta",
+        batch_stats=True,
+        torch=torch_batchnorm,
+        injected=("momentum",),
+    ),
+)
+register_norm(
+    "ghost_batchnorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(
+            n, axis, layers.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
+        ),
+        doc="ghost batch normalization over virtual batches (Hoffer et al. 2017)",
+        fields={
+            "virtual_batch_size": field(
+                32,
+                "ghost_batchnorm: examples per virtual batch; must divide the per-device batch",
+                check=schema.positive,
+            ),
+        },
+        batch_stats=True,
+        check=_ghost_check,
+        injected=("momentum",),
+    ),
+)
+register_norm(
+    "batch_renorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(n, axis, layers.BatchRenorm, **_renorm_schedule(n)),
+        doc="batch renormalization (Ioffe 2017)",
+        fields={
+            "r_max": field(
+                3.0,
+                "batch_renorm: final bound of r, reached by the schedule (paper: 3)",
+                check=schema.at_least(1, "r_max=1 is plain BN"),
+            ),
+            "d_max": field(
+                5.0,
+                "batch_renorm: final bound of |d|, reached by the schedule (paper: 5)",
+                check=schema.non_negative,
+            ),
+            # The paper's 5k / 40k / 25k steps divided by 50: a default run (2 epochs at batch
+            # 128, 937 steps) relaxes fully, r_max at step 800 and d_max at step 500.
+            "renorm_warmup_steps": _count_field(
+                100, "batch_renorm: steps of plain BN (r_max=1, d_max=0) first (paper: 5000)"
+            ),
+            "r_max_steps": _count_field(
+                700, "batch_renorm: steps of the linear ramp of r_max after the warm-up"
+            ),
+            "d_max_steps": _count_field(
+                400, "batch_renorm: steps of the linear ramp of d_max after the warm-up"
+            ),
+        },
+        batch_stats=True,
+        injected=("momentum", "r_max", "d_max"),
+        step_metrics=_renorm_metrics,
+    ),
+)
+register_norm(
+    "noisy_batchnorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(
+            n, axis, layers.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
+        ),
+        doc='"noisy" BN: BN then noise of random mean and variance each step (Santurkar et al.)',
+        fields={
+            # Of the order of the unit-variance BN output, so the shift is severe on purpose.
+            "noise_mean": field(
+                0.5,
+                "noisy_batchnorm: per-feature noise means are drawn from U(-noise_mean, "
+                "noise_mean) each step",
+                check=schema.non_negative,
+            ),
+            "noise_std": field(
+                1.0,
+                "noisy_batchnorm: per-feature noise standard deviations are drawn from "
+                "U(0, noise_std) each step",
+                check=schema.non_negative,
+            ),
+        },
+        batch_stats=True,
+        injected=("momentum", "noise_mean", "noise_std"),
+    ),
+)
+register_norm(
+    "population_batchnorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(n, axis, layers.PopulationBatchNorm),
+        doc="BN normalizing with the running statistics in training too (Ghorbani et al. 2019)",
+        batch_stats=True,
+        injected=("momentum",),
+    ),
+)
+register_norm(
+    "layernorm",
+    NormSpec(
+        layer=lambda n, axis: functools.partial(layers.LayerNorm, epsilon=n.epsilon),
+        doc="layer normalization over all non-batch axes (Ba et al. 2016)",
+        torch=torch_layernorm,
+    ),
+)
+register_norm(
+    "groupnorm",
+    NormSpec(
+        layer=lambda n, axis: functools.partial(
+            layers.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
+        ),
+        doc="group normalization (Wu & He 2018)",
+        fields={
+            "num_groups": field(
+                32,
+                "groupnorm: channel groups per layer (a layer with fewer channels uses one per "
+                "channel); must divide the others' channels",
+                check=schema.positive,
+            ),
+        },
+        check=_groupnorm_check,
+        torch=torch_groupnorm,
+    ),
+)

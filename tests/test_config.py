@@ -48,7 +48,7 @@ def test_wrong_type_says_expected_type():
         ("opt.lr", "0", "opt.lr=0.0 must be finite and > 0"),
         ("train.batch_size", "0", "train.batch_size=0 must be finite and > 0"),
         ("train.epochs", "-1", "train.epochs=-1 must be finite and > 0"),
-        ("model.norm", "layernorm", "model.norm='layernorm' is not one of"),
+        ("model.norm", "switchnorm", "model.norm='switchnorm' is not one of"),
         ("opt.name", "lion", "opt.name='lion' is not one of"),
         ("norm.momentum", "1.5", "norm.momentum=1.5 must lie in"),
         ("data.task", "cifar", "data.task='cifar'"),

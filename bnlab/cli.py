@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     module = load_module(args.config)
     smoke = smoke_overrides(module) if args.smoke else {}
     cfg = validate(apply_overrides(config_of(module, args.config), {**smoke, **overrides}))
-    summary = run(cfg, args.workdir, progress=not args.no_progress)
+    summary = run(cfg, args.workdir, progress=not args.no_progress, experiment=args.config)
     print(
         f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
         f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={args.workdir}"

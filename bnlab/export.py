@@ -113,7 +113,9 @@ def norm_input_shapes(model, sample) -> dict[str, tuple[int, ...]]:
             model.init(jax.random.key(0), x, train=False),
             x,
             train=False,
-            capture_intermediates=lambda mdl, _: mdl.name == NORM_MODULE,
+            capture_intermediates=lambda mdl, method: (
+                mdl.name == NORM_MODULE and method == "__call__"
+            ),
             mutable=["intermediates"],
         )
         return state["intermediates"]

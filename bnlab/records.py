@@ -22,6 +22,9 @@ from bnlab.config import Config, ConfigError
 from bnlab.writers import MetricWriter, write_json
 
 RESULT_FILES = ("summary.json",)  # a finished run; never overwritten
+# The experiment file a run came from: `bnlab evaluate`/`export` import it again, so that the
+# normalizations and diagnostics it registers exist when the run's config is read back.
+EXPERIMENT_FILE = "experiment.json"
 EVAL_SPLITS = ("validation", "test")  # evaluated at every epoch end, in this order
 FINISHED = ("ok", "diverged", "early_stopped")  # statuses of a run that has its result
 
@@ -119,10 +122,14 @@ class Record:
 
     # --- files -------------------------------------------------------------------------------
 
-    def start(self, *, purge_step: int | None = None) -> None:
-        """Writes config.json and opens the metric files (appending, after a resume)."""
+    def start(self, *, purge_step: int | None = None, experiment: str | None = None) -> None:
+        """Writes config.json (and experiment.json, the path of the experiment file) and opens
+        the metric files (appending, after a resume)."""
         if self.writes:
             write_json(self.workdir / "config.json", self.cfg.to_dict())
+            if experiment is not None:
+                path = str(Path(experiment).absolute())
+                write_json(self.workdir / EXPERIMENT_FILE, {"path": path})
             self._writer = MetricWriter(self.workdir, purge_step=purge_step)
 
     @property

@@ -32,7 +32,7 @@ from bnlab.config import Config, ConfigError
 from bnlab.data import DataError
 from bnlab.loop import Interrupted, StopSignals
 from bnlab.progress import Progress
-from bnlab.records import Record, prepare_workdir
+from bnlab.records import EXPERIMENT_FILE, Record, prepare_workdir
 from bnlab.writers import truncate_jsonl
 
 # Bad input: a message that says how to fix it (the CLI exits 2), in every process alike.
@@ -89,10 +89,12 @@ def run(
     workdir: str | os.PathLike,
     *,
     progress: bool = False,
+    experiment: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Trains `cfg` (resuming the run in `workdir` if there is one) and returns its summary
     (also written to `workdir/summary.json`). Raises `Interrupted` after saving a checkpoint
-    on SIGTERM/SIGINT.
+    on SIGTERM/SIGINT. `experiment`, the file the config came from, is recorded, so that
+    evaluating or exporting the run imports it again (its registrations).
 
     In a multi-process run every process calls this with the same (shared) workdir: they
     agree on where the run stands (one error stops all of them alike), every process takes
@@ -101,10 +103,10 @@ def run(
     """
     parallel.initialize(cfg.parallel)  # multi-host: join the other processes before any compute
     with parallel.lost_process_errors():
-        return _run(cfg, workdir, progress=progress)
+        return _run(cfg, workdir, progress=progress, experiment=experiment)
 
 
-def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str, Any]:
+def _run(cfg: Config, workdir, *, progress: bool, experiment) -> dict[str, Any]:
     missing = _missing_folders(workdir)
     workdir = parallel.agree(lambda: prepare_workdir(workdir), USER_ERRORS)
     try:
@@ -132,7 +134,10 @@ def _run(cfg: Config, workdir: str | os.PathLike, *, progress: bool) -> dict[str
             print(f"bnlab: resuming {workdir} from step {record.step}", file=sys.stderr)
         shown = Progress(spe * cfg.train.epochs, record.step, cfg.train.batch_size)
         record.listener = shown.on_record
-    record.start(purge_step=record.step + 1 if record.step else None)
+    record.start(
+        purge_step=record.step + 1 if record.step else None,
+        experiment=None if experiment is None else str(experiment),
+    )
     try:
         with StopSignals() as stop, parallel.Watchdog(cfg.parallel.timeout_s) as watchdog:
 
@@ -320,7 +325,16 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} holds no run (no config.json); pass a training workdir.")
-    cfg = config_lib.from_dict(json.loads(config_path.read_text()))
+    experiment = _import_experiment(workdir)
+    try:
+        cfg = config_lib.from_dict(json.loads(config_path.read_text()))
+    except ConfigError as err:
+        if experiment is None:
+            raise ConfigError(
+                f"{err} The run may use a normalization or diagnostic that its experiment file "
+                f"registers, and {workdir} does not say which file that was."
+            ) from err
+        raise
     model = train_lib.build_model(_one_device(cfg))
     from bnlab import optim
 
@@ -333,6 +347,22 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
         return cfg, ckpt.restore(target, step=step)
     finally:
         ckpt.close()
+
+
+def _import_experiment(workdir: Path) -> Path | None:
+    """Imports the experiment file that a run (or the sweep it belongs to) came from, so that
+    what it registers exists; returns its path (None when the run does not record one)."""
+    candidates = [(workdir / EXPERIMENT_FILE, "path")]
+    candidates += [(workdir.parent.parent / "sweep.json", "experiment_path")]
+    for record, key in candidates:
+        try:
+            path = Path(json.loads(record.read_text())[key])
+        except (OSError, KeyError, ValueError, TypeError):
+            continue
+        if path.is_file():
+            config_lib.load_module(path)
+            return path
+    return None
 
 
 def _one_device(cfg: Config) -> Config:

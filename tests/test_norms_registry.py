@@ -71,18 +71,7 @@ def single_runs(tmp_path_factory, tfds_dir):
     return get
 
 
-NOISE_IN_CHUNK_SIZE = pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="batched.chunk_size applies the model in training without rngs, so a layer that "
-    "draws noise cannot be sized (asked of batched.py's owner: pass rngs={'noise': key})",
-)
-
-
-@pytest.mark.parametrize(
-    "norm",
-    [pytest.param(n, marks=NOISE_IN_CHUNK_SIZE) if n == "noisy_batchnorm" else n for n in VARIANTS],
-)
+@pytest.mark.parametrize("norm", VARIANTS)
 def test_every_variant_trains_vmapped_as_alone(norm, single_runs, tmp_path):
     configs, alone = zip(*(single_runs(norm, seed) for seed in (0, 1)), strict=True)
     dirs = [tmp_path / f"vmap{i}" for i in range(2)]
@@ -431,3 +420,34 @@ def test_an_experiment_file_registers_a_norm_that_trains_and_sweeps(
     bad = cli.main(["train", "--config", str(rms_experiment), "--workdir", str(tmp_path / "bad"),
                     data_dir, "--config.norm.rms_epsilon=-1"])  # fmt: skip
     assert bad == 2
+
+
+@pytest.mark.slow
+def test_a_run_of_an_experiments_own_norm_evaluates_in_a_fresh_process(
+    rms_experiment, tmp_path, tfds_dir
+):
+    """`bnlab evaluate`/`export` import the experiment file the run (or its sweep) recorded,
+    so its normalization is registered again in a new process."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data_dir = f"--config.data.tfds_dir={tfds_dir}"
+    workdir, sweep_dir = tmp_path / "train", tmp_path / "sweep"
+    assert cli.main(["train", "--config", str(rms_experiment), "--workdir", str(workdir),
+                     data_dir, "--no-progress"]) == 0  # fmt: skip
+    assert cli.main(["sweep", str(rms_experiment), "--workdir", str(sweep_dir), data_dir]) == 0
+    trial = next(sweep_dir.glob("runs/*"))
+    for folder in (workdir, trial):
+        for command in (["evaluate", str(folder)], ["export", str(folder), "--format", "npz"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "bnlab.cli", *command, f"--tfds-dir={tfds_dir}"]
+                if command[0] == "evaluate"
+                else [sys.executable, "-m", "bnlab.cli", *command],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert result.returncode == 0, result.stderr[-2000:]

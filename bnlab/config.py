@@ -452,12 +452,28 @@ def _check_across(c: Config) -> list[str]:
         per_device_batch=c.train.batch_size // max(devices, 1),
     )
     p += diagnostics.problems(c.diagnostics)
+    p += _single_value_problems(c)
     if diagnostics.parse_names(c.diagnostics.names) and c.parallel.mode != "none":
         p.append(
             f"diagnostics.names={c.diagnostics.names!r} runs on one device; set "
             "parallel.mode=none to measure (or diagnostics.names='' to train on several)"
         )
     return p
+
+
+def _single_value_problems(c: Config) -> list[str]:
+    """Batch statistics over one example per step (refused, as PyTorch refuses it)."""
+    par = c.parallel
+    local = par.mode != "none" and par.bn == "local" and par.num_devices
+    examples = c.train.batch_size // par.num_devices * par.bn_group_size if local else None
+    examples = c.train.batch_size if par.mode == "none" else examples
+    if examples == 1 and norms.get(c.model.norm).batch_stats and not c.norm.allow_single_value:
+        return [
+            f"train.batch_size={c.train.batch_size} gives model.norm={c.model.norm!r} one "
+            "example per statistic: every dense layer's variance is 0 and its output the "
+            "bias; use a larger batch or set norm.allow_single_value=true"
+        ]
+    return []
 
 
 def _check_parallel(c: Config) -> list[str]:

@@ -41,6 +41,7 @@ class BatchNorm(nn.Module):
     use_bias: bool = True
     convention: norm.Convention = "flax"
     backward: norm.Backward = "analytic"
+    allow_single_value: bool = False  # training statistics over one value per feature
     dtype: Any = None
     param_dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
@@ -90,7 +91,14 @@ class BatchNorm(nn.Module):
     def _normalize(self, x, stats, scale, bias, *, training, axis_name, mask):
         """`(y, new_stats)` of this layer's pure function; the variants override it."""
         return norm.batch_norm(
-            x, stats, scale, bias, training=training, mask=mask, **self._bn_args(axis_name)
+            x,
+            stats,
+            scale,
+            bias,
+            training=training,
+            mask=mask,
+            allow_single_value=self.allow_single_value,
+            **self._bn_args(axis_name),
         )
 
     @nn.nowrap

@@ -13,6 +13,7 @@ one-pass moments and closed-form backward: `ghost_batch_norm` (Hoffer et al. 201
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -44,6 +45,7 @@ def batch_norm(
     convention: Convention = "flax",
     backward: Backward = "analytic",
     mask: Array | None = None,
+    allow_single_value: bool = False,
 ) -> tuple[Array, Stats]:
     """Batch-normalizes `x` and returns `(y, new_stats)`.
 
@@ -59,8 +61,15 @@ def batch_norm(
     estimate PyTorch stores) for `convention="torch"`; `n` is the number of reduced elements
     per feature over all devices. With `mask`, every mean above is weighted by it (`n` is the
     total weight): padding rows with weight 0 leave the statistics of the real examples exact,
-    whatever their number on each device. `momentum` is always the weight of the old
+    whatever their number on each device, and whatever their values: padding (weight 0) is
+    replaced by a real example's values before anything is computed, so NaN or infinite
+    padding reaches neither the statistics nor any gradient (its rows' outputs are then those
+    of that example; their gradient is zero). `momentum` is always the weight of the old
     statistics, as in flax: PyTorch's `momentum=0.1` is `torch_momentum(0.1) == 0.9` here.
+
+    As PyTorch does, training refuses a batch that has one value per feature (a batch of one
+    example in a dense layer, on one device): its variance is 0, `y` would be `bias` whatever
+    `x`, and the running variance would move toward 0. `allow_single_value=True` allows it.
 
     Evaluation mode normalizes with `stats` and returns `stats` itself, unchanged.
 
@@ -84,13 +93,14 @@ def batch_norm(
       mask: optional per-example weights along axis 0 (`f32[B]` or bool, 0 for padding) or an
         array broadcastable to `x` that is 1 on the feature axes; ignored in evaluation. Its
         gradient is zero.
+      allow_single_value: allow training statistics over one value per feature.
 
     Returns:
       `(y, new_stats)`: `y` like `x`; `new_stats` like `stats`.
 
     Raises:
-      ValueError: on an axis out of range, stats or affine parameters of the wrong shape, or an
-        unknown `convention`/`backward`.
+      ValueError: on an axis out of range, stats or affine parameters of the wrong shape, an
+        unknown `convention`/`backward`, or one value per feature in training.
       NameError: if `axis_name` is not bound by an enclosing transform.
     """
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
@@ -98,6 +108,10 @@ def batch_norm(
         return _normalize_with(x, stats, lay, epsilon), stats
     groups = _freeze_groups(axis_index_groups)
     w = None if mask is None else _weights(mask, x.shape, lay.bshape)
+    if w is None and axis_name is None and not allow_single_value:
+        check_values_per_feature(x.shape, lay.reduce_axes)
+    if w is not None:
+        x = _without_padding(x, w)
     axes = (lay.reduce_axes, axis_name, groups)
     y, mean, var = _train(x, lay.scale, lay.bias, w, None, epsilon, *axes, backward)
     return y, _batch_update(stats, x, w, mean, var, momentum, convention, axes)
@@ -195,6 +209,7 @@ def ghost_batch_norm(
     xg = x.reshape((groups, virtual_batch_size) + x.shape[1:])
     scale, bias = lay.scale[None], lay.bias[None]  # shared by the groups
     reduce_axes = tuple(a + 1 for a in lay.reduce_axes)
+    check_values_per_feature(xg.shape, reduce_axes)
     y, mean, var = _train(xg, scale, bias, None, None, epsilon, reduce_axes, None, None, backward)
     var = _stored_var(var, convention, lambda: _count(xg, None, reduce_axes, None, None))
     mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
@@ -642,6 +657,27 @@ def _weights(mask, x_shape, bshape):
     return lax.stop_gradient(
         jnp.broadcast_to(w, tuple(d if b == 1 else 1 for d, b in zip(x_shape, bshape, strict=True)))
     )
+
+
+def check_values_per_feature(shape: Sequence[int], reduce_axes: Sequence[int]) -> None:
+    """Raises if training statistics would see one value per feature (PyTorch refuses too)."""
+    if math.prod(shape[a] for a in reduce_axes) == 1:
+        raise ValueError(
+            f"batch normalization in training got one value per feature (input of shape "
+            f"{tuple(shape)}): its variance is 0, so every output would be the bias and the "
+            "running variance would move toward 0. Use a batch of at least 2 examples, or "
+            "allow it (batch_norm(..., allow_single_value=True); config "
+            "norm.allow_single_value=true)."
+        )
+
+
+def _without_padding(x, w):
+    """`x` with its padding (weight 0) replaced by the first real example's values, constants
+    of the math: padding of any value, NaN or inf, reaches neither statistics nor gradients."""
+    live = jnp.broadcast_to(w > 0, x.shape[:1] + w.shape[1:])
+    real = jnp.argmax(jnp.any(live.reshape(live.shape[0], -1), axis=1))  # 0 if none is real
+    fill = lax.stop_gradient(jnp.where(live[real], x[real], jnp.zeros_like(x[real])))
+    return jnp.where(live, x, fill)
 
 
 def _moments(x32, w, reduce_axes, axis_name, groups):

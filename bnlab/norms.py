@@ -64,6 +64,11 @@ BASE_FIELDS: dict[str, dataclasses.Field] = {
     "convention": field(
         "flax", 'running variance "flax" (biased) | "torch" (unbiased)', choices=norm.CONVENTIONS
     ),
+    "allow_single_value": field(
+        False,
+        "BN: allow training statistics over one value per feature (a batch of 1 in a dense "
+        "layer; refused by default, as PyTorch refuses it)",
+    ),
     "backward": field(
         "analytic",
         'BN gradient: "analytic" (closed-form custom VJP) | "autodiff"',
@@ -166,6 +171,7 @@ def _batchnorm(n, axis, layer: type = layers.BatchNorm, **extra) -> ModuleDef:
         epsilon=n.epsilon,
         convention=n.convention,
         backward=n.backward,
+        allow_single_value=n.allow_single_value,
         **axis,
         **extra,
     )

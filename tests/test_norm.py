@@ -175,9 +175,13 @@ def test_bf16_input_gives_bf16_output_and_float32_stats():
 
 
 def test_single_example_batch_gives_zero_var_and_bias_output():
+    # Refused by default (test_one_value_per_feature_in_training_is_refused_unless_allowed);
+    # allowed, the math is what it is.
     x = _normal(10, (1, 5), loc=3.0, scale=10.0)
     scale, bias = _affine_params(11, (5,))
-    y, new = norm.batch_norm(x, norm.init_stats(5), scale, bias, training=True, momentum=0.0)
+    y, new = norm.batch_norm(
+        x, norm.init_stats(5), scale, bias, training=True, momentum=0.0, allow_single_value=True
+    )
     np.testing.assert_array_equal(new["var"], np.zeros(5, np.float32))
     np.testing.assert_array_equal(new["mean"], x[0])
     np.testing.assert_array_equal(y, bias[None])
@@ -678,3 +682,64 @@ def test_mask_gives_the_statistics_and_gradients_of_the_unpadded_batch(backward,
     np.testing.assert_array_equal(grads_m[0][~real], 0.0)  # no loss, no statistics through them
     for g_m, g in zip(grads_m[1:], grads[1:], strict=True):
         np.testing.assert_allclose(g_m, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backward", ["analytic", "autodiff"])
+def test_nonfinite_padding_never_reaches_the_statistics_or_gradients(backward):
+    """Padding rows (weight 0) hold NaN and inf, padding is row 0 (where the one-pass shift
+    used to come from): statistics, real rows' outputs and every gradient equal those of the
+    real rows alone."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(3.0, 2.0, (6, 5)).astype(np.float32)
+    x = np.concatenate([np.full((1, 5), np.nan, np.float32), real, np.full((2, 5), np.inf)])
+    mask = np.array([0] + [1] * 6 + [0, 0], np.float32)
+    stats, scale, bias = norm.init_stats(5), jnp.full(5, 1.5), jnp.full(5, 0.25)
+    ct = rng.normal(size=x.shape).astype(np.float32)
+
+    rows = np.flatnonzero(mask)
+
+    def loss(fn_x, fn_scale, fn_bias, m, picked):
+        y, new = norm.batch_norm(fn_x, stats, fn_scale, fn_bias, training=True, mask=m,
+                                 backward=backward)  # fmt: skip
+        return jnp.sum(y[picked] * ct[rows]), (y, new)
+
+    (_, (y, new)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(x), scale, bias, jnp.asarray(mask), rows
+    )
+    (_, (y_ref, new_ref)), grads_ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(real), scale, bias, None, slice(None)
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, new_ref)
+    np.testing.assert_allclose(y[rows], y_ref, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_allclose(grads[0][rows], grads_ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(grads[0][mask == 0], 0.0)
+    np.testing.assert_allclose(grads[1], grads_ref[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[2], grads_ref[2], rtol=1e-4, atol=1e-5)
+
+
+def test_nonfinite_padding_across_devices_equals_the_real_rows_on_one_device():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 4, 3)).astype(np.float32)  # 8 devices x 4 rows
+    mask = (rng.uniform(size=(8, 4)) > 0.4).astype(np.float32)
+    mask[3] = 0.0  # a device with nothing but padding
+    x = np.where(mask[..., None] > 0, x, np.nan).astype(np.float32)
+    stats = norm.init_stats(3)
+    mapped = jax.pmap(
+        lambda xs, m: norm.batch_norm(xs, stats, training=True, mask=m, axis_name="d")[1],
+        axis_name="d",
+    )(x, mask)
+    real = x.reshape(-1, 3)[mask.reshape(-1) > 0]
+    _, want = norm.batch_norm(real, stats, training=True)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(mapped[key][0], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_one_value_per_feature_in_training_is_refused_unless_allowed():
+    x = jnp.ones((1, 4))
+    with pytest.raises(ValueError, match="one value per feature"):
+        norm.batch_norm(x, norm.init_stats(4), training=True)
+    y, new = norm.batch_norm(x, norm.init_stats(4), training=True, allow_single_value=True)
+    assert np.all(np.isfinite(y))
+    norm.batch_norm(jnp.ones((1, 3, 3, 4)), norm.init_stats(4), training=True)  # 9 values: fine
+    norm.batch_norm(x, norm.init_stats(4), training=False)  # evaluation normalizes with the stats

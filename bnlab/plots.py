@@ -122,28 +122,37 @@ def validation_curves(sweep: Sweep) -> Figure | None:
 
 def accuracy_vs_lr(sweep: Sweep) -> Figure | None:
     """(2) Final test accuracy vs learning rate (log axis), a line per norm, divergences marked."""
-    if "opt.lr" not in sweep.varying:
+    return _accuracy_vs(sweep, "opt.lr", "learning rate")
+
+
+def accuracy_vs_batch(sweep: Sweep) -> Figure | None:
+    """(2b) Final test accuracy vs the per-step batch size (log axis), a line per norm."""
+    return _accuracy_vs(sweep, "train.batch_size", "batch size")
+
+
+def _accuracy_vs(sweep: Sweep, key: str, label: str) -> Figure | None:
+    if key not in sweep.varying:
         return None
-    panels = _panels(sweep, (NORM_KEY, "opt.lr"))
-    fig, axes = _figure(len(panels), "Final test accuracy vs learning rate")
+    panels = _panels(sweep, (NORM_KEY, key))
+    fig, axes = _figure(len(panels), f"Final test accuracy vs {label}")
     for ax, (title, groups) in zip(axes, panels, strict=True):
-        for i, (label, members) in enumerate(_series(sweep, groups)):
+        for i, (series, members) in enumerate(_series(sweep, groups)):
             members = sorted(
-                (g for g in members if isinstance(g.setting["opt.lr"], int | float)),
-                key=lambda g: g.setting["opt.lr"],
-            )  # a trial that does not override the lr has no point on this axis
-            lrs = [float(g.setting["opt.lr"]) for g in members]
+                (g for g in members if isinstance(g.setting[key], int | float)),
+                key=lambda g: g.setting[key],
+            )  # a trial that does not override the key has no point on this axis
+            xs = [float(g.setting[key]) for g in members]
             stats = [g.stats("accuracy") for g in members]
             std = [0.0 if math.isnan(s.std) else s.std for s in stats]
-            line = ax.errorbar(lrs, [s.mean for s in stats], yerr=std, marker="o", label=label)
-            bad = [lr for lr, g in zip(lrs, members, strict=True) if g.with_status("diverged")]
+            line = ax.errorbar(xs, [s.mean for s in stats], yerr=std, marker="o", label=series)
+            bad = [x for x, g in zip(xs, members, strict=True) if g.with_status("diverged")]
             if bad:
                 color = line.lines[0].get_color()
                 ax.scatter(bad, [-0.03 * i] * len(bad), marker="x", s=60, color=color,
-                           label=f"{label or 'all'}: a seed diverged")  # fmt: skip
+                           label=f"{series or 'all'}: a seed diverged")  # fmt: skip
         ax.set_xscale("log")
         ax.set_ylim(-0.1, 1.02)
-        ax.set(title=title, xlabel="learning rate (log scale)", ylabel="final test accuracy")
+        ax.set(title=title, xlabel=f"{label} (log scale)", ylabel="final test accuracy")
         _legend(ax)
     return fig
 
@@ -253,6 +262,9 @@ FIGURES: tuple[tuple[str, str, Callable[[Sweep], Figure | None], str], ...] = (
     ("accuracy_vs_lr", "Final accuracy vs learning rate", accuracy_vs_lr,
      "Final test accuracy vs learning rate (log scale), mean +- std over ok seeds; an x at the "
      "bottom marks a learning rate where at least one seed diverged."),
+    ("accuracy_vs_batch", "Final accuracy vs batch size", accuracy_vs_batch,
+     "Final test accuracy vs the per-step batch size (log scale), mean +- std over the seeds "
+     "with a result, a line per normalization."),
     ("schedule_clip", "Schedules and clipping", schedule_clip_comparison,
      "Final test accuracy per learning-rate schedule and gradient clipping, mean +- std over ok "
      "seeds; 'n div.' counts the seeds that diverged."),

@@ -159,7 +159,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         _load_trial(path / "runs" / t["trial_id"], t["trial_id"], t["overrides"])
         for t in spec["trials"]
     ]
-    varying, follows = _split_dependent(trials, _varying_keys(trials))
+    varying, follows = _split_dependent(trials, _varying_keys(trials, spec.get("keys")))
     return Sweep(
         path=path,
         experiment=spec.get("experiment", ""),
@@ -200,8 +200,14 @@ def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResu
     )
 
 
-def _varying_keys(trials: list[TrialResult]) -> list[str]:
+def _varying_keys(trials: list[TrialResult], order: list[str] | None = None) -> list[str]:
+    """Override keys with more than one value, in the order the sweep yields them (`order`,
+    from sweep.json; else names before numbers, then alphabetical)."""
     keys = list(dict.fromkeys(k for t in trials for k in t.overrides if k != SEED_KEY))
+    if order:
+        keys.sort(key=lambda k: order.index(k) if k in order else len(order))
+    else:
+        keys.sort(key=lambda k: not all(isinstance(t.overrides.get(k, ""), str) for t in trials))
     return [k for k in keys if len({repr(t.overrides.get(k, UNSET)) for t in trials}) > 1]
 
 
@@ -215,11 +221,8 @@ def _split_dependent(
     def value(trial, key):
         return repr(trial.overrides.get(key, UNSET))
 
-    def categorical(key):  # names lead numbers: "opt.schedule" over its "opt.decay_rate"
-        return all(isinstance(t.overrides.get(key, ""), str) for t in trials)
-
     kept, follows = [], {}
-    for key in sorted(keys, key=lambda k: not categorical(k)):
+    for key in keys:
         leader = next(
             (
                 k
@@ -235,7 +238,7 @@ def _split_dependent(
             kept.append(key)
         else:
             follows[key] = leader
-    return [k for k in keys if k in kept], follows
+    return kept, follows
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

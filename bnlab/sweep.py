@@ -161,6 +161,8 @@ def run_sweep(
         "smoke": smoke,
         "overrides": extra,
         "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
+        # The override keys in the order sweep() yields them (JSON objects here are sorted).
+        "keys": list(dict.fromkeys(k for t in trials for k in t.overrides)),
     }
     _refuse_other_sweep(workdir, spec)
     (workdir / "runs").mkdir(parents=True, exist_ok=True)

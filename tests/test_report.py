@@ -330,9 +330,9 @@ def test_keys_that_another_key_determines_are_named_once(tmp_path):
     ]
     _fake_sweep(tmp_path, grid)
     sweep = results.load_sweep(tmp_path)
-    assert sweep.varying == ["model.dropout", "model.name"]
+    assert sweep.varying == ["model.name", "model.dropout"]  # names first without an order
     assert sweep.follows == {"opt.lr": "model.name", "train.epochs": "model.name"}
     assert len(sweep.groups) == 4  # the same settings as with every key
     text = report.write_report(tmp_path).read_text()
     assert "- `opt.lr` follows `model.name`: mlp -> (default), cnn -> 0.1" in text
-    assert "| `model.dropout` | `model.name` | seeds |" in text
+    assert "| `model.name` | `model.dropout` | seeds |" in text

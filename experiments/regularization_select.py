@@ -68,7 +68,7 @@ def regularizers(smoke=False):
 
 
 def sweep(smoke=False):
-    for model, settings in MODELS.items():
+    for settings in MODELS.values():
         for norm in ("batchnorm", "none"):
             for reg in regularizers(smoke):
                 for seed in SEEDS if not smoke else range(1):

@@ -52,7 +52,7 @@ def get_config():
 
 
 def sweep(smoke=False):
-    for model, settings in MODELS.items():
+    for settings in MODELS.values():
         for norm in ("batchnorm", "none", "noisy_batchnorm"):
             for seed in SEEDS if not smoke else range(1):
                 point = {**settings, "model.norm": norm, "train.seed": seed}

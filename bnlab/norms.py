@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from bnlab import layers, norm, schema
-from bnlab.schema import ConfigError, field
+from bnlab.registry import Registry
+from bnlab.schema import field
 
 ModuleDef = Any
 # (cfg.norm, axis) -> a layer factory: `factory(name=...)` is a linen module called as
@@ -76,72 +76,29 @@ BASE_FIELDS: dict[str, dataclasses.Field] = {
     ),
 }
 
-NORMS: dict[str, NormSpec] = {}
-
-
-def register_norm(name: str, spec: NormSpec) -> NormSpec:
-    """Adds `spec` under `name`; returns it. The same registration run again (an experiment
-    file imported twice) replaces itself; another piece under a taken name is a `ValueError`."""
-    caller = inspect.stack()[1]
-    spec = dataclasses.replace(spec, origin=f"{caller.filename}:{caller.lineno}")
-    old = NORMS.get(name)
-    if old is not None and old.origin != spec.origin:
-        raise ValueError(
-            f"normalization {name!r} is already registered (at {old.origin}); the one at "
-            f"{spec.origin} needs another name."
-        )
-    taken = {k: n for n, s in NORMS.items() if n != name for k in s.fields} | dict.fromkeys(
-        BASE_FIELDS, "every normalization"
-    )
-    for key in spec.fields:
-        if key in taken:
-            raise ValueError(
-                f"normalization {name!r} declares the config field norm.{key}, which "
-                f"{taken[key]!r} already declares; give it another name."
-            )
-    NORMS[name] = spec
-    norm_config_class.cache_clear()
-    return spec
+NORMS: Registry[NormSpec] = Registry(
+    "normalization", "model.norm", "norm", BASE_FIELDS, "every normalization"
+)
+# Adds a spec under a name and returns it; the same registration again (an experiment file
+# imported twice) replaces itself; a taken name or config field is a ValueError naming both.
+register_norm = NORMS.register
 
 
 def unregister_norm(name: str) -> NormSpec:
     """Removes `name` from the registry and returns its spec: a test or a notebook that
     registered a normalization of its own leaves the table as it found it."""
-    spec = NORMS.pop(name)
-    norm_config_class.cache_clear()
-    return spec
+    return NORMS.pop(name)
 
 
 def get(name: str) -> NormSpec:
     """The spec registered under `name`; a `ConfigError` listing the known names otherwise."""
-    if name not in NORMS:
-        raise ConfigError(
-            f"model.norm={name!r} is not one of {sorted(NORMS)} (the registered normalizations; "
-            "an experiment file may register its own with bnlab.norms.register_norm)."
-        )
-    return NORMS[name]
+    return NORMS.lookup(name)
 
 
-@functools.cache
 def norm_config_class() -> type:
     """The frozen dataclass of the `norm` group: the shared fields, then each registered
     normalization's own (rebuilt when the registry changes)."""
-    specs = [("", BASE_FIELDS), *((n, s.fields) for n, s in NORMS.items())]
-    fields = [
-        (key, f.metadata.get("type") or _type_of(f.default), _copy(f))
-        for _, group in specs
-        for key, f in group.items()
-    ]
-    return dataclasses.make_dataclass("NormConfig", fields, frozen=True)
-
-
-def _type_of(default: Any) -> type:
-    return tuple if isinstance(default, tuple) else type(default)
-
-
-def _copy(f: dataclasses.Field) -> dataclasses.Field:
-    # A Field object may belong to one class only; every rebuild gets fresh ones.
-    return dataclasses.field(default=f.default, metadata=f.metadata)
+    return NORMS.config_class("NormConfig")
 
 
 def problems(cfg: Any, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:

@@ -15,7 +15,7 @@ from conftest import ROOT
 from test_batched import BATCH, _assert_same_records
 from test_checkpoint import _assert_same_run
 
-from bnlab import batched, cli, config, data, export, norms, run, train
+from bnlab import batched, cli, config, data, export, norms, run, schema, train
 from bnlab import norm as norm_lib
 
 VARIANTS = (
@@ -451,3 +451,17 @@ def test_a_run_of_an_experiments_own_norm_evaluates_in_a_fresh_process(
                 timeout=300,
             )
             assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_taken_name_or_field_is_an_error_naming_both_places():
+    spec = norms.NormSpec(layer=lambda n, axis: None)
+    with pytest.raises(ValueError, match=r"'batchnorm' is already registered \(at .*norms.py"):
+        norms.register_norm("batchnorm", spec)
+    field = {"num_groups": schema.field(4, "a clash")}
+    with pytest.raises(ValueError, match="norm.num_groups, which 'groupnorm' already declares"):
+        norms.register_norm("clash_test", norms.NormSpec(layer=spec.layer, fields=field))
+    with pytest.raises(ValueError, match="which 'every normalization' already declares"):
+        norms.register_norm(
+            "clash_test", norms.NormSpec(layer=spec.layer, fields={"epsilon": field["num_groups"]})
+        )
+    assert "clash_test" not in norms.NORMS

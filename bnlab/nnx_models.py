@@ -1,24 +1,30 @@
-"""The reference CNN in Flax NNX, with the module paths of `bnlab.models.CNN`.
+"""The reference CNN and the paper's MLP in Flax NNX, with the module paths of `bnlab.models`.
 
-Its state maps one-to-one onto the linen CNN's variables (`bnlab.nnx.to_linen`/`from_linen`):
-`conv0/kernel` (HWIO), `conv0/bias`, `block0/norm/scale`, ..., `dense/kernel`, `head/bias`, and
-`batch_stats/block0/norm/mean`, ... As in linen, the normalization is injected.
+Their state maps one-to-one onto the linen models' variables (`bnlab.nnx.to_linen`/
+`from_linen`): `conv0/kernel` (HWIO), `conv0/bias`, `block0/norm/scale`, ..., `dense/kernel`,
+`head/bias`, and `batch_stats/block0/norm/mean`, ... As in linen, the normalization is
+injected: any registered one through `bnlab.nnx.norm_factory(cfg)`, or `build_model(cfg)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
+from bnlab import data as data_lib
 from bnlab import models
 from bnlab import nnx as bnlab_nnx
+from bnlab.schema import ConfigError
 from bnlab.types import Array
 
-# `norm(num_features, rngs=...)` -> a layer called as `layer(x)`, e.g. `bnlab.nnx.BatchNorm` or
-# `functools.partial(bnlab.nnx.BatchNorm, momentum=0.9)`.
-NormFactory = Callable[..., Callable[[Array], Array]]
+# `norm(num_features, rngs=...)` -> a layer called as `layer(x)` (and `layer(x, rngs=key)` when
+# the model's call gets `rngs`), e.g. `bnlab.nnx.BatchNorm`,
+# `functools.partial(bnlab.nnx.BatchNorm, momentum=0.9)` or `bnlab.nnx.norm_factory(cfg)`.
+NormFactory = Callable[..., Callable[..., Array]]
 LECUN_NORMAL = nnx.initializers.lecun_normal()  # the default kernel init, as in linen
 
 
@@ -50,19 +56,73 @@ class Conv(nnx.Module):
 
 
 class NormAct(nnx.Module):
-    """Normalization and nonlinearity in the order that `placement` names (linen's `_NormAct`)."""
+    """Normalization and nonlinearity in the order that `placement` names (linen's `_NormAct`).
 
-    def __init__(self, norm: Callable[[Array], Array], act: Callable, placement: str = "before"):
+    `name` is the block's name in the model (linen's module path), from which the noise of a
+    normalization with randomness derives as linen derives it (`bnlab.nnx.linen_rng`).
+    """
+
+    def __init__(
+        self, norm: Callable[..., Array], act: Callable, placement: str = "before", *, name: str
+    ):
         if placement not in models.PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}; known: {models.PLACEMENTS}")
         self.norm = norm
         self.act = act
         self.placement = placement
+        self.name = name
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, key: Array | None = None) -> Array:
+        """`key`: the model call's noise key (None: the normalization is called without one)."""
+        kwargs = {} if key is None else {"rngs": bnlab_nnx.linen_rng(key, self.name, "norm")}
         if self.placement == "before":
-            return self.act(self.norm(x))
-        return self.norm(self.act(x))
+            return self.act(self.norm(x, **kwargs))
+        return self.norm(self.act(x), **kwargs)
+
+
+class MLP(nnx.Module):
+    """Ioffe & Szegedy (2015) Fig. 1 network, as `bnlab.models.MLP`: 784-100-100-100-10,
+    sigmoid by default, the normalization in each hidden block (none by default).
+
+    Args:
+      norm: the normalization factory, `norm(num_features, rngs=rngs)`.
+      hidden: the widths of the hidden layers.
+      num_classes: outputs of the head.
+      act: the nonlinearity.
+      placement: normalization "before" or "after" the nonlinearity.
+      kernel_init: initializer of every kernel (biases start at 0).
+      image_shape: the shape of one input example, flattened by the first layer.
+      rngs: the `nnx.Rngs` that initialize the variables.
+    """
+
+    def __init__(
+        self,
+        *,
+        norm: NormFactory = bnlab_nnx.Identity,
+        hidden: Sequence[int] = models.MLP.hidden,
+        num_classes: int = 10,
+        act: Callable[[Array], Array] = nnx.sigmoid,
+        placement: str = "before",
+        kernel_init: Callable = LECUN_NORMAL,
+        image_shape: tuple[int, ...] = (28, 28, 1),
+        rngs: nnx.Rngs,
+    ):
+        widths = (math.prod(image_shape), *hidden)
+        self.depth = len(hidden)
+        for i in range(self.depth):
+            dense = nnx.Linear(widths[i], widths[i + 1], kernel_init=kernel_init, rngs=rngs)
+            setattr(self, f"dense{i}", dense)
+            block = NormAct(norm(widths[i + 1], rngs=rngs), act, placement, name=f"block{i}")
+            setattr(self, f"block{i}", block)
+        self.head = nnx.Linear(widths[-1], num_classes, kernel_init=kernel_init, rngs=rngs)
+
+    def __call__(self, x: Array, *, rngs: bnlab_nnx.RngsLike = None) -> Array:
+        """The logits of `x`; `rngs`: the step's noise (`bnlab.nnx.NoisyBatchNorm`)."""
+        key = bnlab_nnx.noise_key(rngs)
+        x = x.reshape((x.shape[0], -1))
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(getattr(self, f"dense{i}")(x), key=key)
+        return self.head(x)
 
 
 class CNN(nnx.Module):
@@ -70,7 +130,10 @@ class CNN(nnx.Module):
     dense(256)-N-relu, dense(10), as `bnlab.models.CNN`.
 
     Training or evaluation is the normalization layers' mode: `model.train()`, `model.eval()`
-    or `nnx.view(model, use_running_average=...)`, as for any NNX model.
+    or `nnx.view(model, use_running_average=...)`, as for any NNX model. A normalization with
+    randomness (`bnlab.nnx.NoisyBatchNorm`) needs the step's noise in training:
+    `model(x, rngs=key)` (or an `nnx.Rngs` with a `noise` stream, drawn once per call); each
+    layer then draws what the linen CNN's draws when applied with `rngs={"noise": key}`.
 
     Args:
       norm: the normalization factory, `norm(num_features, rngs=rngs)`.
@@ -98,16 +161,55 @@ class CNN(nnx.Module):
         h, w, c = image_shape
         conv = dict(kernel_init=kernel_init, impl=conv_impl, rngs=rngs)
         self.conv0 = Conv(c, 32, **conv)
-        self.block0 = NormAct(norm(32, rngs=rngs), act, placement)
+        self.block0 = NormAct(norm(32, rngs=rngs), act, placement, name="block0")
         self.conv1 = Conv(32, 64, **conv)
-        self.block1 = NormAct(norm(64, rngs=rngs), act, placement)
+        self.block1 = NormAct(norm(64, rngs=rngs), act, placement, name="block1")
         flat = (h // 2 // 2) * (w // 2 // 2) * 64
         self.dense = nnx.Linear(flat, 256, kernel_init=kernel_init, rngs=rngs)
-        self.block2 = NormAct(norm(256, rngs=rngs), act, placement)
+        self.block2 = NormAct(norm(256, rngs=rngs), act, placement, name="block2")
         self.head = nnx.Linear(256, num_classes, kernel_init=kernel_init, rngs=rngs)
 
-    def __call__(self, x_BxHxWxC: Array) -> Array:
-        x = models.avg_pool2(self.block0(self.conv0(x_BxHxWxC)))
-        x = models.avg_pool2(self.block1(self.conv1(x)))
-        x = self.block2(self.dense(x.reshape((x.shape[0], -1))))
+    def __call__(self, x_BxHxWxC: Array, *, rngs: bnlab_nnx.RngsLike = None) -> Array:
+        """The logits of `x_BxHxWxC`; `rngs`: the step's noise (`bnlab.nnx.NoisyBatchNorm`)."""
+        key = bnlab_nnx.noise_key(rngs)
+        x = models.avg_pool2(self.block0(self.conv0(x_BxHxWxC), key=key))
+        x = models.avg_pool2(self.block1(self.conv1(x), key=key))
+        x = self.block2(self.dense(x.reshape((x.shape[0], -1))), key=key)
         return self.head(x)
+
+
+MODELS: dict[str, type[nnx.Module]] = {"mlp": MLP, "cnn": CNN}
+
+
+def build_model(cfg: Any, *, rngs: nnx.Rngs, axis: dict[str, Any] | None = None) -> nnx.Module:
+    """The NNX model that `cfg.model`/`cfg.norm` describe: `bnlab.train.build_model`'s linen
+    model in NNX, with the same module paths (`bnlab.nnx.from_linen` moves its variables in).
+
+    Args:
+      cfg: a validated `bnlab.config.Config`.
+      rngs: the `nnx.Rngs` that initialize the variables.
+      axis: `axis_name`/`axis_index_groups` for the statistics of a multi-device run.
+
+    Returns:
+      The model, in training mode.
+
+    Raises:
+      bnlab.schema.ConfigError: with dropout (the NNX models have none), or for a
+        normalization without an NNX layer.
+    """
+    m = cfg.model
+    if m.dropout:
+        raise ConfigError(
+            f"model.dropout={m.dropout}: the NNX models have no dropout; set model.dropout=0 "
+            "or train the linen model (bnlab.train.build_model)."
+        )
+    kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
+    return MODELS[m.name](
+        norm=bnlab_nnx.norm_factory(cfg, axis=axis),
+        num_classes=data_lib.num_classes(cfg.data.task),
+        act=models.ACTIVATIONS[m.activation],
+        placement=m.placement,
+        kernel_init=models.INITS[m.init](m.init_std),
+        rngs=rngs,
+        **kwargs,
+    )

@@ -758,7 +758,9 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
     where dmean/dvar are the cotangents of the returned batch statistics (usually zero). The
     weights only enter through the statistics; the mask gets a zero cotangent. Batch renorm's
     constant `r`, `d` (Ioffe 2017) scale `g` by `r`, and give `dscale = r * sum(dy * x_hat) +
-    d * sum(dy)`; the running statistics they come from get zero cotangents.
+    d * sum(dy)`; the running statistics they come from get zero cotangents. `dscale`, `dbias`
+    are this device's sums, except under `shard_map(check_vma=True)`, which types a replicated
+    scale/bias as such: there they are summed over the devices, as autodiff does (`_unsummed`).
     """
     del epsilon
     x, mean, rstd, scale, bias, w, correction, rd = res
@@ -781,13 +783,35 @@ def _train_analytic_bwd(epsilon, reduce_axes, axis_name, groups, res, cotangents
     dx = (rstd * gain) * (dy32 - wn * (sum_dy + x_hat * sum_dy_xhat)) + wn * (
         dmean + 2.0 * dvar * x_hat / rstd
     )
+    if axis_name is not None and groups is None and axis_name in _unsummed(dscale, scale):
+        # A scale/bias that shard_map(check_vma=True) knows to be replicated over axis_name: its
+        # gradient is the total over the devices, the four sums above already hold it.
+        dscale, dbias = sum_dy_xhat, sum_dy
     if rd is not None:
         dscale = dscale * rd[0] + dbias * rd[1]
     # Statistics per group of a feature (ghost BN), affine parameters shared by the groups.
     dscale, dbias = _sum_to(dscale, scale.shape), _sum_to(dbias, bias.shape)
+    dscale, dbias = _sum_over_unsummed(dscale, scale), _sum_over_unsummed(dbias, bias)
     dw = None if w is None else jnp.zeros_like(w)
     dcorrection = jax.tree.map(jnp.zeros_like, correction)
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype), dw, dcorrection
+
+
+def _unsummed(cotangent, primal) -> frozenset:
+    """Mesh axes along which `cotangent` varies but `primal` does not.
+
+    Only `shard_map(check_vma=True)` tracks this variation (pmap, vmap and check_vma=False
+    leave it empty): a primal replicated over an axis is implicitly broadcast to the devices
+    there, so its cotangent must be summed over them, as autodiff's transpose of that
+    broadcast does. Elsewhere the per-device gradient is kept, which `bnlab.parallel` averages.
+    """
+    return jax.typeof(cotangent).mat.varying - jax.typeof(primal).mat.varying
+
+
+def _sum_over_unsummed(cotangent, primal):
+    """`cotangent` summed over the mesh axes of `_unsummed` (unchanged when there are none)."""
+    axes = _unsummed(cotangent, primal)
+    return lax.psum(cotangent, tuple(axes)) if axes else cotangent
 
 
 def _sum_to(a, shape):

@@ -28,6 +28,9 @@ ModuleDef = Any
 # `layer(x, use_running_average=...)`. `axis` holds `axis_name`/`axis_index_groups` for a
 # normalization with batch statistics in a multi-device run, else nothing.
 LayerBuilder = Callable[[Any, dict[str, Any]], ModuleDef]
+# (cfg.norm, num_features, axis, rngs) -> a Flax NNX module called as `layer(x, rngs=...)`, in
+# the mode its `use_running_average` attribute sets (`bnlab.nnx`); `axis` as for `layer`.
+NNXBuilder = Callable[[Any, Any, dict[str, Any], Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,9 @@ class NormSpec:
     # (cfg.norm, step) -> scalars logged with the training metrics at that step (e.g. a
     # schedule's current value), or None.
     step_metrics: Callable[[Any, Any], dict[str, Any]] | None = None
+    # Its Flax NNX layer, or None when it has none (`bnlab.nnx.norm_from_config` then raises a
+    # ConfigError saying so). Import flax.nnx inside the builder: `import bnlab` stays light.
+    nnx: NNXBuilder | None = None
     origin: str = ""  # where it was registered (file:line), set by `register_norm`
 
 
@@ -132,6 +138,19 @@ def _batchnorm(n, axis, layer: type = layers.BatchNorm, **extra) -> ModuleDef:
         **axis,
         **extra,
     )
+
+
+def _nnx(layer: Callable[[Any, dict[str, Any], Any], Any]) -> NNXBuilder:
+    """The NNX builder of `layer(n, axis, bnx)`, which returns a factory of the module
+    `bnx = bnlab.nnx` as `layer=` does of `bnlab.layers` (the classes have the same names and
+    options), called as `factory(num_features, rngs=rngs)`."""
+
+    def build(n, num_features, axis, rngs):
+        from bnlab import nnx as bnx  # here, not at import: bnlab.norms stays free of flax.nnx
+
+        return layer(n, axis, bnx)(num_features, rngs=rngs)
+
+    return build
 
 
 def _torch_affine(key: str, params: dict, shape: tuple[int, ...] = ()) -> dict:
@@ -239,6 +258,7 @@ register_norm(
         batch_stats=True,
         torch=torch_batchnorm,
         injected=("momentum",),
+        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchNorm)),
     ),
 )
 register_norm(
@@ -247,6 +267,7 @@ register_norm(
         layer=lambda n, axis: layers.Identity,
         doc="no normalization",
         torch=lambda *args, **kwargs: {},  # no layer, nothing to write
+        nnx=_nnx(lambda n, axis, bnx: bnx.Identity),
     ),
 )
 register_norm(
@@ -257,6 +278,9 @@ register_norm(
         batch_stats=True,
         torch=torch_batchnorm,
         injected=("momentum",),
+        nnx=_nnx(
+            lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchNorm, use_scale=False, use_bias=False)
+        ),
     ),
 )
 register_norm(
@@ -276,6 +300,11 @@ register_norm(
         batch_stats=True,
         check=_ghost_check,
         injected=("momentum",),
+        nnx=_nnx(
+            lambda n, axis, bnx: _batchnorm(
+                n, axis, bnx.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
+            )
+        ),
     ),
 )
 register_norm(
@@ -309,6 +338,7 @@ register_norm(
         batch_stats=True,
         injected=("momentum", "r_max", "d_max"),
         step_metrics=_renorm_metrics,
+        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchRenorm, **_renorm_schedule(n))),
     ),
 )
 register_norm(
@@ -335,6 +365,11 @@ register_norm(
         },
         batch_stats=True,
         injected=("momentum", "noise_mean", "noise_std"),
+        nnx=_nnx(
+            lambda n, axis, bnx: _batchnorm(
+                n, axis, bnx.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
+            )
+        ),
     ),
 )
 register_norm(
@@ -344,6 +379,7 @@ register_norm(
         doc="BN normalizing with the running statistics in training too (Ghorbani et al. 2019)",
         batch_stats=True,
         injected=("momentum",),
+        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.PopulationBatchNorm)),
     ),
 )
 register_norm(
@@ -352,6 +388,7 @@ register_norm(
         layer=lambda n, axis: functools.partial(layers.LayerNorm, epsilon=n.epsilon),
         doc="layer normalization over all non-batch axes (Ba et al. 2016)",
         torch=torch_layernorm,
+        nnx=_nnx(lambda n, axis, bnx: functools.partial(bnx.LayerNorm, epsilon=n.epsilon)),
     ),
 )
 register_norm(
@@ -371,5 +408,10 @@ register_norm(
         },
         check=_groupnorm_check,
         torch=torch_groupnorm,
+        nnx=_nnx(
+            lambda n, axis, bnx: functools.partial(
+                bnx.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
+            )
+        ),
     ),
 )

@@ -91,7 +91,10 @@ def test_training_and_evaluation_match_flax_over_steps(shape, axis, momentum, ma
     kw = dict(axis=axis, momentum=momentum, epsilon=1e-3, rngs=nnx.Rngs(0))
     theirs, ours = _flax_bn(features, **kw), bnx.BatchNorm(features, **kw)
     _randomize([theirs, ours], 2)
-    ct = _normal(3, shape)
+    # bnlab gives padding (mask 0) the output of a real example and no gradient, flax normalizes
+    # it as it is: only the real rows' outputs and a loss over them are comparable.
+    real = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
+    ct = _normal(3, shape) * real
 
     def loss(layer, x):
         return jnp.sum(layer(x, mask=mask) * ct)
@@ -101,7 +104,8 @@ def test_training_and_evaluation_match_flax_over_steps(shape, axis, momentum, ma
         (dx_ref, g_ref), (dx, g) = (
             nnx.grad(loss, argnums=(1, 0))(layer, x) for layer in (theirs, ours)
         )
-        np.testing.assert_allclose(ours(x, mask=mask), theirs(x, mask=mask), rtol=1e-5, atol=1e-5)
+        y, y_ref = ours(x, mask=mask), theirs(x, mask=mask)
+        np.testing.assert_allclose(y[real], y_ref[real], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
         _assert_close(nnx.to_pure_dict(g), nnx.to_pure_dict(g_ref), rtol=1e-4, atol=1e-5)
         # Each training call above stepped both layers' statistics the same way.
@@ -369,9 +373,11 @@ def _global_batch_reference(layer, x, ct):
 
 @pytest.mark.parametrize(
     "backward,check_vma",
-    [("analytic", False), ("autodiff", False), ("autodiff", True)],
+    [("analytic", False), ("analytic", True), ("autodiff", False), ("autodiff", True)],
 )
 def test_shard_map_over_8_devices_equals_the_global_batch(backward, check_vma):
+    """check_vma=True (shard_map's default) types scale/bias as replicated, so their gradient
+    is the total over the devices; check_vma=False keeps pmap's per-device gradient."""
     assert jax.device_count() == 8, "tests/conftest.py sets 8 CPU devices"
     x, ct = _normal(13, (32, 5), loc=-2.0, scale=3.0), _normal(14, (32, 5))
     kw = dict(momentum=0.5, backward=backward, rngs=nnx.Rngs(0))
@@ -385,17 +391,48 @@ def test_shard_map_over_8_devices_equals_the_global_batch(backward, check_vma):
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="known limitation of bnlab.norm's analytic custom VJP: under shard_map's default "
-    "check_vma=True its backward returns the per-device (varying) gradient of a replicated "
-    "scale/bias; use check_vma=False (as bnlab.parallel does) or backward='autodiff'",
+@pytest.mark.parametrize(
+    "layer",
+    [
+        functools.partial(layers.BatchNorm, momentum=0.5),
+        functools.partial(layers.BatchRenorm, momentum=0.5, r_max=1.5, d_max=0.5),
+        functools.partial(layers.GhostBatchNorm, momentum=0.5, virtual_batch_size=2),
+    ],
+    ids=["batchnorm", "batch_renorm", "ghost_batchnorm"],
 )
-def test_analytic_backward_under_shard_map_with_check_vma():
-    x, ct = _normal(13, (32, 5)), _normal(14, (32, 5))
-    layer = bnx.BatchNorm(5, axis_name=AXIS, rngs=nnx.Rngs(0))
-    _sharded_step(layer, x, ct, check_vma=True)
+def test_linen_layer_under_shard_map_with_check_vma_equals_the_global_batch(layer):
+    """The analytic backward under shard_map's default check_vma=True, with the linen layers:
+    the gradient of the replicated scale/bias is the global batch's."""
+    mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+    x, ct = _normal(18, (32, 5), loc=1.0, scale=2.0), _normal(19, (32, 5))
+    variables = layer().init(jax.random.key(0), x, use_running_average=False)
+    params = {"scale": _normal(20, (5,), loc=1.0), "bias": _normal(21, (5,))}
+    variables = {**variables, "params": params}
+
+    def step(module, variables, x, ct):
+        def loss(params, x):
+            y, updates = module.apply(
+                {**variables, "params": params}, x, use_running_average=False,
+                mutable=["batch_stats"],
+            )  # fmt: skip
+            return jnp.sum(y * ct), updates["batch_stats"]
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+    program = jax.jit(
+        jax.shard_map(
+            functools.partial(step, layer(axis_name=AXIS)),
+            mesh=mesh,
+            in_specs=(P(), P(AXIS), P(AXIS)),
+            out_specs=((P(), P(AXIS)), P()),
+        )
+    )
+    place = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+    (dparams, dx), stats = program(variables, place(x), place(ct))
+    (dparams_ref, dx_ref), stats_ref = step(layer(), variables, x, ct)
+    _assert_close(dparams, dparams_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    _assert_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_axis_index_groups_give_each_group_its_own_statistics():

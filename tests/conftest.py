@@ -28,6 +28,23 @@ import pytest  # noqa: E402
 MNIST_DIR = Path(os.environ["BNLAB_MNIST_DIR"])
 
 
+@pytest.fixture(autouse=True)
+def _registries_as_found():
+    """The registries are global and shape the config schema: a test that registers a
+    normalization or a diagnostic (often through an experiment file it imports) must not leave
+    it to the tests after it, whose recorded configs would carry its fields."""
+    from bnlab import diagnostics, norms
+
+    found = [(registry, dict(registry)) for registry in (norms.NORMS, diagnostics.DIAGNOSTICS)]
+    yield
+    for registry, entries in found:
+        for name in set(registry) - set(entries):
+            registry.pop(name)
+        for name, spec in entries.items():
+            if registry.get_spec(name) is not spec:
+                registry[name] = spec
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The folder with the four standard MNIST IDX files (required: the tests use real MNIST)."""

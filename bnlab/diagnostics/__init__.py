@@ -49,6 +49,7 @@ from bnlab.types import Array
 
 __all__ = [
     "DIAGNOSTICS",
+    "unregister_diagnostic",
     "Context",
     "batch_loss",
     "DiagnosticSpec",
@@ -140,6 +141,12 @@ DIAGNOSTICS: Registry[DiagnosticSpec] = Registry(
 # Adds a spec under a name and returns it; the same registration again (an experiment file
 # imported twice) replaces itself; a taken name or config field is a ValueError naming both.
 register_diagnostic = DIAGNOSTICS.register
+
+
+def unregister_diagnostic(name: str) -> DiagnosticSpec:
+    """Removes `name` from the registry and returns its spec: a test or a notebook that
+    registered a diagnostic of its own leaves the table (and the config schema) as it found it."""
+    return DIAGNOSTICS.pop(name)
 
 
 def get(name: str) -> DiagnosticSpec:

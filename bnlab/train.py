@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -156,31 +157,50 @@ def train_epoch(
     labels: Array,
     key: Array,
     start: Array | int = 0,
+    steps: Array | int | None = None,
     *,
     batch_size: int,
     step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
-    steps: int | None = None,
+    length: int | None = None,
     axis_name: str | None = None,
     rng: Array | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
-    device: `lax.scan` over the shuffled batches; metrics stacked per step.
+    device, with the metrics of every step.
 
-    Running an epoch in chunks gives exactly the steps of running it whole. With `axis_name`,
-    each device gathers only its part of every global batch. `rng` (the run's key for random
-    layers) goes to every step.
+    A loop whose trip count `steps` is a traced value writes each step's metrics into a
+    buffer of `length` steps (static; default `steps`, which must then be static), so one
+    compiled program runs every chunk of up to `length` steps: the metrics are `f32[length]`
+    each, of which the first `steps` are filled and the rest are 0. Running an epoch in chunks
+    gives exactly the steps of running it whole. With `axis_name`, each device gathers only its
+    part of every global batch. `rng` (the run's key for random layers) goes to every step.
     """
     extra = {} if rng is None else {"rng": rng}
+    batches = epoch_batches(key, labels.shape[0], batch_size)
+    if steps is None:
+        start, steps = 0, batches.shape[0]
+    length = int(steps) if length is None else length
+    steps = jnp.asarray(steps, jnp.int32)
 
-    def body(state, idx):
+    def step(state, i):
+        idx = lax.dynamic_index_in_dim(batches, start + i, keepdims=False)
         if axis_name is not None:
             idx = parallel.device_slice(idx, axis_name)
         return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]), **extra)
 
-    batches = epoch_batches(key, labels.shape[0], batch_size)
-    if steps is not None:
-        batches = lax.dynamic_slice_in_dim(batches, start, steps)
-    return lax.scan(body, state, batches)
+    def body(carry):
+        i, state, buffer = carry
+        state, metrics = step(state, i)
+        buffer = jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
+        return i + 1, state, buffer
+
+    shapes = jax.eval_shape(step, state, 0)[1]
+    buffer = jax.tree.map(lambda m: jnp.zeros((length, *m.shape), m.dtype), shapes)
+    # A while loop for every call alike (a scan where `steps` is known), so that a chunk and
+    # the whole epoch run the same per-step code and give the same bits.
+    carry = (jnp.zeros((), jnp.int32), state, buffer)
+    _, state, metrics = lax.while_loop(lambda c: c[0] < steps, body, carry)
+    return state, metrics
 
 
 def evaluate(
@@ -274,7 +294,7 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         tx=tx,
         schedule=schedule,
         init=jax.jit(functools.partial(init_state, model, tx)),
-        train_epoch=_epoch_program(cfg, model, tx, schedule),
+        train_epoch=_epoch_program(cfg, model, tx, schedule, steps_per_epoch),
         evaluate=jax.jit(
             functools.partial(
                 evaluate,
@@ -287,9 +307,14 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
     )
 
 
-def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[TrainState, Metrics]]:
-    """`train_epoch` compiled for one device, or mapped over the devices of `cfg.parallel`:
-    either way it takes and returns a plain (unreplicated) `TrainState`."""
+def _epoch_program(
+    cfg: Config, model, tx, schedule, steps_per_epoch: int
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """`train_epoch(state, images, labels, key, start=0, steps=None, rng=None)`: `steps`
+    (default: the rest of the epoch) from `start`, compiled for one device or mapped over the
+    devices of `cfg.parallel`; either way on a plain (unreplicated) `TrainState`. Every chunk
+    of up to `chunk_length` steps runs one compiled program; the metrics come back to the host,
+    `steps` of each."""
     par = cfg.parallel
     axis_name = None if par.mode == "none" else parallel.AXIS
     step_fn = functools.partial(
@@ -305,24 +330,61 @@ def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[Trai
         train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
     )
     if par.mode == "none":
-        return jax.jit(epoch, donate_argnums=0, static_argnames="steps")
-    num_devices = parallel.device_count(par, cfg.train.batch_size)
+        jitted = jax.jit(epoch, donate_argnums=0, static_argnames="length")
 
-    @functools.cache
-    def mapped(steps):
-        def per_device(state, images, labels, key, start, *rng):
-            return epoch(
-                state, images, labels, key, start, steps=steps, rng=rng[0] if rng else None
-            )
+        def program(state, images, labels, key, start, rng, steps, length):
+            return jitted(state, images, labels, key, start, steps, length=length, rng=rng)
 
-        return parallel.device_map(per_device, mode=par.mode, num_devices=num_devices)
+    else:
+        num_devices = parallel.device_count(par, cfg.train.batch_size)
+
+        @functools.cache
+        def mapped(length):
+            def per_device(state, images, labels, key, start, steps, *rng):
+                rng = rng[0] if rng else None
+                return epoch(state, images, labels, key, start, steps, length=length, rng=rng)
+
+            return parallel.device_map(per_device, mode=par.mode, num_devices=num_devices)
+
+        def program(state, images, labels, key, start, rng, steps, length):
+            counts = (jnp.asarray(start, jnp.int32), jnp.asarray(steps, jnp.int32))
+            args = (state, images, labels, key, *counts)
+            args += () if rng is None else (rng,)
+            return parallel.first_device(mapped(length)(*args))
+
+    chunks = one_program(program, chunk_length(cfg, steps_per_epoch))
 
     def run_epoch(state, images, labels, key, start=0, steps=None, rng=None):
-        args = (state, images, labels, key, jnp.asarray(start, jnp.int32))
-        args += () if rng is None else (rng,)
-        return parallel.first_device(mapped(steps)(*args))
+        steps = steps_per_epoch - start if steps is None else steps
+        return chunks(state, images, labels, key, start, rng, steps=steps)
 
     return run_epoch
+
+
+def chunk_length(cfg: Config, steps_per_epoch: int) -> int:
+    """Steps per compiled chunk: `checkpoint.every_steps`, at most an epoch. One program runs
+    every chunk (`one_program`), whatever its length up to this."""
+    return min(cfg.checkpoint.every_steps or steps_per_epoch, steps_per_epoch)
+
+
+def one_program(
+    program: Callable[..., tuple[Any, Metrics]], chunk: int, *, trial_axis: bool = False
+) -> Callable[..., tuple[Any, Metrics]]:
+    """Runs chunks of any number of steps up to `chunk` through one compiled program.
+
+    `program(*args, steps, length)` runs `steps` (a traced count) and returns per-step metrics
+    in buffers of `length` (static) steps (`train_epoch`). The returned `call(*args, steps=k)`
+    passes `length=max(chunk, k)` and cuts the metrics to their first `k` steps on the host
+    (`trial_axis`: after a leading trial axis), so the remainder of an epoch, a resumed run's
+    first chunk and every other chunk length share the program compiled for `chunk`.
+    """
+
+    def call(*args, steps: int):
+        state, metrics = program(*args, steps, max(chunk, steps))
+        cut = (slice(None), slice(steps)) if trial_axis else slice(steps)
+        return state, jax.tree.map(lambda m: np.asarray(m)[cut], metrics)
+
+    return call
 
 
 def run_keys(seed: int) -> tuple[Array, Array]:

@@ -14,6 +14,7 @@ environments.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from pathlib import Path
@@ -71,39 +72,49 @@ class Counts(NamedTuple):
     programs: int  # compiled or read from the persistent cache
     cached: int  # of those, read from the cache
     seconds: float  # spent getting them (compiling or reading)
+    names: tuple[str, ...] = ()  # of the programs, in order (e.g. "jit(train_epoch)")
 
     @property
     def compiled(self) -> int:
         return self.programs - self.cached
 
-    def __sub__(self, other: Counts) -> Counts:  # type: ignore[override]
-        return Counts(*(a - b for a, b in zip(self, other, strict=True)))
+    def __sub__(self, earlier: Counts) -> Counts:  # type: ignore[override]
+        return Counts(
+            self.programs - earlier.programs,
+            self.cached - earlier.cached,
+            self.seconds - earlier.seconds,
+            self.names[len(earlier.names) :],
+        )
 
     def describe(self) -> str:
+        """One line: how many programs, compiled or read, in what time, and their names."""
+        seen = collections.Counter(self.names)
+        names = ", ".join(f"{n} x{k}" if k > 1 else n for n, k in seen.items())
         return (
             f"{self.programs} programs: {self.compiled} compiled, {self.cached} read from the "
-            f"compilation cache, in {self.seconds:.2f} s"
+            f"compilation cache, in {self.seconds:.2f} s ({names})"
         )
 
 
 _lock = threading.Lock()
-_totals = {"programs": 0, "cached": 0, "seconds": 0.0}
+_totals = Counts(0, 0, 0.0)
 _listening = False
 
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
-    del kwargs  # the program's name; not needed for a count
+    global _totals
     if event == _EXECUTABLE_EVENT:
         with _lock:
-            _totals["programs"] += 1
-            _totals["seconds"] += duration
+            p, c, s, names = _totals
+            _totals = Counts(p + 1, c, s + duration, (*names, str(kwargs.get("fun_name", "?"))))
 
 
 def _on_event(event: str, **kwargs) -> None:
-    del kwargs
+    global _totals
+    del kwargs  # nothing else needed for a count
     if event == _HIT_EVENT:
         with _lock:
-            _totals["cached"] += 1
+            _totals = _totals._replace(cached=_totals.cached + 1)
 
 
 def counts() -> Counts:
@@ -114,4 +125,4 @@ def counts() -> Counts:
             jax.monitoring.register_event_duration_secs_listener(_on_duration)
             jax.monitoring.register_event_listener(_on_event)
             _listening = True
-        return Counts(_totals["programs"], _totals["cached"], _totals["seconds"])
+        return _totals

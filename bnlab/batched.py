@@ -121,7 +121,7 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
 
     program = jax.jit(batched_epoch, donate_argnums=0, static_argnums=8)
     return BatchedPrograms(
-        init=jax.jit(jax.vmap(init, in_axes=(0, 0, None))),
+        init=jax.jit(jax.vmap(init, in_axes=(0, 0, None)), compiler_options=train_lib.RUN_ONCE),
         train_epoch=train_lib.one_program(
             program, train_lib.chunk_length(cfg, single.steps_per_epoch), trial_axis=True
         ),

@@ -266,6 +266,12 @@ def _probe(intermediates, unit: int, mask: Array) -> Array:
     return jnp.where(mask, x[:, unit], jnp.nan)
 
 
+# Compiler options of a program that runs once per run (the initialization): LLVM's level-1
+# optimizations compile its random-number generation about 4x faster than the default, and
+# give the same bits (tests/test_speed.py checks it).
+RUN_ONCE = {"xla_backend_optimization_level": 1}
+
+
 class Programs(NamedTuple):
     """The compiled pieces of a run, built once from its config."""
 
@@ -293,7 +299,7 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         model=model,
         tx=tx,
         schedule=schedule,
-        init=jax.jit(functools.partial(init_state, model, tx)),
+        init=jax.jit(functools.partial(init_state, model, tx), compiler_options=RUN_ONCE),
         train_epoch=_epoch_program(cfg, model, tx, schedule, steps_per_epoch),
         evaluate=jax.jit(
             functools.partial(

@@ -25,10 +25,12 @@ from jax.experimental.compilation_cache import compilation_cache
 
 CACHE_ENV = "BNLAB_COMPILATION_CACHE"
 OFF = ("off", "0", "none", "false")
-# jax.monitoring events: every executable a program needed (compiled or read from the cache)
-# and, with the cache on, the ones read from it.
+# jax.monitoring events: every executable a program needed (compiled or read from the cache),
+# with the cache on the ones read from it, and the tracing and lowering before each.
 _EXECUTABLE_EVENT = "/jax/core/compile/backend_compile_duration"
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_STAGE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                 "/jax/core/compile/jaxpr_to_mlir_module_duration")  # fmt: skip
 
 
 def default_dir() -> Path:
@@ -71,7 +73,7 @@ class Counts(NamedTuple):
 
     programs: int  # compiled or read from the persistent cache
     cached: int  # of those, read from the cache
-    seconds: float  # spent getting them (compiling or reading)
+    seconds: float  # spent tracing, lowering and compiling (or reading) them
     names: tuple[str, ...] = ()  # of the programs, in order (e.g. "jit(train_epoch)")
 
     @property
@@ -92,7 +94,7 @@ class Counts(NamedTuple):
         names = ", ".join(f"{n} x{k}" if k > 1 else n for n, k in seen.items())
         return (
             f"{self.programs} programs: {self.compiled} compiled, {self.cached} read from the "
-            f"compilation cache, in {self.seconds:.2f} s ({names})"
+            f"compilation cache, in {self.seconds:.2f} s with tracing and lowering ({names})"
         )
 
 
@@ -107,6 +109,9 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
         with _lock:
             p, c, s, names = _totals
             _totals = Counts(p + 1, c, s + duration, (*names, str(kwargs.get("fun_name", "?"))))
+    elif event in _STAGE_EVENTS:
+        with _lock:
+            _totals = _totals._replace(seconds=_totals.seconds + duration)
 
 
 def _on_event(event: str, **kwargs) -> None:

@@ -151,7 +151,7 @@ def test_second_run_compiles_nothing_and_commands_import_only_what_they_use(tfds
     first = _command([*train_args, "--workdir", str(tmp_path / "a")], cache, tmp_path)
     programs, compiled, cached, modules, stderr = first
     assert compiled == programs and cached == 0
-    names = re.search(r"in [\d.]+ s \((.*)\)", stderr).group(1)
+    names = re.search(r"lowering \((.*)\)", stderr).group(1)
     for program in ("jit(init_state)", "jit(train_epoch)", "jit(evaluate)"):
         assert f"{program}," in f"{names}," and f"{program} x" not in names, names
     # Events are written (tensorboardX) and checkpoints saved (orbax); PyTorch, TFDS (the array

@@ -8,7 +8,6 @@ Command: python benchmarks/torch_style.py --model mlp|cnn --mnist-dir DIR [--epo
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -106,16 +105,5 @@ def whole_job(model_name: str, mnist_dir: str, epochs: int, timed_steps: int) ->
     timer.report(bs, accuracy)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("cnn", "mlp"), required=True)
-    parser.add_argument("--mnist-dir", required=True)
-    parser.add_argument("--epochs", type=int, help="default: the job's")
-    parser.add_argument("--timed-steps", type=int, default=500, help="the last steps, timed")
-    args = parser.parse_args()
-    epochs = args.epochs or user_jobs.JOBS[args.model].epochs
-    whole_job(args.model, args.mnist_dir, epochs, args.timed_steps)
-
-
 if __name__ == "__main__":
-    main()
+    user_jobs.main(whole_job, __doc__)

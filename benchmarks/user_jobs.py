@@ -7,6 +7,7 @@ numpy only: a PyTorch job that imports this module loads neither JAX nor bnlab.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import time
@@ -89,3 +90,15 @@ class StepTimer:
     def report(self, batch_size: int, test_accuracy: float) -> None:
         rate = self.timed_steps * batch_size / self.seconds
         print("RESULT " + json.dumps({"examples_per_s": rate, "test_accuracy": test_accuracy}))
+
+
+def main(whole_job, doc: str) -> None:
+    """The command line of a job script: `--model`, `--mnist-dir`, `--epochs`, `--timed-steps`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(JOBS), required=True)
+    parser.add_argument("--mnist-dir", required=True)
+    parser.add_argument("--epochs", type=int, help="default: the job's")
+    parser.add_argument("--timed-steps", type=int, default=500, help="the last steps, timed")
+    args = parser.parse_args()
+    epochs = args.epochs or JOBS[args.model].epochs
+    whole_job(args.model, args.mnist_dir, epochs, args.timed_steps)

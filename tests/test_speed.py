@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bnlab import compile_cache, data, train
@@ -77,6 +78,20 @@ def test_one_compiled_chunk_equals_a_scan_over_the_steps(make_config):
     want = scanned(_copy(state), ds.images, ds.labels, key)
     got = programs.train_epoch(_copy(state), ds.images, ds.labels, key, 2, steps=7, rng=rng)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_global_norm_equals_optax_and_reduces_small_leaves_together():
+    shapes = [(784, 100), (100,), (100, 100), (3, 3, 1, 32), (32,), (10,), (), (128, 129)]
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    leaves = [jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True)]
+    tree = {str(i): x for i, x in enumerate(leaves)}
+    want = float(optax.tree.norm(tree))
+    np.testing.assert_allclose(float(jax.jit(train.global_norm)(tree)), want, rtol=1e-6)
+    assert float(train.global_norm({})) == 0.0
+    # One concatenation of the small leaves; each large one is reduced alone.
+    hlo = jax.jit(train.global_norm).lower(tree).as_text()
+    assert hlo.count("stablehlo.concatenate") == 1
+    assert sum(int(np.prod(s)) < train.SMALL_LEAF for s in shapes) == 6
 
 
 @pytest.mark.parametrize("experiment", [MLP, CNN])

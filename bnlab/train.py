@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -302,6 +304,35 @@ class Programs(NamedTuple):
     train_epoch: Callable[..., tuple[TrainState, Metrics]]
     evaluate: Callable[..., Metrics]
     steps_per_epoch: int
+    # (state, train set, test set, data key, rng=None): compiles the first chunk and the
+    # evaluation in background threads (one device; see `Ahead`)
+    compile_ahead: Callable[..., None] = lambda *args, **kwargs: None
+
+
+class Ahead:
+    """A jitted function whose first compilation can run in a background thread (`start`), so
+    that a run's programs compile side by side, and beside its other set-up (on 2 cores a cold
+    run's compilation took about half the time). A call waits for that compilation, then finds
+    the executable in JAX's caches; should the background one fail, or be for other argument
+    types, the call compiles as usual (and raises what there is to raise)."""
+
+    def __init__(self, jitted: Callable[..., Any]):
+        self.jitted = jitted
+        self._thread: threading.Thread | None = None
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        def compile_in_background():
+            with contextlib.suppress(Exception):  # the call compiles again and reports it
+                self.jitted.lower(*args, **kwargs).compile()
+
+        self._thread = threading.Thread(target=compile_in_background, daemon=True)
+        self._thread.start()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.jitted(*args, **kwargs)
 
 
 def make_programs(cfg: Config, num_train: int) -> Programs:
@@ -315,32 +346,42 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         )
     model = build_model(cfg)
     tx, schedule = optim.make_optimizer(cfg.opt, total_steps)
-    return Programs(
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        init=jax.jit(functools.partial(init_state, model, tx), compiler_options=RUN_ONCE),
-        train_epoch=_epoch_program(cfg, model, tx, schedule, steps_per_epoch),
-        evaluate=jax.jit(
+    evaluate_ = Ahead(
+        jax.jit(
             functools.partial(
                 evaluate,
                 model=model,
                 batch_size=cfg.train.eval_batch_size,
                 probe_unit=cfg.train.probe_unit,
             )
-        ),
+        )
+    )
+    train_epoch_, first_chunk = _epoch_program(cfg, model, tx, schedule, steps_per_epoch)
+
+    def compile_ahead(state, train_set, test_set, key, rng=None):
+        if first_chunk is not None:
+            first_chunk(state, train_set.images, train_set.labels, key, rng)
+        evaluate_.start(state.params, state.batch_stats, test_set.images, test_set.labels)
+
+    return Programs(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        init=jax.jit(functools.partial(init_state, model, tx), compiler_options=RUN_ONCE),
+        train_epoch=train_epoch_,
+        evaluate=evaluate_,
         steps_per_epoch=steps_per_epoch,
+        compile_ahead=compile_ahead,
     )
 
 
-def _epoch_program(
-    cfg: Config, model, tx, schedule, steps_per_epoch: int
-) -> Callable[..., tuple[TrainState, Metrics]]:
+def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
     """`train_epoch(state, images, labels, key, start=0, steps=None, rng=None)`: `steps`
     (default: the rest of the epoch) from `start`, compiled for one device or mapped over the
     devices of `cfg.parallel`; either way on a plain (unreplicated) `TrainState`. Every chunk
     of up to `chunk_length` steps runs one compiled program; the metrics come back to the host,
-    `steps` of each."""
+    `steps` of each. Also `first_chunk(state, images, labels, key, rng)`, which starts
+    compiling that program in the background (None for the device-mapped modes)."""
     par = cfg.parallel
     axis_name = None if par.mode == "none" else parallel.AXIS
     step_fn = functools.partial(
@@ -355,11 +396,16 @@ def _epoch_program(
     epoch = functools.partial(
         train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
     )
+    chunk = chunk_length(cfg, steps_per_epoch)
+    first_chunk = None
     if par.mode == "none":
-        jitted = jax.jit(epoch, donate_argnums=0, static_argnames="length")
+        jitted = Ahead(jax.jit(epoch, donate_argnums=0, static_argnames="length"))
 
         def program(state, images, labels, key, start, rng, steps, length):
             return jitted(state, images, labels, key, start, steps, length=length, rng=rng)
+
+        def first_chunk(state, images, labels, key, rng):
+            jitted.start(state, images, labels, key, 0, chunk, length=chunk, rng=rng)
 
     else:
         num_devices = parallel.device_count(par, cfg.train.batch_size)
@@ -378,13 +424,13 @@ def _epoch_program(
             args += () if rng is None else (rng,)
             return parallel.first_device(mapped(length)(*args))
 
-    chunks = one_program(program, chunk_length(cfg, steps_per_epoch))
+    chunks = one_program(program, chunk)
 
     def run_epoch(state, images, labels, key, start=0, steps=None, rng=None):
         steps = steps_per_epoch - start if steps is None else steps
         return chunks(state, images, labels, key, start, rng, steps=steps)
 
-    return run_epoch
+    return run_epoch, first_chunk
 
 
 def chunk_length(cfg: Config, steps_per_epoch: int) -> int:

@@ -59,6 +59,19 @@ def test_chunks_of_every_length_run_one_program_and_equal_the_whole_epoch(make_c
     jax.tree.map(np.testing.assert_array_equal, chunked, whole)
 
 
+def test_programs_compiled_ahead_are_not_compiled_again(make_config):
+    cfg, ds, programs, state = _programs(make_config, **{"checkpoint.every_steps": 4})
+    test = data.load(cfg.data, "test")
+    key, rng = train.run_keys(0)[1], train.run_rng(0)
+    before = compile_cache.counts()
+    programs.compile_ahead(state, ds, test, key, rng)
+    state, _ = programs.train_epoch(state, ds.images, ds.labels, key, 0, steps=4, rng=rng)
+    state, _ = programs.train_epoch(state, ds.images, ds.labels, key, 4, steps=4, rng=rng)
+    programs.evaluate(state.params, state.batch_stats, test.images, test.labels)
+    names = (compile_cache.counts() - before).names
+    assert names.count("jit(train_epoch)") == 1 and names.count("jit(evaluate)") == 1, names
+
+
 def test_one_compiled_chunk_equals_a_scan_over_the_steps(make_config):
     """The while loop with a traced trip count gives the bits of a plain `lax.scan` of
     `train_step` over the same batches (how epochs ran before chunks shared a program)."""

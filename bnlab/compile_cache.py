@@ -123,7 +123,12 @@ def _on_event(event: str, **kwargs) -> None:
 
 
 def counts() -> Counts:
-    """The executables this process has needed since `counts()` was first called."""
+    """What this process has compiled since `counts()` was first called (it starts listening
+    to `jax.monitoring`); the difference of two calls is what ran in between.
+
+    Returns:
+      `Counts(programs, cached, seconds, names)`.
+    """
     global _listening
     with _lock:
         if not _listening:

@@ -43,8 +43,14 @@ Arrays = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (uint8[N,28,28,1],
 
 
 def tfds_data_dir(tfds_dir: str | os.PathLike | None) -> Path:
-    """The TFDS data dir as TFDS resolves it: `tfds_dir`, else `$TFDS_DATA_DIR`, else
-    `~/tensorflow_datasets` (TFDS's default), without importing TFDS."""
+    """The TFDS data dir as TFDS resolves it, without importing TFDS.
+
+    Args:
+      tfds_dir: `data.tfds_dir`; None or "" for TFDS's default.
+
+    Returns:
+      `tfds_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`, user-expanded.
+    """
     if tfds_dir:
         return Path(tfds_dir).expanduser()
     default = Path("~") / "tensorflow_datasets"
@@ -78,11 +84,20 @@ def sources(mnist_dir: str | None) -> dict[str, list]:
 
 
 def read(data_dir: Path, mnist_dir: str | None) -> Arrays | None:
-    """Both splits from a copy that still matches the TFDS dataset and the source files, or
-    None (no copy, or a stale one: the caller rebuilds it from TFDS).
+    """Both splits from the copy in `data_dir`, if it still matches what it was made from.
+
+    Args:
+      data_dir: the TFDS data dir (`tfds_data_dir`).
+      mnist_dir: the local IDX folder the dataset comes from, or None (TFDS downloaded it).
+
+    Returns:
+      `{split: (images, labels)}` as read-only memory maps, or None when there is no valid
+      copy (missing, damaged, or made from another version of the TFDS dataset): the caller
+      rebuilds it from TFDS.
 
     Raises:
-      DataError: a local IDX file changed since the copy was made and fails its checks.
+      DataError: a local IDX file changed (size or time) since the copy was made and fails
+        its checks (header, size, SHA-256); a file that passes is recorded anew.
     """
     folder = arrays_dir(data_dir)
     try:
@@ -108,7 +123,8 @@ def read(data_dir: Path, mnist_dir: str | None) -> Arrays | None:
             labels = np.load(folder / f"{split}_labels.npy", mmap_mode="r")
         except (OSError, ValueError):
             return None
-        if images.shape != (manifest["sizes"][split], 28, 28, 1) or images.dtype != np.uint8:
+        size = manifest.get("sizes", {}).get(split)
+        if images.shape != (size, 28, 28, 1) or images.dtype != np.uint8:
             return None
         if labels.shape != images.shape[:1] or labels.dtype != np.int32:
             return None
@@ -117,14 +133,28 @@ def read(data_dir: Path, mnist_dir: str | None) -> Arrays | None:
 
 
 def check_sources(files: dict[str, list]) -> None:
-    """Reads and checks the IDX files of `sources()` (raises `DataError` naming a bad one)."""
+    """Reads and checks every IDX file of `sources()`.
+
+    Raises:
+      DataError: naming the first missing, damaged or non-standard file and the fix.
+    """
     for name, (path, *_) in files.items():
         read_idx(path, name)
 
 
 def write(data_dir: Path, mnist_dir: str | None, arrays: Arrays) -> Path | None:
-    """Writes the copy of `arrays` (both splits, as read from the TFDS dataset) and its
-    manifest; returns its folder, or None with a warning when the data dir is read-only."""
+    """Writes the copy of `arrays` and its manifest (last, atomically: a reader sees a whole
+    copy or none).
+
+    Args:
+      data_dir: the TFDS data dir holding the prepared dataset the arrays were read from.
+      mnist_dir: the local IDX folder it was prepared from (checked), or None.
+      arrays: both splits, as the TFDS dataset gives them (same order and values).
+
+    Returns:
+      The copy's folder, or None (with a warning saying how to fix it) where the data dir is
+      not writable; runs then read the TFDS records.
+    """
     folder = arrays_dir(data_dir)
     manifest = {
         "format": FORMAT,

@@ -140,13 +140,20 @@ SMALL_LEAF = 1 << 14  # elements: smaller leaves are reduced together in `global
 
 
 def global_norm(tree) -> Array:
-    """`sqrt(sum over leaves of sum(x**2))`, as `optax.tree.norm`, in a few kernels.
+    """The global L2 norm `sqrt(sum over leaves of sum(x**2))`, as `optax.tree.norm`, in a
+    few kernels.
 
     XLA:CPU runs each reduction as its own kernels (three for a small vector, after its
     pairwise rewrite), so a leaf-by-leaf norm of the Fig. 1 MLP's 14 gradients launched about
     40 kernels per step, 10-20% of the step. The leaves under `SMALL_LEAF` elements are
     concatenated and reduced at once; copying them costs less than the launches it saves,
     while a large leaf is reduced where it lies.
+
+    Args:
+      tree: a pytree of arrays (e.g. gradients); any float dtype, summed in float32.
+
+    Returns:
+      `f32[]`, 0 for an empty tree.
     """
     leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
     small = [x for x in leaves if x.size < SMALL_LEAF]
@@ -187,15 +194,24 @@ def train_epoch(
     axis_name: str | None = None,
     rng: Array | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
-    device, with the metrics of every step.
+    """Steps `[start, start + steps)` of the epoch that `key` shuffles, on device, with the
+    metrics of every step.
 
-    A loop whose trip count `steps` is a traced value writes each step's metrics into a
-    buffer of `length` steps (static; default `steps`, which must then be static), so one
-    compiled program runs every chunk of up to `length` steps: the metrics are `f32[length]`
-    each, of which the first `steps` are filled and the rest are 0. Running an epoch in chunks
-    gives exactly the steps of running it whole. With `axis_name`, each device gathers only its
-    part of every global batch. `rng` (the run's key for random layers) goes to every step.
+    A while loop with the trip count `steps` (a traced value) writes each step's metrics into
+    a buffer of `length` steps, so one compiled program runs every chunk of up to `length`
+    steps. Running an epoch in chunks gives exactly the steps (and bits) of running it whole.
+
+    Args:
+      state, images, labels: the train state and the whole split (uint8 images on device).
+      key: the epoch's shuffling key (`epoch_batches`).
+      start, steps: the chunk of the epoch; `steps=None` is the whole epoch from step 0.
+      batch_size, step_fn: examples per step and `train_step` with its statics bound.
+      length: the buffer's (static) number of steps, >= steps; default `steps` (then static).
+      axis_name: under a device map, each device gathers only its part of every batch.
+      rng: the run's key for random layers, given to every step.
+
+    Returns:
+      `(state, metrics)`: metrics `f32[length]` each, the first `steps` filled, the rest 0.
     """
     extra = {} if rng is None else {"rng": rng}
     batches = epoch_batches(key, labels.shape[0], batch_size)
@@ -434,21 +450,29 @@ def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
 
 
 def chunk_length(cfg: Config, steps_per_epoch: int) -> int:
-    """Steps per compiled chunk: `checkpoint.every_steps`, at most an epoch. One program runs
-    every chunk (`one_program`), whatever its length up to this."""
+    """Steps per chunk of a run: `checkpoint.every_steps`, at most an epoch (the loop runs
+    epochs in chunks of this many steps, and their remainders). One program runs every chunk
+    (`one_program`), whatever its length up to this."""
     return min(cfg.checkpoint.every_steps or steps_per_epoch, steps_per_epoch)
 
 
 def one_program(
     program: Callable[..., tuple[Any, Metrics]], chunk: int, *, trial_axis: bool = False
 ) -> Callable[..., tuple[Any, Metrics]]:
-    """Runs chunks of any number of steps up to `chunk` through one compiled program.
+    """Runs chunks of any number of steps up to `chunk` through one compiled program: the
+    remainder of an epoch, a resumed run's first chunk and every other chunk length share the
+    program compiled for `chunk`.
 
-    `program(*args, steps, length)` runs `steps` (a traced count) and returns per-step metrics
-    in buffers of `length` (static) steps (`train_epoch`). The returned `call(*args, steps=k)`
-    passes `length=max(chunk, k)` and cuts the metrics to their first `k` steps on the host
-    (`trial_axis`: after a leading trial axis), so the remainder of an epoch, a resumed run's
-    first chunk and every other chunk length share the program compiled for `chunk`.
+    Args:
+      program: `program(*args, steps, length)` runs `steps` (a traced count) and returns
+        `(state, metrics)` with per-step metrics in buffers of `length` (static) steps, as
+        `train_epoch` does.
+      chunk: the buffer length every chunk up to it uses.
+      trial_axis: the metrics carry a leading trial axis (a vmapped group).
+
+    Returns:
+      `call(*args, steps=k)`: `program(*args, k, max(chunk, k))`, its metrics cut to their
+      first `k` steps, as numpy arrays on the host.
     """
 
     def call(*args, steps: int):

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,22 +68,32 @@ class Run(NamedTuple):
     examples_per_s: float
     test_accuracy: float
     other_cores: float  # other processes' CPU during the run, in cores
+    cpu_s: float  # the command's own CPU time (user + system, all its threads)
     compile_s: float | None = None  # bnlab: tracing, lowering and compiling (or reading)
     compiled: int | None = None  # bnlab: programs compiled (not read from the cache)
     programs: int | None = None
 
 
-def run_process(
-    cmd: list[str], env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Runs `cmd` to completion; `(process, wall seconds, other processes' cores)`."""
+class Process(NamedTuple):
+    done: subprocess.CompletedProcess
+    wall_s: float
+    other_cores: float
+    cpu_s: float
+
+
+def run_process(cmd: list[str], env: dict[str, str]) -> Process:
+    """Runs `cmd` to completion: its wall time, its CPU time, and the CPU that other
+    processes took meanwhile (in cores)."""
     before = env_info.cpu_snapshot()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     tick = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - tick
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc, wall, env_info.other_cores(before)
+    cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    return Process(proc, wall, env_info.other_cores(before), cpu)
 
 
 def _env(mnist_dir: str, **extra: str) -> dict[str, str]:
@@ -101,14 +112,15 @@ def run_bnlab(model: str, cache: Path, workdir: Path, mnist_dir: str) -> Run:
         "--no-progress",
     ]  # fmt: skip
     env = _env(mnist_dir, BNLAB_COMPILATION_CACHE=str(cache), BNLAB_COUNT_COMPILES="1")
-    proc, wall, other = run_process(cmd, env)
+    p = run_process(cmd, env)
     summary = json.loads((workdir / "summary.json").read_text())
-    programs, compiled, _, seconds = COUNTS.search(proc.stderr).groups()
+    programs, compiled, _, seconds = COUNTS.search(p.done.stderr).groups()
     return Run(
-        wall,
+        p.wall_s,
         summary["train_examples_per_s"],
         summary["test_accuracy"],
-        other,
+        p.other_cores,
+        p.cpu_s,
         float(seconds),
         int(compiled),
         int(programs),
@@ -120,16 +132,16 @@ def run_script(impl: str, model: str, mnist_dir: str) -> Run:
     timed = min(CHUNK, STEPS_PER_EPOCH[model])
     cmd = [sys.executable, str(script), "--model", model, "--mnist-dir", mnist_dir,
            "--timed-steps", str(timed)]  # fmt: skip
-    proc, wall, other = run_process(cmd, _env(mnist_dir))
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    return Run(wall, result["examples_per_s"], result["test_accuracy"], other)
+    p = run_process(cmd, _env(mnist_dir))
+    result = json.loads(p.done.stdout.split("RESULT ", 1)[1])
+    return Run(p.wall_s, result["examples_per_s"], result["test_accuracy"], p.other_cores, p.cpu_s)
 
 
 def run_gemm() -> float:
     """GFLOP/s of a float32 2048x2048 matmul, the best of numpy (BLAS) and XLA, in its own
     process."""
-    proc, _, _ = run_process([sys.executable, str(Path(__file__)), "--gemm"], _env(""))
-    return float(proc.stdout.split("GFLOPS ", 1)[1])
+    p = run_process([sys.executable, str(Path(__file__)), "--gemm"], _env(""))
+    return float(p.done.stdout.split("GFLOPS ", 1)[1])
 
 
 def gemm_worker() -> None:
@@ -192,7 +204,7 @@ def one_round(r: int, models: list[str], impls: list[str], args, tmp: Path) -> d
             if run.compile_s is not None:
                 extra = f", {run.compiled}/{run.programs} compiled, {run.compile_s:.2f} s compiling"
             print(
-                f"  round {r + 1} {model} {impl:<10} {run.wall_s:6.2f} s, "
+                f"  round {r + 1} {model} {impl:<10} {run.wall_s:6.2f} s ({run.cpu_s:.1f} CPU-s), "
                 f"{run.examples_per_s:9.0f} ex/s, acc {run.test_accuracy:.4f}{extra}, "
                 f"other load {run.other_cores:.2f} cores",
                 flush=True,
@@ -220,8 +232,8 @@ def report(rounds: list[dict], gemm: list[float], models: list[str], impls: list
         print(f"\n{model}: {job.experiment}, {job.epochs} epoch(s), batch {job.batch_size}, "
               f"{job.step_flop / 1e6:.2f} MFLOP per example per step; medians over "
               f"{len(rounds)} rounds [min-max]")  # fmt: skip
-        print(f"{'impl':<11}{'whole s':>9}{'[spread]':>14}{'ex/s':>10}{'[spread]':>18}"
-              f"{'of GEMM':>9}{'test acc':>10}{'fixed s':>9}")  # fmt: skip
+        print(f"{'impl':<11}{'whole s':>9}{'[spread]':>14}{'CPU-s':>8}{'ex/s':>10}"
+              f"{'[spread]':>18}{'of GEMM':>9}{'test acc':>10}{'fixed s':>9}")  # fmt: skip
         for impl in impls:
             runs = [r[model, impl] for r in rounds if (model, impl) in r]
             if not runs:
@@ -237,6 +249,7 @@ def report(rounds: list[dict], gemm: list[float], models: list[str], impls: list
                 fixed = _median(costs)
             print(
                 f"{impl:<11}{_median(wall):>9}{_spread(wall):>14}"
+                f"{statistics.median(x.cpu_s for x in runs):>8.1f}"
                 f"{statistics.median(rate):>10.0f}{_spread(rate, '{:.0f}'):>18}"
                 f"{share:>8.1%}{statistics.median(x.test_accuracy for x in runs):>10.4f}"
                 f"{fixed:>9}"

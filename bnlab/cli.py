@@ -236,6 +236,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 COMPILING = ("train", "sweep", "evaluate", "export")  # commands that run JAX programs
 COUNT_COMPILES_ENV = "BNLAB_COUNT_COMPILES"  # "1": print the programs a command compiled
+WRITING_EVENTS = ("train", "sweep")  # commands that write TensorBoard events
 
 
 def _start_compilation_cache():
@@ -261,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if args.command in COMPILING:
             report = _start_compilation_cache()
+        if args.command in WRITING_EVENTS:
+            from bnlab.writers import summary_writer_class
+
+            # Now, while this process has one thread: it hides torch for a moment.
+            summary_writer_class()
         try:
             return COMMANDS[args.command](args, overrides)
         finally:

@@ -71,8 +71,29 @@ def _busy_cpu_seconds() -> float | None:
 
 
 def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU time and that of the child processes it waited for (a benchmark
+    that runs each implementation in its own process counts those as its own)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def cpu_snapshot() -> tuple[float, float | None, float]:
+    """`(wall clock, CPU seconds of all processes, this process's and its children's)`."""
+    return time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
+
+
+def other_cores(since: tuple[float, float | None, float]) -> float:
+    """Cores that other processes used on average since `cpu_snapshot()` (NaN without
+    /proc/stat)."""
+    wall0, busy0, own0 = since
+    busy1 = _busy_cpu_seconds()
+    if busy0 is None or busy1 is None:
+        return float("nan")
+    other = max((busy1 - busy0) - (_own_cpu_seconds() - own0), 0.0)
+    return other / max(time.perf_counter() - wall0, 1e-9)
 
 
 class OtherLoad:
@@ -83,17 +104,15 @@ class OtherLoad:
     """
 
     def __init__(self):
-        self._start = (time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds())
+        self._start = cpu_snapshot()
 
     def report(self) -> str:
-        wall0, busy0, own0 = self._start
-        busy1 = _busy_cpu_seconds()
-        if busy0 is None or busy1 is None:
+        cores = other_cores(self._start)
+        if cores != cores:  # NaN
             return "other processes' CPU use: unknown (no /proc/stat)"
-        wall = time.perf_counter() - wall0
-        other = max((busy1 - busy0) - (_own_cpu_seconds() - own0), 0.0)
-        verdict = "clean" if other / wall < 0.1 else "DISTURBED: rerun on an idle machine"
+        wall = time.perf_counter() - self._start[0]
+        verdict = "clean" if cores < 0.1 else "DISTURBED: rerun on an idle machine"
         return (
-            f"other processes used {other:.1f} CPU-s in {wall:.0f} s "
-            f"({other / wall:.2f} of {os.cpu_count()} cores on average): {verdict}"
+            f"other processes used {cores * wall:.1f} CPU-s in {wall:.0f} s "
+            f"({cores:.2f} of {os.cpu_count()} cores on average): {verdict}"
         )

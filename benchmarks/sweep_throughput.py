@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from train_throughput import FlaxMLP, FlaxState, flax_train_step
+from flax_style import FlaxMLP, create_state, evaluate, flax_train_step
 
 from bnlab import batched, run
 from bnlab import config as config_lib
@@ -96,26 +96,9 @@ def sweep_flax(cfgs, workdir: Path) -> None:
         flax_trial(cfg, images, labels, test_images, test_labels)
 
 
-@jax.jit
-def flax_eval_step(state: FlaxState, batch):
-    images, labels = batch
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-    )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
-
-
 def flax_trial(cfg, images, labels, test_images, test_labels) -> None:
-    model = FlaxMLP()
     bs = cfg.train.batch_size
-    variables = model.init(jax.random.key(cfg.train.seed), images[:bs], train=False)
-    state = FlaxState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=optax.sgd(cfg.opt.lr),
-    )
+    state = create_state(FlaxMLP(), images[:bs], optax.sgd(cfg.opt.lr), cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     steps = len(labels) // bs
     for _ in range(cfg.train.epochs):
@@ -125,12 +108,7 @@ def flax_trial(cfg, images, labels, test_images, test_labels) -> None:
             state, m = flax_train_step(state, (images[perm], labels[perm]))
             metrics.append(m)
         jax.device_get(metrics)
-        eb = cfg.train.eval_batch_size
-        totals = [
-            flax_eval_step(state, (test_images[i : i + eb], test_labels[i : i + eb]))
-            for i in range(0, len(test_labels), eb)
-        ]
-        jax.device_get(totals)
+        evaluate(state, test_images, test_labels)  # batches of 1000, as eval_batch_size
 
 
 ENGINES = {"vmapped": sweep_vmapped, "one-by-one": sweep_one_by_one, "flax": sweep_flax}

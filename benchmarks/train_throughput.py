@@ -31,15 +31,13 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import env_info
-import flax.linen as nn
+import flax_style
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
@@ -127,68 +125,14 @@ def setup_bnlab(model_name: str, spec: Spec, images: np.ndarray, labels: np.ndar
     return run_epoch
 
 
-# flax examples/mnist style: linen layers, jitted step, host-side batching.
-
-
-def _flax_bn(train: bool) -> nn.Module:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5)
-
-
-class FlaxCNN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool):
-        for features in (32, 64):
-            x = nn.Conv(features, (3, 3), padding="SAME")(x)
-            x = nn.relu(_flax_bn(train)(x))
-            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))
-        x = nn.relu(_flax_bn(train)(nn.Dense(256)(x)))
-        return nn.Dense(10)(x)
-
-
-class FlaxMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool):
-        init = nn.initializers.normal(0.01)  # as experiments/bn_paper_mlp.py
-        x = x.reshape((x.shape[0], -1))
-        for _ in range(3):
-            x = nn.sigmoid(_flax_bn(train)(nn.Dense(100, kernel_init=init)(x)))
-        return nn.Dense(10, kernel_init=init)(x)
-
-
-class FlaxState(train_state.TrainState):
-    batch_stats: Any
-
-
-@jax.jit
-def flax_train_step(state: FlaxState, batch: tuple[jax.Array, jax.Array]):
-    images, labels = batch
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, (logits, updates["batch_stats"])
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+# flax examples/mnist style (benchmarks/flax_style.py): jitted step, host-side batching.
 
 
 def setup_flax(model_name: str, spec: Spec, images: np.ndarray, labels: np.ndarray) -> Epoch:
-    model = {"cnn": FlaxCNN, "mlp": FlaxMLP}[model_name]()
+    model = flax_style.MODELS[model_name]()
     images_f = images.astype(np.float32) / 255.0  # flax mnist: floats prepared up front
-    variables = model.init(jax.random.key(0), images_f[: spec.batch_size], train=False)
-    state = FlaxState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=optax.sgd(spec.lr, momentum=spec.momentum),
-    )
+    tx = optax.sgd(spec.lr, momentum=spec.momentum)
+    state = flax_style.create_state(model, images_f[: spec.batch_size], tx)
     rng = np.random.default_rng(0)
 
     def run_epoch(epoch: int, steps: int | None = None) -> None:
@@ -197,7 +141,7 @@ def setup_flax(model_name: str, spec: Spec, images: np.ndarray, labels: np.ndarr
         perms = rng.permutation(len(labels))[: steps * spec.batch_size]
         metrics = []
         for perm in perms.reshape((steps, spec.batch_size)):
-            state, m = flax_train_step(state, (images_f[perm], labels[perm]))
+            state, m = flax_style.flax_train_step(state, (images_f[perm], labels[perm]))
             metrics.append(m)
         jax.device_get(metrics)  # as flax examples: metrics fetched once per epoch
         jax.block_until_ready(state)
@@ -206,48 +150,18 @@ def setup_flax(model_name: str, spec: Spec, images: np.ndarray, labels: np.ndarr
     return run_epoch
 
 
-# PyTorch CPU eager.
-
-
-def _torch_model(model_name: str):
-    from torch import nn as tnn
-
-    def bn(cls, features):
-        # PyTorch's momentum is the new batch's weight: 0.01 here is flax's 0.99.
-        return cls(features, eps=1e-5, momentum=0.01)
-
-    if model_name == "cnn":
-        return tnn.Sequential(
-            tnn.Conv2d(1, 32, 3, padding=1),
-            bn(tnn.BatchNorm2d, 32),
-            tnn.ReLU(),
-            tnn.AvgPool2d(2),
-            tnn.Conv2d(32, 64, 3, padding=1),
-            bn(tnn.BatchNorm2d, 64),
-            tnn.ReLU(),
-            tnn.AvgPool2d(2),
-            tnn.Flatten(),
-            tnn.Linear(64 * 7 * 7, 256),
-            bn(tnn.BatchNorm1d, 256),
-            tnn.ReLU(),
-            tnn.Linear(256, 10),
-        )
-    layers, width = [tnn.Flatten()], 28 * 28
-    for _ in range(3):
-        layers += [tnn.Linear(width, 100), bn(tnn.BatchNorm1d, 100), tnn.Sigmoid()]
-        width = 100
-    return tnn.Sequential(*layers, tnn.Linear(width, 10))
+# PyTorch CPU eager (benchmarks/torch_style.py).
 
 
 def setup_torch(model_name: str, spec: Spec, images: np.ndarray, labels: np.ndarray) -> Epoch:
     import torch
+    import torch_style
 
     torch.set_num_threads(NUM_CORES)
     torch.manual_seed(0)
-    model = _torch_model(model_name).train()
+    model = torch_style.model(model_name, 0.99, 0.01 if model_name == "mlp" else None).train()
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum or 0.0)
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-    y_all = torch.from_numpy(labels).long()
+    x_all, y_all = torch_style.to_tensors(images, labels)
 
     def run_epoch(epoch: int, steps: int | None = None) -> None:
         steps = steps or len(labels) // spec.batch_size

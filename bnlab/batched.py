@@ -60,7 +60,7 @@ class BatchedPrograms(NamedTuple):
     except the data."""
 
     init: Callable[..., train_lib.TrainState]  # (init_keys, values, sample) -> states
-    # (states, values, x, y, keys, start, rngs, steps=) -> (states, metrics)
+    # (states, values, x, y, keys, start, rngs, steps=) -> (states, host metrics of `steps`)
     train_epoch: Callable[..., tuple[train_lib.TrainState, dict]]
     evaluate: Callable[..., dict]  # (params, batch_stats, x, y) -> metrics per trial
     steps_per_epoch: int
@@ -81,7 +81,7 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
         tx, _ = optim.make_optimizer(cfg.opt, total, values)
         return train_lib.init_state(single.model, tx, key, sample)
 
-    def epoch(state, values, images, labels, key, start, rng, steps):
+    def epoch(state, values, images, labels, key, start, rng, steps, *, length):
         # The update reads the hyperparameters from the state; `values` only feed the logged lr.
         _, schedule = optim.make_optimizer(cfg.opt, total, values)
         step_fn = functools.partial(
@@ -97,9 +97,10 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             labels,
             key,
             start,
+            steps,
             batch_size=cfg.train.batch_size,
             step_fn=step_fn,
-            steps=steps,
+            length=length,
             rng=rng,
         )
 
@@ -114,15 +115,17 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             probe_unit=cfg.train.probe_unit,
         )
 
-    batched_epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None, 0, None))
+    def batched_epoch(s, v, x, y, k, start, r, steps, length):
+        per_trial = functools.partial(epoch, length=length)
+        return jax.vmap(per_trial, in_axes=(0, 0, None, None, 0, None, 0, None))(
+            s, v, x, y, k, start, r, steps
+        )
+
+    program = jax.jit(batched_epoch, donate_argnums=0, static_argnums=8)
     return BatchedPrograms(
-        init=jax.jit(jax.vmap(init, in_axes=(0, 0, None))),
-        train_epoch=jax.jit(
-            lambda s, v, x, y, k, start, r, steps=None: batched_epoch(
-                s, v, x, y, k, start, r, steps
-            ),
-            donate_argnums=0,
-            static_argnames="steps",
+        init=jax.jit(jax.vmap(init, in_axes=(0, 0, None)), compiler_options=train_lib.RUN_ONCE),
+        train_epoch=train_lib.one_program(
+            program, train_lib.chunk_length(cfg, single.steps_per_epoch), trial_axis=True
         ),
         evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
         steps_per_epoch=single.steps_per_epoch,

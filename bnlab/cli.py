@@ -254,13 +254,44 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, CheckpointError
 
 
+COMPILING = ("train", "sweep", "evaluate", "export")  # commands that run JAX programs
+COUNT_COMPILES_ENV = "BNLAB_COUNT_COMPILES"  # "1": print the programs a command compiled
+WRITING_EVENTS = ("train", "sweep")  # commands that write TensorBoard events
+
+
+def _start_compilation_cache():
+    """JAX's persistent compilation cache (`bnlab.compile_cache`), on before anything
+    compiles; with `$BNLAB_COUNT_COMPILES` set, a function that reports what compiled."""
+    from bnlab import compile_cache
+
+    compile_cache.enable()
+    if os.environ.get(COUNT_COMPILES_ENV, "") in ("", "0"):
+        return None
+    start = compile_cache.counts()
+    return lambda: print(
+        f"bnlab: {(compile_cache.counts() - start).describe()}", file=sys.stderr, flush=True
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None  # the bnlab command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else argv
+    report = None
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        return COMMANDS[args.command](args, overrides)
+        if args.command in COMPILING:
+            report = _start_compilation_cache()
+        if args.command in WRITING_EVENTS:
+            from bnlab.writers import summary_writer_class
+
+            # Now, while this process has one thread: it hides torch for a moment.
+            summary_writer_class()
+        try:
+            return COMMANDS[args.command](args, overrides)
+        finally:
+            if report is not None:
+                report()
     except _user_errors() as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

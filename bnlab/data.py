@@ -2,13 +2,16 @@
 
 Online, TFDS's download manager fetches the files; offline, they are read from a local folder
 (`data.mnist_dir` or `$BNLAB_MNIST_DIR`). Either way every file is checked (magic number, size,
-SHA-256 of the standard distribution) before TFDS prepares the dataset. A split is then loaded
-into device memory once, as uint8 images and int32 labels.
+SHA-256 of the standard distribution) before TFDS prepares the dataset, once, in its data dir
+(`data.tfds_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`). Runs read a whole-array
+copy of it (`bnlab.mnist_arrays`), and a split is loaded into device memory once, as uint8
+images and int32 labels.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnlab import mnist_arrays
 from bnlab.config import TASKS, ConfigError, DataConfig
 from bnlab.idx import (  # noqa: F401 - re-exported: the data API of earlier versions
     IDX_FILES,
@@ -40,17 +44,42 @@ class Dataset(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _load_numpy(mnist_dir: str | None, tfds_dir: str | None, split: str):
-    from bnlab.tfds_mnist import BnlabMnist  # TFDS is imported only when data is loaded
+    """`(images, labels)` of a split as numpy arrays, from the array copy of the TFDS dataset,
+    or from TFDS (which then prepares it if needed) and written to the copy."""
+    data_dir = mnist_arrays.tfds_data_dir(tfds_dir)
+    arrays = mnist_arrays.read(data_dir, mnist_dir)
+    if arrays is None:
+        arrays = _prepare(mnist_dir, data_dir)
+    images, labels = arrays[split]
+    return _read_only(images), _read_only(labels)
 
-    builder = BnlabMnist(mnist_dir=mnist_dir, data_dir=tfds_dir, file_format="array_record")
-    builder.download_and_prepare()
-    source = builder.as_data_source(split=split)
-    records = source.__getitems__(range(len(source)))
-    images = np.stack([r["image"] for r in records])
-    labels = np.asarray([r["label"] for r in records], np.int32)
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
+
+def _prepare(mnist_dir: str | None, data_dir: Path) -> mnist_arrays.Arrays:
+    from bnlab.tfds_mnist import read_splits  # TFDS is imported only when the copy is missing
+
+    if mnist_dir is not None and mnist_arrays.dataset_dir(data_dir).exists():
+        # TFDS checks the files only when it prepares the dataset, and it is prepared already.
+        mnist_arrays.check_sources(mnist_arrays.sources(mnist_dir))
+    arrays, prepared = read_splits(mnist_dir, data_dir)
+    folder = mnist_arrays.write(data_dir, mnist_dir, arrays)
+    where = mnist_arrays.dataset_dir(data_dir)
+    if prepared:
+        what = (
+            f"prepared MNIST once from {mnist_dir or 'the files TFDS downloaded'} into {where} "
+            f"(TFDS's data dir: data.tfds_dir, else ${mnist_arrays.TFDS_DATA_DIR_ENV}, else "
+            "~/tensorflow_datasets)"
+        )
+    else:
+        what = f"copied MNIST from the TFDS dataset {where}"
+    copy = f"to whole arrays in {folder}, which runs read" if folder else "(no array copy)"
+    print(f"bnlab: {what} {copy} (safe to delete).", file=sys.stderr, flush=True)
+    return arrays
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    array.setflags(write=False)
+    return array
 
 
 def load(cfg: DataConfig, split: str) -> Dataset:

@@ -23,6 +23,7 @@ import numpy as np
 
 from bnlab.progress import Clock
 from bnlab.records import Record
+from bnlab.train import chunk_length
 
 Metrics = dict[str, Any]
 
@@ -159,12 +160,6 @@ def _take(tree: dict, i: int, stacked: bool) -> dict:
     return {
         k: _take(v, i, True) if isinstance(v, dict) else np.asarray(v)[i] for k, v in tree.items()
     }
-
-
-def chunk_length(cfg, steps_per_epoch: int) -> int:
-    """Steps per compiled chunk: `checkpoint.every_steps`, at most an epoch (so at most two
-    chunk lengths compile: this one and an epoch's remainder)."""
-    return min(cfg.checkpoint.every_steps or steps_per_epoch, steps_per_epoch)
 
 
 def train(

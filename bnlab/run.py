@@ -119,6 +119,9 @@ def _run(cfg: Config, workdir, *, progress: bool, experiment) -> dict[str, Any]:
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
     sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
     state = programs.init(init_key, sample)
+    programs.compile_ahead(
+        state, train_set, splits.test, data_key, train_lib.run_rng(cfg.train.seed)
+    )
     spe = programs.steps_per_epoch
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     try:

@@ -1,20 +1,25 @@
 """The TFDS builder of bnlab's MNIST: the four checked IDX files, stored as array_record.
 
-Kept apart from `bnlab.data` so that importing bnlab does not import TFDS.
+Kept apart from `bnlab.data` so that importing bnlab does not import TFDS; a run imports it
+only when the whole-array copy (`bnlab.mnist_arrays`) is missing or stale.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from bnlab.idx import IDX_FILES, MNIST_DIR_ENV, MNIST_URL, SPLITS, DataError, local_paths, read_idx
+from bnlab.mnist_arrays import TFDS_NAME, TFDS_VERSION, Arrays
 
 
 class BnlabMnist(tfds.core.GeneratorBasedBuilder):
     """MNIST from the four standard IDX files, checked, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    name = TFDS_NAME
+    VERSION = tfds.core.Version(TFDS_VERSION)
     RELEASE_NOTES = {"1.0.0": "MNIST from the standard IDX files."}
 
     def __init__(self, *, mnist_dir: str | None = None, **kwargs):
@@ -33,6 +38,14 @@ class BnlabMnist(tfds.core.GeneratorBasedBuilder):
             ),
             supervised_keys=("image", "label"),
         )
+
+    # TFDS announces "Downloading and preparing dataset Unknown size" even when it reads local
+    # files; `bnlab.data` says once, in its own words, what was prepared where.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _split_generators(self, dl_manager):
         if self._mnist_dir is not None:
@@ -58,3 +71,19 @@ class BnlabMnist(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images, labels):
         for i in range(len(labels)):
             yield i, {"image": images[i, :, :, None], "label": int(labels[i])}
+
+
+def read_splits(mnist_dir: str | None, data_dir: Path) -> tuple[Arrays, bool]:
+    """Both splits of the TFDS dataset in `data_dir` (prepared first if needed) as whole
+    arrays, in TFDS's record order; and whether it was prepared now."""
+    builder = BnlabMnist(mnist_dir=mnist_dir, data_dir=str(data_dir), file_format="array_record")
+    prepared = not builder.is_prepared()
+    builder.download_and_prepare()
+    arrays = {}
+    for split in SPLITS:
+        source = builder.as_data_source(split=split)
+        records = source.__getitems__(range(len(source)))
+        images = np.stack([r["image"] for r in records])
+        labels = np.asarray([r["label"] for r in records], np.int32)
+        arrays[split] = (images, labels)
+    return arrays, prepared

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -126,12 +129,39 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": global_norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32) * optim.lr_scale(state.opt_state),
     }
     if extra_metrics is not None:
         metrics.update(extra_metrics(state.step))
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+SMALL_LEAF = 1 << 14  # elements: smaller leaves are reduced together in `global_norm`
+
+
+def global_norm(tree) -> Array:
+    """The global L2 norm `sqrt(sum over leaves of sum(x**2))`, as `optax.tree.norm`, in a
+    few kernels.
+
+    XLA:CPU runs each reduction as its own kernels (three for a small vector, after its
+    pairwise rewrite), so a leaf-by-leaf norm of the Fig. 1 MLP's 14 gradients launched about
+    40 kernels per step, 10-20% of the step. The leaves under `SMALL_LEAF` elements are
+    concatenated and reduced at once; copying them costs less than the launches it saves,
+    while a large leaf is reduced where it lies.
+
+    Args:
+      tree: a pytree of arrays (e.g. gradients); any float dtype, summed in float32.
+
+    Returns:
+      `f32[]`, 0 for an empty tree.
+    """
+    leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+    small = [x for x in leaves if x.size < SMALL_LEAF]
+    sums = [jnp.sum(jnp.square(x)) for x in leaves if x.size >= SMALL_LEAF]
+    if small:
+        sums.append(jnp.sum(jnp.square(jnp.concatenate(small))))
+    return jnp.sqrt(sum(sums, jnp.zeros((), jnp.float32)))
 
 
 def step_rngs(rng: Array, step: Array, axis_name: str | None = None) -> dict[str, Array]:
@@ -157,31 +187,59 @@ def train_epoch(
     labels: Array,
     key: Array,
     start: Array | int = 0,
+    steps: Array | int | None = None,
     *,
     batch_size: int,
     step_fn: Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Metrics]],
-    steps: int | None = None,
+    length: int | None = None,
     axis_name: str | None = None,
     rng: Array | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """Steps `[start, start + steps)` of the epoch that `key` shuffles (default: all of it), on
-    device: `lax.scan` over the shuffled batches; metrics stacked per step.
+    """Steps `[start, start + steps)` of the epoch that `key` shuffles, on device, with the
+    metrics of every step.
 
-    Running an epoch in chunks gives exactly the steps of running it whole. With `axis_name`,
-    each device gathers only its part of every global batch. `rng` (the run's key for random
-    layers) goes to every step.
+    A while loop with the trip count `steps` (a traced value) writes each step's metrics into
+    a buffer of `length` steps, so one compiled program runs every chunk of up to `length`
+    steps. Running an epoch in chunks gives exactly the steps (and bits) of running it whole.
+
+    Args:
+      state, images, labels: the train state and the whole split (uint8 images on device).
+      key: the epoch's shuffling key (`epoch_batches`).
+      start, steps: the chunk of the epoch; `steps=None` is the whole epoch from step 0.
+      batch_size, step_fn: examples per step and `train_step` with its statics bound.
+      length: the buffer's (static) number of steps, >= steps; default `steps` (then static).
+      axis_name: under a device map, each device gathers only its part of every batch.
+      rng: the run's key for random layers, given to every step.
+
+    Returns:
+      `(state, metrics)`: metrics `f32[length]` each, the first `steps` filled, the rest 0.
     """
     extra = {} if rng is None else {"rng": rng}
+    batches = epoch_batches(key, labels.shape[0], batch_size)
+    if steps is None:
+        start, steps = 0, batches.shape[0]
+    length = int(steps) if length is None else length
+    steps = jnp.asarray(steps, jnp.int32)
 
-    def body(state, idx):
+    def step(state, i):
+        idx = lax.dynamic_index_in_dim(batches, start + i, keepdims=False)
         if axis_name is not None:
             idx = parallel.device_slice(idx, axis_name)
         return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]), **extra)
 
-    batches = epoch_batches(key, labels.shape[0], batch_size)
-    if steps is not None:
-        batches = lax.dynamic_slice_in_dim(batches, start, steps)
-    return lax.scan(body, state, batches)
+    def body(carry):
+        i, state, buffer = carry
+        state, metrics = step(state, i)
+        buffer = jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
+        return i + 1, state, buffer
+
+    shapes = jax.eval_shape(step, state, 0)[1]
+    buffer = jax.tree.map(lambda m: jnp.zeros((length, *m.shape), m.dtype), shapes)
+    # A while loop for every call alike (a scan where `steps` is known), so that a chunk and
+    # the whole epoch run the same per-step code and give the same bits.
+    carry = (jnp.zeros((), jnp.int32), state, buffer)
+    _, state, metrics = lax.while_loop(lambda c: c[0] < steps, body, carry)
+    return state, metrics
 
 
 def evaluate(
@@ -247,6 +305,12 @@ def _probe(intermediates, unit: int, mask: Array) -> Array:
     return jnp.where(mask, x[:, unit], jnp.nan)
 
 
+# Compiler options of a program that runs once per run (the initialization): LLVM's level-1
+# optimizations compile its random-number generation about 4x faster than the default, and
+# give the same bits (tests/test_speed.py checks it).
+RUN_ONCE = {"xla_backend_optimization_level": 1}
+
+
 class Programs(NamedTuple):
     """The compiled pieces of a run, built once from its config."""
 
@@ -257,6 +321,35 @@ class Programs(NamedTuple):
     train_epoch: Callable[..., tuple[TrainState, Metrics]]
     evaluate: Callable[..., Metrics]
     steps_per_epoch: int
+    # (state, train set, test set, data key, rng=None): compiles the first chunk and the
+    # evaluation in background threads (one device; see `Ahead`)
+    compile_ahead: Callable[..., None] = lambda *args, **kwargs: None
+
+
+class Ahead:
+    """A jitted function whose first compilation can run in a background thread (`start`), so
+    that a run's programs compile side by side, and beside its other set-up (on 2 cores a cold
+    run's compilation took about half the time). A call waits for that compilation, then finds
+    the executable in JAX's caches; should the background one fail, or be for other argument
+    types, the call compiles as usual (and raises what there is to raise)."""
+
+    def __init__(self, jitted: Callable[..., Any]):
+        self.jitted = jitted
+        self._thread: threading.Thread | None = None
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        def compile_in_background():
+            with contextlib.suppress(Exception):  # the call compiles again and reports it
+                self.jitted.lower(*args, **kwargs).compile()
+
+        self._thread = threading.Thread(target=compile_in_background, daemon=True)
+        self._thread.start()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.jitted(*args, **kwargs)
 
 
 def make_programs(cfg: Config, num_train: int) -> Programs:
@@ -270,27 +363,42 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         )
     model = build_model(cfg)
     tx, schedule = optim.make_optimizer(cfg.opt, total_steps)
-    return Programs(
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        init=jax.jit(functools.partial(init_state, model, tx)),
-        train_epoch=_epoch_program(cfg, model, tx, schedule),
-        evaluate=jax.jit(
+    evaluate_ = Ahead(
+        jax.jit(
             functools.partial(
                 evaluate,
                 model=model,
                 batch_size=cfg.train.eval_batch_size,
                 probe_unit=cfg.train.probe_unit,
             )
-        ),
+        )
+    )
+    train_epoch_, first_chunk = _epoch_program(cfg, model, tx, schedule, steps_per_epoch)
+
+    def compile_ahead(state, train_set, test_set, key, rng=None):
+        if first_chunk is not None:
+            first_chunk(state, train_set.images, train_set.labels, key, rng)
+        evaluate_.start(state.params, state.batch_stats, test_set.images, test_set.labels)
+
+    return Programs(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        init=jax.jit(functools.partial(init_state, model, tx), compiler_options=RUN_ONCE),
+        train_epoch=train_epoch_,
+        evaluate=evaluate_,
         steps_per_epoch=steps_per_epoch,
+        compile_ahead=compile_ahead,
     )
 
 
-def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[TrainState, Metrics]]:
-    """`train_epoch` compiled for one device, or mapped over the devices of `cfg.parallel`:
-    either way it takes and returns a plain (unreplicated) `TrainState`."""
+def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
+    """`train_epoch(state, images, labels, key, start=0, steps=None, rng=None)`: `steps`
+    (default: the rest of the epoch) from `start`, compiled for one device or mapped over the
+    devices of `cfg.parallel`; either way on a plain (unreplicated) `TrainState`. Every chunk
+    of up to `chunk_length` steps runs one compiled program; the metrics come back to the host,
+    `steps` of each. Also `first_chunk(state, images, labels, key, rng)`, which starts
+    compiling that program in the background (None for the device-mapped modes)."""
     par = cfg.parallel
     axis_name = None if par.mode == "none" else parallel.AXIS
     step_fn = functools.partial(
@@ -305,25 +413,75 @@ def _epoch_program(cfg: Config, model, tx, schedule) -> Callable[..., tuple[Trai
     epoch = functools.partial(
         train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
     )
+    chunk = chunk_length(cfg, steps_per_epoch)
+    first_chunk = None
     if par.mode == "none":
-        return jax.jit(epoch, donate_argnums=0, static_argnames="steps")
-    num_devices = parallel.device_count(par, cfg.train.batch_size)
+        jitted = Ahead(jax.jit(epoch, donate_argnums=0, static_argnames="length"))
 
-    @functools.cache
-    def mapped(steps):
-        def per_device(state, images, labels, key, start, *rng):
-            return epoch(
-                state, images, labels, key, start, steps=steps, rng=rng[0] if rng else None
-            )
+        def program(state, images, labels, key, start, rng, steps, length):
+            return jitted(state, images, labels, key, start, steps, length=length, rng=rng)
 
-        return parallel.device_map(per_device, mode=par.mode, num_devices=num_devices)
+        def first_chunk(state, images, labels, key, rng):
+            jitted.start(state, images, labels, key, 0, chunk, length=chunk, rng=rng)
+
+    else:
+        num_devices = parallel.device_count(par, cfg.train.batch_size)
+
+        @functools.cache
+        def mapped(length):
+            def per_device(state, images, labels, key, start, steps, *rng):
+                rng = rng[0] if rng else None
+                return epoch(state, images, labels, key, start, steps, length=length, rng=rng)
+
+            return parallel.device_map(per_device, mode=par.mode, num_devices=num_devices)
+
+        def program(state, images, labels, key, start, rng, steps, length):
+            counts = (jnp.asarray(start, jnp.int32), jnp.asarray(steps, jnp.int32))
+            args = (state, images, labels, key, *counts)
+            args += () if rng is None else (rng,)
+            return parallel.first_device(mapped(length)(*args))
+
+    chunks = one_program(program, chunk)
 
     def run_epoch(state, images, labels, key, start=0, steps=None, rng=None):
-        args = (state, images, labels, key, jnp.asarray(start, jnp.int32))
-        args += () if rng is None else (rng,)
-        return parallel.first_device(mapped(steps)(*args))
+        steps = steps_per_epoch - start if steps is None else steps
+        return chunks(state, images, labels, key, start, rng, steps=steps)
 
-    return run_epoch
+    return run_epoch, first_chunk
+
+
+def chunk_length(cfg: Config, steps_per_epoch: int) -> int:
+    """Steps per chunk of a run: `checkpoint.every_steps`, at most an epoch (the loop runs
+    epochs in chunks of this many steps, and their remainders). One program runs every chunk
+    (`one_program`), whatever its length up to this."""
+    return min(cfg.checkpoint.every_steps or steps_per_epoch, steps_per_epoch)
+
+
+def one_program(
+    program: Callable[..., tuple[Any, Metrics]], chunk: int, *, trial_axis: bool = False
+) -> Callable[..., tuple[Any, Metrics]]:
+    """Runs chunks of any number of steps up to `chunk` through one compiled program: the
+    remainder of an epoch, a resumed run's first chunk and every other chunk length share the
+    program compiled for `chunk`.
+
+    Args:
+      program: `program(*args, steps, length)` runs `steps` (a traced count) and returns
+        `(state, metrics)` with per-step metrics in buffers of `length` (static) steps, as
+        `train_epoch` does.
+      chunk: the buffer length every chunk up to it uses.
+      trial_axis: the metrics carry a leading trial axis (a vmapped group).
+
+    Returns:
+      `call(*args, steps=k)`: `program(*args, k, max(chunk, k))`, its metrics cut to their
+      first `k` steps, as numpy arrays on the host.
+    """
+
+    def call(*args, steps: int):
+        state, metrics = program(*args, steps, max(chunk, steps))
+        cut = (slice(None), slice(steps)) if trial_axis else slice(steps)
+        return state, jax.tree.map(lambda m: np.asarray(m)[cut], metrics)
+
+    return call
 
 
 def run_keys(seed: int) -> tuple[Array, Array]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -81,6 +82,26 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
 NOT_CURVES = frozenset({"epoch", "window"})
 
 
+def summary_writer_class() -> type:
+    """tensorboardX's `SummaryWriter`, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors, which
+    bnlab never passes: that import alone took 1.3-2 s of a run's start-up. Unless torch is
+    already loaded, it is hidden while tensorboardX loads (`None` in `sys.modules` makes
+    `import torch` raise ImportError, which tensorboardX handles), and unhidden after.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends records to `metrics.jsonl` and mirrors finite scalars to TensorBoard
     (tensorboardX); a non-finite value is `null` in the file and left out of TensorBoard."""
@@ -95,9 +116,9 @@ class MetricWriter:
         self._file = open(Path(workdir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge_step)
+            self._tb = summary_writer_class()(
+                str(Path(workdir) / "tensorboard"), purge_step=purge_step
+            )
 
     def write(self, step: int, split: str, **metrics: Any) -> None:
         record = _plain({"step": int(step), "split": split, **metrics})

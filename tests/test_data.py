@@ -1,12 +1,15 @@
 """MNIST files are checked, prepared by TFDS without TensorFlow, and loaded whole to device."""
 
 import gzip
+import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bnlab import config, data, tfds_mnist
+from bnlab import config, data, mnist_arrays, tfds_mnist
 
 # Class counts of the standard MNIST splits (LeCun et al.; shared/data/mnist/README.md).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -143,3 +146,83 @@ def test_train_size_larger_than_the_split_is_refused(tfds_dir):
     cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
     with pytest.raises(config.ConfigError, match="exceeds the 12665 training examples"):
         data.load(cfg.data, "train")
+
+
+# The whole-array copy (bnlab.mnist_arrays) that runs read instead of TFDS's records.
+
+
+def _data_dir(tfds_dir, tmp_path, *, with_copy):
+    """A TFDS data dir holding the session's prepared dataset, with or without its copy."""
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(mnist_arrays.dataset_dir(Path(tfds_dir)), mnist_arrays.dataset_dir(data_dir))
+    if with_copy:
+        shutil.copytree(mnist_arrays.arrays_dir(Path(tfds_dir)), mnist_arrays.arrays_dir(data_dir))
+    return data_dir
+
+
+def _load(data_dir, mnist_dir, split="test"):
+    data._load_numpy.cache_clear()  # a fresh process would not remember earlier loads
+    overrides = {"data.tfds_dir": str(data_dir), "data.mnist_dir": str(mnist_dir)}
+    cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+    return data.load(cfg.data, split)
+
+
+def _no_tfds(*args, **kwargs):
+    raise AssertionError("read the TFDS records although the array copy is valid")
+
+
+def test_array_copy_equals_the_tfds_records(tfds_dir):
+    arrays = mnist_arrays.read(Path(tfds_dir), None)
+    builder = tfds_mnist.BnlabMnist(data_dir=tfds_dir, file_format="array_record")
+    for split, picks in (("test", range(10000)), ("train", range(0, 60000, 7))):
+        source = builder.as_data_source(split=split)
+        assert len(source) == len(arrays[split][1])
+        records = source.__getitems__(list(picks))
+        images, labels = arrays[split]
+        np.testing.assert_array_equal(images[list(picks)], np.stack([r["image"] for r in records]))
+        np.testing.assert_array_equal(labels[list(picks)], [r["label"] for r in records])
+        assert images.dtype == np.uint8 and labels.dtype == np.int32
+
+
+def test_array_copy_is_written_once_and_says_where(
+    tfds_dir, mnist_dir, tmp_path, capfd, monkeypatch
+):
+    data_dir = _data_dir(tfds_dir, tmp_path, with_copy=False)
+    test = _load(data_dir, mnist_dir)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("bnlab:")]
+    assert len(lines) == 1, lines
+    assert str(mnist_arrays.dataset_dir(data_dir)) in lines[0]
+    assert str(mnist_arrays.arrays_dir(data_dir)) in lines[0]
+    assert "Unknown size" not in capfd.readouterr().out
+    monkeypatch.setattr(tfds_mnist, "read_splits", _no_tfds)
+    again = _load(data_dir, mnist_dir)
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(test.images))
+    assert "bnlab:" not in capfd.readouterr().err  # said once, when written
+
+
+def test_changed_source_file_is_checked_again(tfds_dir, mnist_dir, tmp_path, monkeypatch):
+    data_dir = _data_dir(tfds_dir, tmp_path, with_copy=False)
+    folder = _copy_dir(mnist_dir, tmp_path)
+    _load(data_dir, folder)  # writes the copy, recording the files' sizes and times
+    monkeypatch.setattr(tfds_mnist, "read_splits", _no_tfds)
+    path = folder / "t10k-labels-idx1-ubyte.gz"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    _load(data_dir, folder)  # same content, new time: checked, accepted, recorded
+    manifest = json.loads((mnist_arrays.arrays_dir(data_dir) / "manifest.json").read_text())
+    assert manifest["sources"]["t10k-labels-idx1-ubyte"][2] == path.stat().st_mtime_ns
+    path.write_bytes(path.read_bytes()[:-100])  # damaged after the copy was made
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz"):
+        _load(data_dir, folder, "train")
+
+
+def test_reprepared_dataset_or_damaged_copy_is_rebuilt(tfds_dir, mnist_dir, tmp_path):
+    data_dir = _data_dir(tfds_dir, tmp_path, with_copy=True)
+    assert mnist_arrays.read(data_dir, str(mnist_dir)) is not None
+    info = mnist_arrays.dataset_dir(data_dir) / "dataset_info.json"
+    info.write_text(info.read_text())  # TFDS prepared it again: the copy may be stale
+    assert mnist_arrays.read(data_dir, str(mnist_dir)) is None
+    arrays = mnist_arrays.read(Path(tfds_dir), None)
+    mnist_arrays.write(data_dir, str(mnist_dir), arrays)
+    assert mnist_arrays.read(data_dir, str(mnist_dir)) is not None
+    (mnist_arrays.arrays_dir(data_dir) / "train_labels.npy").write_bytes(b"truncated")
+    assert mnist_arrays.read(data_dir, str(mnist_dir)) is None

@@ -1,0 +1,198 @@
+"""Whole-split numpy copies of the prepared TFDS MNIST, read instead of its 70,000 records.
+
+TFDS stores each example as one serialized record; deserializing them one by one takes seconds
+on every run. The first run therefore copies each split, as TFDS gives it (same order, same
+values), into two `.npy` files beside the TFDS dataset, and later runs read those:
+
+    <TFDS data dir>/bnlab_mnist/1.0.0/          the TFDS dataset (the source of truth)
+    <TFDS data dir>/bnlab_mnist_arrays/1.0.0/   {split}_images.npy, {split}_labels.npy,
+                                                manifest.json
+
+`manifest.json` records what the copy was made from, and a copy is used only while that
+still holds: the builder version, the size and modification time of every file of the TFDS
+dataset (re-preparing it invalidates the copy), and of the local IDX files (`data.mnist_dir`)
+that were checked. When an IDX file's size or time changes, all four are checked again
+(`idx.read_idx`: header, size, SHA-256), so a damaged file fails instead of training silently
+from the copy. Data that TFDS downloaded itself (no `data.mnist_dir`) was checked when the
+dataset was prepared; the prepared dataset is then what is read. Deleting the folder is safe:
+the next run writes it again.
+
+numpy only, so that a run with a valid copy imports neither TFDS nor its dependencies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from bnlab.idx import SPLITS, local_paths, read_idx
+
+TFDS_NAME = "bnlab_mnist"  # the TFDS builder's name (`tfds_mnist.BnlabMnist`)
+TFDS_VERSION = "1.0.0"  # its version: a new version is a new dataset and a new copy
+ARRAYS_NAME = f"{TFDS_NAME}_arrays"
+FORMAT = 1  # of the files below; bump it to invalidate every copy
+TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
+
+Arrays = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (uint8[N,28,28,1], int32[N])
+
+
+def tfds_data_dir(tfds_dir: str | os.PathLike | None) -> Path:
+    """The TFDS data dir as TFDS resolves it, without importing TFDS.
+
+    Args:
+      tfds_dir: `data.tfds_dir`; None or "" for TFDS's default.
+
+    Returns:
+      `tfds_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`, user-expanded.
+    """
+    if tfds_dir:
+        return Path(tfds_dir).expanduser()
+    default = Path("~") / "tensorflow_datasets"
+    return Path(os.environ.get(TFDS_DATA_DIR_ENV) or default).expanduser()
+
+
+def dataset_dir(data_dir: Path) -> Path:
+    return data_dir / TFDS_NAME / TFDS_VERSION
+
+
+def arrays_dir(data_dir: Path) -> Path:
+    return data_dir / ARRAYS_NAME / TFDS_VERSION
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _prepared_files(data_dir: Path) -> dict[str, list[int]]:
+    """Size and modification time of every file of the prepared TFDS dataset."""
+    folder = dataset_dir(data_dir)
+    return {p.name: _stat(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def sources(mnist_dir: str | None) -> dict[str, list]:
+    """The local IDX files (path, size, modification time); {} when TFDS downloaded them."""
+    if mnist_dir is None:
+        return {}
+    return {name: [str(path), *_stat(path)] for name, path in local_paths(mnist_dir).items()}
+
+
+def read(data_dir: Path, mnist_dir: str | None) -> Arrays | None:
+    """Both splits from the copy in `data_dir`, if it still matches what it was made from.
+
+    Args:
+      data_dir: the TFDS data dir (`tfds_data_dir`).
+      mnist_dir: the local IDX folder the dataset comes from, or None (TFDS downloaded it).
+
+    Returns:
+      `{split: (images, labels)}` as read-only memory maps, or None when there is no valid
+      copy (missing, damaged, or made from another version of the TFDS dataset): the caller
+      rebuilds it from TFDS.
+
+    Raises:
+      DataError: a local IDX file changed (size or time) since the copy was made and fails
+        its checks (header, size, SHA-256); a file that passes is recorded anew.
+    """
+    folder = arrays_dir(data_dir)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        valid = (
+            manifest.get("format") == FORMAT
+            and manifest.get("version") == TFDS_VERSION
+            and manifest.get("prepared") == _prepared_files(data_dir)
+        )
+    except (OSError, ValueError):
+        return None
+    if not valid:
+        return None
+    now = sources(mnist_dir)
+    if now and manifest.get("sources") != now:
+        check_sources(now)  # changed on disk: equal to the standard files, or an error
+        with contextlib.suppress(OSError):  # read-only: checked again next time
+            _write_manifest(folder, {**manifest, "sources": now})
+    arrays = {}
+    for split in SPLITS:
+        try:
+            images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
+            labels = np.load(folder / f"{split}_labels.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        size = manifest.get("sizes", {}).get(split)
+        if images.shape != (size, 28, 28, 1) or images.dtype != np.uint8:
+            return None
+        if labels.shape != images.shape[:1] or labels.dtype != np.int32:
+            return None
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def check_sources(files: dict[str, list]) -> None:
+    """Reads and checks every IDX file of `sources()`.
+
+    Raises:
+      DataError: naming the first missing, damaged or non-standard file and the fix.
+    """
+    for name, (path, *_) in files.items():
+        read_idx(path, name)
+
+
+def write(data_dir: Path, mnist_dir: str | None, arrays: Arrays) -> Path | None:
+    """Writes the copy of `arrays` and its manifest (last, atomically: a reader sees a whole
+    copy or none).
+
+    Args:
+      data_dir: the TFDS data dir holding the prepared dataset the arrays were read from.
+      mnist_dir: the local IDX folder it was prepared from (checked), or None.
+      arrays: both splits, as the TFDS dataset gives them (same order and values).
+
+    Returns:
+      The copy's folder, or None (with a warning saying how to fix it) where the data dir is
+      not writable; runs then read the TFDS records.
+    """
+    folder = arrays_dir(data_dir)
+    manifest = {
+        "format": FORMAT,
+        "version": TFDS_VERSION,
+        "prepared": _prepared_files(data_dir),
+        "sources": sources(mnist_dir),
+        "sizes": {split: int(len(labels)) for split, (_, labels) in arrays.items()},
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, (images, labels) in arrays.items():
+            _save(folder / f"{split}_images.npy", images)
+            _save(folder / f"{split}_labels.npy", labels)
+        _write_manifest(folder, manifest)  # last: it makes the copy valid
+    except OSError as err:
+        warnings.warn(
+            f"could not write MNIST's array copy to {folder} ({err}); every run reads the TFDS "
+            "records instead, which is slower. Make the TFDS data dir writable or set "
+            "data.tfds_dir to a writable folder.",
+            stacklevel=2,
+        )
+        return None
+    return folder
+
+
+def _tmp(path: Path) -> Path:
+    # Unique per writer: processes that build the copy at once must not share a file.
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = _tmp(folder / "manifest.json")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / "manifest.json")

@@ -1,10 +1,14 @@
 """Many trials in one compiled program: `jax.vmap` over trials that share a structure.
 
-Trials whose configs differ only in the seed and in the optimizer's injected hyperparameters
-(`optim.INJECTED`: learning rate, momentum, clipping threshold, decay rate, weight decay) have
-train states of one pytree structure. They train together: the train state, the injected
-hyperparameters and the data-order keys get a leading trial axis, and the single-run epoch and
-evaluation are vmapped over it. Each trial writes the same files as a single run
+Trials whose configs differ only in the seed, in the optimizer's injected hyperparameters
+(`optim.INJECTED`: learning rate, momentum, clipping threshold, decay rate, weight decay) and in
+their normalization's injected fields (`NormSpec.injected`, e.g. BN's momentum, batch renorm's
+`r_max`/`d_max`, noisy BN's noise) have train states of one pytree structure. They train
+together: the train state, the injected values and the data-order keys get a leading trial
+axis, and the single-run epoch and evaluation are vmapped over it (the model is built inside
+them from each trial's traced normalization values). Diagnostics measure the group's model as
+its first trial builds it, so with `diagnostics.names` set, trials that differ in a
+normalization field train in programs of their own. Each trial writes the same files as a single run
 (`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`, checkpoints); a trial whose
 loss turns non-finite is marked diverged and stops being recorded while its siblings go on.
 
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from bnlab import data as data_lib
-from bnlab import loop, optim
+from bnlab import loop, norms, optim
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
 from bnlab.records import Record, prepare_workdir
@@ -44,7 +48,30 @@ def structure_key(cfg: Config) -> str:
     d = cfg.to_dict()
     d["train"]["seed"] = 0
     d["opt"] = dataclasses.asdict(optim.structure(cfg.opt))
+    if not cfg.diagnostics.names:  # diagnostics build one model per group (see the module doc)
+        d["norm"] |= dict.fromkeys(norm_injected(cfg), 0.0)
     return json.dumps(d, sort_keys=True)
+
+
+def norm_injected(cfg: Config) -> tuple[str, ...]:
+    """The fields of `cfg.norm` that trials of one vmapped program may hold apart."""
+    spec = norms.NORMS.get_spec(cfg.model.norm)
+    return () if spec is None else spec.injected
+
+
+def with_norm_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """`cfg` with its normalization's injected fields set from `values` (traced or plain)."""
+    return dataclasses.replace(cfg, norm=dataclasses.replace(cfg.norm, **values))
+
+
+def trial_values(configs: Sequence[Config]) -> dict[str, Any]:
+    """The per-trial values of a group: `f32[trials]` per `optim.INJECTED` name, and under
+    "norm" per injected normalization field."""
+    stack = lambda xs: jnp.asarray(list(xs), jnp.float32)
+    values: dict[str, Any] = {k: stack(getattr(c.opt, k) for c in configs) for k in optim.INJECTED}
+    names = norm_injected(configs[0])
+    values["norm"] = {k: stack(getattr(c.norm, k) for c in configs) for k in names}
+    return values
 
 
 def group_by_structure(configs: Sequence[Config]) -> list[list[int]]:
@@ -62,7 +89,7 @@ class BatchedPrograms(NamedTuple):
     init: Callable[..., train_lib.TrainState]  # (init_keys, values, sample) -> states
     # (states, values, x, y, keys, start, rngs, steps=) -> (states, host metrics of `steps`)
     train_epoch: Callable[..., tuple[train_lib.TrainState, dict]]
-    evaluate: Callable[..., dict]  # (params, batch_stats, x, y) -> metrics per trial
+    evaluate: Callable[..., dict]  # (params, batch_stats, values, x, y) -> metrics per trial
     steps_per_epoch: int
     model: Any  # the trials' model and optimizer (their hyperparameters live in the state)
     tx: Any
@@ -71,25 +98,32 @@ class BatchedPrograms(NamedTuple):
 def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
     """The single-run programs of `cfg`'s structure, vmapped over trials.
 
-    The optimizer's injected hyperparameters come per trial (`values`, a dict of arrays
-    `f32[trials]` keyed by `optim.INJECTED`); they live in each trial's optimizer state.
+    The injected values come per trial (`values`, from `trial_values`): the optimizer's live in
+    each trial's optimizer state; the normalization's build each trial's model inside the
+    traced programs.
     """
     single = train_lib.make_programs(cfg, num_train)  # also validates the run length
     total = single.steps_per_epoch * cfg.train.epochs
 
+    def optimizer(values):
+        return optim.make_optimizer(cfg.opt, total, {k: values[k] for k in optim.INJECTED})
+
+    def trial_cfg(values):
+        return with_norm_values(cfg, values["norm"])
+
     def init(key, values, sample):
-        tx, _ = optim.make_optimizer(cfg.opt, total, values)
-        return train_lib.init_state(single.model, tx, key, sample)
+        tx, _ = optimizer(values)
+        return train_lib.init_state(train_lib.build_model(trial_cfg(values)), tx, key, sample)
 
     def epoch(state, values, images, labels, key, start, rng, steps, *, length):
         # The update reads the hyperparameters from the state; `values` only feed the logged lr.
-        _, schedule = optim.make_optimizer(cfg.opt, total, values)
+        _, schedule = optimizer(values)
         step_fn = functools.partial(
             train_lib.train_step,
-            model=single.model,
+            model=train_lib.build_model(trial_cfg(values)),
             tx=single.tx,
             schedule=schedule,
-            extra_metrics=train_lib.norm_metrics(cfg),
+            extra_metrics=train_lib.norm_metrics(trial_cfg(values)),
         )
         return train_lib.train_epoch(
             state,
@@ -104,13 +138,13 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             rng=rng,
         )
 
-    def evaluate(params, batch_stats, images, labels):
+    def evaluate(params, batch_stats, values, images, labels):
         return train_lib.evaluate(
             params,
             batch_stats,
             images,
             labels,
-            model=single.model,
+            model=train_lib.build_model(trial_cfg(values)),
             batch_size=cfg.train.eval_batch_size,
             probe_unit=cfg.train.probe_unit,
         )
@@ -127,7 +161,7 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
         train_epoch=train_lib.one_program(
             program, train_lib.chunk_length(cfg, single.steps_per_epoch), trial_axis=True
         ),
-        evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
+        evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None, None))),
         steps_per_epoch=single.steps_per_epoch,
         model=single.model,
         tx=single.tx,
@@ -190,7 +224,10 @@ def run_group(
         )
     keys = {structure_key(c) for c in configs}
     if len(keys) != 1:
-        raise ConfigError("run_group: the configs differ in more than seed and INJECTED values")
+        raise ConfigError(
+            "run_group: the configs differ in more than the seed and injected values "
+            "(optim.INJECTED, NormSpec.injected)"
+        )
     cfg = configs[0]
     splits = load_splits(cfg)
     train_set = splits.train
@@ -222,9 +259,7 @@ def _fresh_workdir(workdir: str | os.PathLike) -> Path:
 
 def _train_trials(programs, configs, dirs, splits) -> list[dict[str, Any]]:
     cfg, train_set = configs[0], splits.train
-    values = {
-        k: jnp.asarray([getattr(c.opt, k) for c in configs], jnp.float32) for k in optim.INJECTED
-    }
+    values = trial_values(configs)
     keys = [train_lib.run_keys(c.train.seed) for c in configs]
     init_keys = jnp.stack([k[0] for k in keys])
     data_keys = jnp.stack([k[1] for k in keys])
@@ -244,7 +279,8 @@ def _train_trials(programs, configs, dirs, splits) -> list[dict[str, Any]]:
         return state, jax.device_get(metrics)
 
     def evaluate(state):
-        return jax.device_get(evaluate_splits(programs.evaluate, state, splits))
+        program = lambda params, stats, x, y: programs.evaluate(params, stats, values, x, y)
+        return jax.device_get(evaluate_splits(program, state, splits))
 
     def host_states(state):
         host = jax.device_get(state)  # one transfer; slicing on the host compiles nothing

@@ -70,6 +70,37 @@ def test_vmapped_trials_equal_single_runs_and_a_diverged_one_stops_alone(make_co
         np.testing.assert_allclose(final["loss"], summaries[i]["test_loss"], rtol=1e-5)
 
 
+RENORM_SOON = {"norm.renorm_warmup_steps": 2, "norm.r_max_steps": 6, "norm.d_max_steps": 4}
+
+
+@pytest.mark.parametrize(
+    "norm, trials",
+    [
+        ("batch_renorm", [{"norm.momentum": 0.9, "norm.r_max": 2.0, "norm.d_max": 1.0},
+                          {"train.seed": 1, "norm.momentum": 0.5, "norm.r_max": 4.0,
+                           "norm.d_max": 0.25, "opt.lr": 0.02}]),
+        ("noisy_batchnorm", [{"norm.noise_std": 0.5, "norm.noise_mean": 0.0},
+                             {"norm.noise_std": 1.5, "norm.noise_mean": 0.3,
+                              "norm.momentum": 0.5}]),
+    ],
+)  # fmt: skip
+def test_trials_apart_in_injected_norm_fields_share_one_program_and_equal_single_runs(
+    norm, trials, make_config, tmp_path
+):
+    base = {**RELU_MLP, "model.norm": norm, "train.epochs": 1, **RENORM_SOON}
+    configs = [make_config(**{**base, **t}) for t in trials]
+    assert batched.group_by_structure(configs) == [[0, 1]]
+    dirs = [tmp_path / f"vmap{i}" for i in range(2)]
+    summaries = batched.run_group(configs, dirs)
+    for i, cfg in enumerate(configs):
+        alone = run.run(cfg, tmp_path / f"alone{i}")
+        assert summaries[i]["status"] == alone["status"] == "ok"
+        _assert_same_records(dirs[i], tmp_path / f"alone{i}")
+    # Diagnostics measure one model per group: then each value gets a program of its own.
+    measured = [make_config(**{**base, **t, "diagnostics.names": "ics"}) for t in trials]
+    assert batched.group_by_structure(measured) == [[0], [1]]
+
+
 def test_group_by_structure(make_config):
     configs = [
         make_config(**RELU_MLP),

@@ -447,6 +447,17 @@ def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
         steps = steps_per_epoch - start if steps is None else steps
         return chunks(state, images, labels, key, start, rng, steps=steps)
 
+    if par.mode == "none":
+
+        def lower(state, images, labels, key, start=0, steps=None, rng=None):
+            """The chunk program that `run_epoch` would call, lowered (to read its HLO)."""
+            steps = steps_per_epoch - start if steps is None else steps
+            length = max(chunk, steps)
+            return jitted.jitted.lower(
+                state, images, labels, key, start, steps, length=length, rng=rng
+            )
+
+        run_epoch.lower = lower  # type: ignore[attr-defined]
     return run_epoch, first_chunk
 
 

@@ -28,6 +28,18 @@ import pytest  # noqa: E402
 MNIST_DIR = Path(os.environ["BNLAB_MNIST_DIR"])
 
 
+# The fast tier (`pytest -m "not slow"`) is what needs no trained MNIST run: tests that use
+# real MNIST (these fixtures) train on it, and are `slow` with the subprocess, multi-process,
+# notebook and docs tests marked in their files.
+REAL_MNIST = frozenset({"mnist_dir", "tfds_dir", "make_config"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_MNIST & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _registries_as_found():
     """The registries are global and shape the config schema: a test that registers a

@@ -76,6 +76,7 @@ def _steps(workdir):
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
 
+@pytest.mark.slow  # subprocesses killed and resumed
 def test_killed_and_signalled_runs_resume_bit_identical(tmp_path, tfds_dir):
     """SIGKILL twice at random moments (mid-step or mid-save), then SIGTERM (a checkpoint, the
     metrics flushed, exit status 4; SIGINT takes the same path), then the same command finishes

@@ -24,6 +24,7 @@ def _bnlab(*args, env=None):
     )
 
 
+@pytest.mark.slow  # the main job's CNN, trained through the CLI
 def test_train_cnn_on_mnist_writes_its_files(tmp_path, tfds_dir):
     workdir = tmp_path / "run"
     result = _bnlab(

@@ -18,6 +18,8 @@ from conftest import ROOT
 
 from bnlab import cli
 
+pytestmark = pytest.mark.slow  # the docs' commands run whole trainings (the fast tier skips them)
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
 SKIP = "# not run:"

@@ -269,6 +269,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_equal_one_process(make_config, tfds_dir, tmp_path):
     small = {"data.train_size": 480, "train.batch_size": 48, "parallel.bn": "sync"}
     reference, *_ = _train(

@@ -182,6 +182,7 @@ def test_a_folder_holds_one_variant_of_a_sweep(tmp_path):
         )
 
 
+@pytest.mark.slow  # a subprocess killed and resumed
 def test_resume_after_kill_runs_each_trial_once(tmp_path, tfds_dir):
     experiment = _experiment(tmp_path, tfds_dir=tfds_dir, seeds=2)
     out = tmp_path / "out"

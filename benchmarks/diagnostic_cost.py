@@ -3,8 +3,8 @@
 One process per configuration, alternating, several rounds, after one warm-up round that fills
 the compilation cache (so every timed process reads its programs instead of compiling them):
 `bnlab train` of the Fig. 1 MLP (experiments/bn_paper_mlp.py: BN, sigmoid, batch 60) for
-`--steps` steps, with diagnostics off (twice per round: the spread between the two "off"
-processes is the noise floor) and with each diagnostic alone at its study's settings:
+`--epochs` epochs of MNIST (1,000 steps each), with diagnostics off (twice per round: the
+spread between the two "off" processes is the noise floor) and with each diagnostic alone at its study's settings:
 
   ics, landscape      every 250 steps, batch 128 (experiments/santurkar_ics.py, the MLP)
   hessian             every 500 steps, batch 512 (experiments/hessian_spectrum.py)
@@ -17,7 +17,7 @@ Share = median(loop time with the diagnostic) / median(loop time off) - 1. Off, 
 nothing to the training program: tests/test_diagnostics_runs.py checks that its HLO is the
 same with and without them and that the records are bit-identical.
 
-Command: python benchmarks/diagnostic_cost.py [--rounds 3] [--steps 2000] [--mnist-dir DIR]
+Command: python benchmarks/diagnostic_cost.py [--rounds 3] [--epochs 2] [--mnist-dir DIR]
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ CONFIGS = {
 }
 
 
-def run_one(name: str, steps: int, cache: Path, workdir: Path, mnist_dir: str) -> float:
+def run_one(name: str, epochs: int, cache: Path, workdir: Path, mnist_dir: str) -> float:
     cmd = [
         sys.executable, "-m", "bnlab.cli", "train",
         "--config", "experiments/bn_paper_mlp.py", "--workdir", str(workdir),
-        f"--config.data.train_size={steps * 60}", "--config.train.epochs=1",
+        f"--config.train.epochs={epochs}",
         "--config.checkpoint.every_steps=0", "--no-progress",
     ]  # fmt: skip
     cmd += [f"--config.diagnostics.{k}={v}" for k, v in CONFIGS[name].items()]
@@ -59,7 +59,7 @@ def run_one(name: str, steps: int, cache: Path, workdir: Path, mnist_dir: str) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--mnist-dir", default=os.environ.get("BNLAB_MNIST_DIR"))
     args = parser.parse_args()
     if not args.mnist_dir:
@@ -75,11 +75,12 @@ def main() -> None:
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 workdir = tmp / f"r{r}-{name.replace(' ', '_')}"
-                seconds = run_one(name, args.steps, tmp / "cache", workdir, mnist_dir)
+                seconds = run_one(name, args.epochs, tmp / "cache", workdir, mnist_dir)
                 if r:
                     times[name].append(seconds)
     off = statistics.median(times["off"])
-    print(f"\nFig. 1 MLP, {args.steps} steps at batch 60; the training loop's seconds, medians "
+    steps = args.epochs * 1000
+    print(f"\nFig. 1 MLP, {steps} steps at batch 60; the training loop's seconds, medians "
           f"over {args.rounds} rounds [min-max]")  # fmt: skip
     print(f"{'diagnostic':<16}{'every':>8}{'loop s':>9}{'[spread]':>16}{'share':>9}")
     for name in names:

@@ -4,7 +4,8 @@ One process per configuration, alternating, several rounds, after one warm-up ro
 the compilation cache (so every timed process reads its programs instead of compiling them):
 `bnlab train` of the Fig. 1 MLP (experiments/bn_paper_mlp.py: BN, sigmoid, batch 60) for
 `--epochs` epochs of MNIST (1,000 steps each), with diagnostics off (twice per round: the
-spread between the two "off" processes is the noise floor) and with each diagnostic alone at its study's settings:
+spread between the two "off" processes is the noise floor) and with each diagnostic alone at
+its study's settings:
 
   ics, landscape      every 250 steps, batch 128 (experiments/santurkar_ics.py, the MLP)
   hessian             every 500 steps, batch 512 (experiments/hessian_spectrum.py)

@@ -14,7 +14,8 @@ per-layer gradient norms of the cross-entropy on the first 16 or 512 MNIST train
 (training mode: batch statistics). The runs train only 10 steps (nothing else is measured).
 Command: bnlab sweep experiments/depth_gradients.py --workdir runs/depth_gradients &&
   bnlab report runs/depth_gradients
-Runtime: about 10 minutes on the 2-core CPU (mostly compiling 48 MLPs per setting).
+Runtime: 27 minutes on the 2-core CPU shared with other jobs (mostly compiling 48 MLPs per
+setting).
 Expected: with BN, log ||dL/dW_1|| rising linearly in depth (the slope is log lambda), steeper
 at batch 512 than at 16; without BN, flat for linear and ReLU, falling for sigmoid.
 """

@@ -122,6 +122,14 @@ def _run(cfg: Config, workdir, *, progress: bool, experiment) -> dict[str, Any]:
     programs.compile_ahead(
         state, train_set, splits.test, data_key, train_lib.run_rng(cfg.train.seed)
     )
+    try:
+        return _train(cfg, workdir, programs, state, splits, data_key, progress, experiment)
+    finally:
+        programs.settle()
+
+
+def _train(cfg, workdir, programs, state, splits, data_key, progress, experiment):
+    """`_run` once the programs exist: resume, then the training loop and its files."""
     spe = programs.steps_per_epoch
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     try:

@@ -324,6 +324,9 @@ class Programs(NamedTuple):
     # (state, train set, test set, data key, rng=None): compiles the first chunk and the
     # evaluation in background threads (one device; see `Ahead`)
     compile_ahead: Callable[..., None] = lambda *args, **kwargs: None
+    # Waits for those compilations: a run that stops before it uses them (an error, a signal)
+    # calls it before raising, since a process that exits while XLA compiles in a thread aborts.
+    settle: Callable[[], None] = lambda: None
 
 
 class Ahead:
@@ -345,10 +348,14 @@ class Ahead:
         self._thread = threading.Thread(target=compile_in_background, daemon=True)
         self._thread.start()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def join(self) -> None:
+        """Waits for the background compilation, if one runs."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.join()
         return self.jitted(*args, **kwargs)
 
 
@@ -380,6 +387,11 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
             first_chunk(state, train_set.images, train_set.labels, key, rng)
         evaluate_.start(state.params, state.batch_stats, test_set.images, test_set.labels)
 
+    def settle():
+        if first_chunk is not None:
+            first_chunk.join()
+        evaluate_.join()
+
     return Programs(
         model=model,
         tx=tx,
@@ -389,6 +401,7 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
         evaluate=evaluate_,
         steps_per_epoch=steps_per_epoch,
         compile_ahead=compile_ahead,
+        settle=settle,
     )
 
 
@@ -423,6 +436,8 @@ def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
 
         def first_chunk(state, images, labels, key, rng):
             jitted.start(state, images, labels, key, 0, chunk, length=chunk, rng=rng)
+
+        first_chunk.join = jitted.join  # type: ignore[attr-defined]
 
     else:
         num_devices = parallel.device_count(par, cfg.train.batch_size)

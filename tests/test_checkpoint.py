@@ -183,6 +183,19 @@ def test_resume_refuses_a_changed_model_and_allows_more_epochs(reference, tmp_pa
     assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == 3
 
 
+def test_without_config_json_the_checkpoints_own_config_refuses_a_change(
+    reference, tmp_path, tfds_dir
+):
+    """The config saved in each checkpoint is checked too: a lost or replaced config.json
+    does not let a run resume under other hyperparameters of the same structure."""
+    _, ref = reference
+    workdir = _unfinished_copy(ref, tmp_path / "run")
+    (workdir / "config.json").unlink()
+    with pytest.raises(config.ConfigError, match=r"opt\.lr: 0\.5 -> 0\.1"):
+        run.run(_config(tfds_dir, **{"opt.lr": "0.1"}), workdir)
+    assert _steps(workdir) == [16, 19, 20]
+
+
 def test_a_checkpoint_of_another_model_is_refused(reference, tmp_path):
     _, ref = reference
     workdir = _unfinished_copy(ref, tmp_path / "run")

@@ -283,3 +283,19 @@ def test_a_shard_without_trials_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"shard {empty}/8 holds none of the sweep's 1 trials" in out
     assert f"sweep done: nothing to run in shard {empty}/8" in out
+
+
+@pytest.mark.slow  # subprocesses
+def test_a_refused_resume_exits_2_without_aborting(tmp_path, tfds_dir):
+    """The run stops in its resume check while its first programs still compile in background
+    threads: the command must wait for them and exit 2 with the message, not abort."""
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "experiments/bn_paper_mlp.py", "--workdir", str(workdir),
+            "--no-progress", f"--config.data.tfds_dir={tfds_dir}",
+            "--config.data.train_size=600", "--config.train.epochs=1"]  # fmt: skip
+    assert _bnlab(*args).returncode == 0
+    (workdir / "summary.json").unlink()  # unfinished, as if killed after its last checkpoint
+    refused = _bnlab(*args, "--config.opt.lr=0.1")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "opt.lr: 0.5 -> 0.1" in refused.stderr
+    assert "FATAL" not in refused.stderr and "terminate called" not in refused.stderr

@@ -14,7 +14,7 @@ x 3 seeds. Diagnostics `ics` (l2 distance and cosine of G and G' per weight laye
 128 training examples, every 250 steps (MLP, 5,000 steps) or every 100 steps (CNN, 936 steps).
 Command: bnlab sweep experiments/santurkar_ics.py --workdir runs/santurkar_ics &&
   bnlab report runs/santurkar_ics
-Runtime: about 25 minutes on the 2-core CPU.
+Runtime: 25 minutes on the 2-core CPU shared with other jobs (6 vmapped programs of 3).
 Expected: ICS (l2) with BN not below none; cos(G, G') not higher with BN; noisy BN training
 close to BN; loss range, gradient predictiveness and beta-smoothness lower with BN.
 """

@@ -11,7 +11,7 @@ train-test gap and the curves. Same setups as phase 1: 10,000 training examples,
 60, 20 epochs) and the reference CNN (lr 0.1 cosine, batch 128, 10 epochs).
 Command: bnlab sweep experiments/regularization.py --workdir runs/regularization
   && bnlab report runs/regularization
-Runtime: about 40 minutes on the 2-core CPU (the CNN dominates; the MLP trials come first).
+Runtime: 60 minutes on the 2-core CPU (the CNN dominates; the MLP trials come first).
 Expected: BN alone at least as good on test as either regularizer alone without BN; adding
 dropout or weight decay to BN changes test accuracy within noise.
 """

@@ -12,6 +12,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from bnlab.results import RESULTS, load_sweep
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -20,31 +22,20 @@ def main() -> None:
     args = parser.parse_args()
     keys = args.keys.split(",")
     rows = defaultdict(list)
-    for run in sorted((args.sweep / "runs").iterdir()):
-        try:
-            summary = json.loads((run / "summary.json").read_text())
-        except FileNotFoundError:
+    for trial in load_sweep(args.sweep).trials:
+        if trial.status not in RESULTS:  # ok or early-stopped
             continue
-        if summary.get("status") not in ("ok", "early_stopped"):
-            continue
-        cfg = json.loads((run / "config.json").read_text())
-        setting = tuple(_get(cfg, k) for k in keys)
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        train = [r for r in map(json.loads, lines) if r["split"] == "train"][-1]["accuracy"]
-        rows[setting].append((train, summary["test_accuracy"]))
+        metrics = args.sweep / "runs" / trial.trial_id / "metrics.jsonl"
+        records = map(json.loads, metrics.read_text().splitlines())
+        train = [r for r in records if r["split"] == "train"][-1]["accuracy"]
+        setting = tuple(trial.value(k) for k in keys)
+        rows[setting].append((train, trial.summary["test_accuracy"]))
     print(" | ".join([*keys, "seeds", "train acc (last window)", "test acc", "gap"]))
     for setting, values in sorted(rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
         train = statistics.mean(t for t, _ in values)
         test = statistics.mean(t for _, t in values)
         print(" | ".join([*map(str, setting), str(len(values)),
                           f"{train:.4f}", f"{test:.4f}", f"{train - test:+.4f}"]))  # fmt: skip
-
-
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ Command: python docs/studies/time_to_target.py runs/<sweep> --target 0.98
 """
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from bnlab.results import load_sweep
 
 
 def main() -> None:
@@ -21,17 +22,13 @@ def main() -> None:
     args = parser.parse_args()
     keys = args.keys.split(",")
     rows = defaultdict(list)
-    for run in sorted((args.sweep / "runs").iterdir()):
-        try:
-            summary = json.loads((run / "summary.json").read_text())
-        except FileNotFoundError:
+    for trial in load_sweep(args.sweep).trials:
+        if not trial.summary:  # not run, or interrupted
             continue
-        cfg = json.loads((run / "config.json").read_text())
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        evals = [r for r in records if r["split"] == args.split]
+        evals = trial.records(args.split)
         reached = next((r for r in evals if (r["accuracy"] or 0) >= args.target), None)
-        setting = tuple(_get(cfg, k) for k in keys)
-        rows[setting].append((reached, summary.get("epochs"), summary.get("steps")))
+        setting = tuple(trial.value(k) for k in keys)
+        rows[setting].append((reached, trial.summary.get("epochs"), trial.summary.get("steps")))
     print(" | ".join([*keys, "seeds", f"reached {args.target}", "epoch reached (mean)",
                       "step reached (mean)", "epochs trained (mean)"]))  # fmt: skip
     for setting, trials in sorted(rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -41,13 +38,6 @@ def main() -> None:
         trained = statistics.mean(e for _, e, _ in trials if e is not None)
         print(" | ".join([*map(str, setting), str(len(trials)), f"{len(hit)}/{len(trials)}",
                           epoch, step, f"{trained:.1f}"]))  # fmt: skip
-
-
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 if __name__ == "__main__":

@@ -12,9 +12,13 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 # One persistent compilation cache per test session, shared with the subprocesses the tests
 # start: the many runs of the same small configs compile each program once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnlab-jax-cache-")
+    # Removed when the process that made it (the controller under xdist) exits.
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 

@@ -3,6 +3,7 @@ resumes, evaluates and exports; bad configs fail early; an experiment file adds 
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import shutil
 import textwrap
@@ -136,8 +137,13 @@ def test_evaluate_and_export(norm, single_runs, tmp_path, capsys):
         assert code == 2
         assert f"PyTorch has no layer equal to model.norm={norm!r}" in capsys.readouterr().err
         return
+    if importlib.util.find_spec("torch") is None:  # CI installs no torch: the refusal names it
+        assert code == 2
+        assert "--format torch needs PyTorch" in capsys.readouterr().err
+        pytest.skip("could not import 'torch': the exported file's parity is checked where it is")
     assert code == 0
-    torch = pytest.importorskip("torch")
+    import torch
+
     tm = _torch_model(torch, norm, cfg, {"mlp": [(100,)] * 3})
     tm.load_state_dict(torch.load(tmp_path / "w.pt"), strict=True)
     images = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from bnlab import data as data_lib
-from bnlab import loop, norms, optim
+from bnlab import diagnostics, loop, norms, optim
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
 from bnlab.records import Record, prepare_workdir
@@ -146,7 +146,7 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             labels,
             model=train_lib.build_model(trial_cfg(values)),
             batch_size=cfg.train.eval_batch_size,
-            probe_unit=cfg.train.probe_unit,
+            measures=diagnostics.split_measures(cfg),
         )
 
     def batched_epoch(s, v, x, y, k, start, r, steps, length):

@@ -87,8 +87,8 @@ class TrainConfig:
     )
     probe_unit: int = field(
         -1,
-        ">= 0: test records carry act_p15/50/85, the percentiles of the input to this unit's "
-        "nonlinearity in the last hidden layer (-1: off)",
+        ">= 0: test (and validation) records carry act_p15/50/85, the percentiles of the input "
+        "to this unit's nonlinearity in the last hidden layer (the `probe` diagnostic; -1: off)",
         check=lambda v: None if v >= -1 else "must be -1 (off) or a unit index >= 0",
     )
 

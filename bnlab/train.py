@@ -16,7 +16,7 @@ import optax
 from jax import lax
 
 from bnlab import data as data_lib
-from bnlab import models, norms, optim, parallel
+from bnlab import diagnostics, models, norms, optim, parallel
 from bnlab.config import Config, ConfigError
 from bnlab.types import Array, BatchStats, Params
 
@@ -251,13 +251,19 @@ def evaluate(
     model: nn.Module,
     batch_size: int,
     probe_unit: int = -1,
+    measures: tuple = (),
 ) -> Metrics:
     """Mean loss and accuracy over a whole split, with the running statistics.
 
-    With `probe_unit >= 0`, also the 15th/50th/85th percentiles over the split of the input to
-    the nonlinearity of that unit of the last hidden layer (`act_p15`, `act_p50`, `act_p85`;
-    Ioffe & Szegedy 2015, Fig. 1b,c).
+    Also the arrays of the diagnostics measured in evaluation: `measures`, pairs
+    `(SplitMeasure, arg)` as `bnlab.diagnostics.split_measures(cfg)` gives them; `probe_unit
+    >= 0` adds the registered `probe` for that unit: the 15th/50th/85th percentiles over the
+    split of the input to its nonlinearity in the last hidden layer (`act_p15`, `act_p50`,
+    `act_p85`; Ioffe & Szegedy 2015, Fig. 1b,c).
     """
+    measures = tuple(measures)
+    if probe_unit >= 0:
+        measures += ((diagnostics.get("probe").on_split, probe_unit),)
     n = labels.shape[0]
     steps = -(-n // batch_size)
     idx = jnp.arange(steps * batch_size).reshape(steps, batch_size)
@@ -270,39 +276,21 @@ def evaluate(
             {"params": params, "batch_stats": batch_stats},
             data_lib.to_float(images[i]),
             train=False,
-            mutable=["intermediates"] if probe_unit >= 0 else [],
+            mutable=["intermediates"] if measures else [],
         )
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[i])
         correct = jnp.argmax(logits, -1) == labels[i]
-        probe = _probe(inter, probe_unit, mask) if probe_unit >= 0 else None
-        return (totals[0] + jnp.sum(losses * mask), totals[1] + jnp.sum(correct * mask)), probe
+        collected = tuple(m.collect(inter, mask, arg) for m, arg in measures)
+        return (totals[0] + jnp.sum(losses * mask), totals[1] + jnp.sum(correct * mask)), collected
 
-    (loss, correct), probe = lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (idx, valid))
+    (loss, correct), collected = lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (idx, valid))
     metrics = {"loss": loss / n, "accuracy": correct / n}
-    if probe is not None:
-        percentiles = jnp.nanpercentile(probe.reshape(-1), jnp.array(PROBE_PERCENTILES))
-        metrics.update(
-            {f"act_p{q}": p for q, p in zip(PROBE_PERCENTILES, percentiles, strict=True)}
-        )
+    for (m, arg), values in zip(measures, collected, strict=True):
+        metrics.update(m.reduce(values, arg))
     return metrics
 
 
-PROBE_PERCENTILES = (15, 50, 85)
-
-
-def _probe(intermediates, unit: int, mask: Array) -> Array:
-    """The probed unit's nonlinearity input in the last hidden block; NaN on padded rows."""
-    blocks = [v for v in intermediates["intermediates"].values() if models.PROBE in v]
-    if not blocks:
-        raise ConfigError("train.probe_unit needs a model whose blocks have a nonlinearity.")
-    (x,) = blocks[-1][models.PROBE]
-    x = x.reshape(x.shape[0], -1, x.shape[-1])[:, 0]  # conv blocks: the first position
-    if unit >= x.shape[-1]:
-        raise ConfigError(
-            f"train.probe_unit={unit} but the last hidden layer has {x.shape[-1]} units; "
-            "choose a smaller unit."
-        )
-    return jnp.where(mask, x[:, unit], jnp.nan)
+PROBE_PERCENTILES = diagnostics.probe.PERCENTILES
 
 
 # Compiler options of a program that runs once per run (the initialization): LLVM's level-1
@@ -376,7 +364,7 @@ def make_programs(cfg: Config, num_train: int) -> Programs:
                 evaluate,
                 model=model,
                 batch_size=cfg.train.eval_batch_size,
-                probe_unit=cfg.train.probe_unit,
+                measures=diagnostics.split_measures(cfg),
             )
         )
     )

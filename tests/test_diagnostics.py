@@ -473,6 +473,90 @@ def test_registering_again_replaces_itself_and_a_taken_name_names_both(registere
         diagnostics.DIAGNOSTICS.pop("test_again", None)
 
 
+# --- measured in evaluation: the Fig. 1 probe and one registered from here ---------------------
+
+
+def _block0_mean_collect(intermediates, mask, arg):
+    x = intermediates["intermediates"]["block0"][models.PROBE][0]
+    return jnp.where(mask, arg * jnp.mean(x.reshape(x.shape[0], -1), axis=1), jnp.nan)
+
+
+def _block0_mean_reduce(values, arg):
+    return {"test_block0_mean": jnp.nanmean(values)}
+
+
+@pytest.fixture
+def registered_in_evaluation():
+    """Registers `test_block0_mean`, measured in evaluation, from this file."""
+    spec = DiagnosticSpec(
+        fn=None,
+        doc="mean of block0's nonlinearity input; on with diagnostics.test_block0_factor > 0",
+        fields={"test_block0_factor": schema.field(0.0, "its factor (0: off)")},
+        on_split=diagnostics.SplitMeasure(
+            lambda cfg: cfg.diagnostics.test_block0_factor or None,
+            _block0_mean_collect,
+            _block0_mean_reduce,
+        ),
+    )
+    try:
+        yield diagnostics.register_diagnostic("test_block0_mean", spec)
+    finally:
+        diagnostics.DIAGNOSTICS.pop("test_block0_mean", None)
+
+
+def test_diagnostics_measured_in_evaluation_cover_the_whole_split(registered_in_evaluation):
+    """The Fig. 1 probe (`train.probe_unit`) is the registered `probe`; one registered outside
+    bnlab/ joins the split's metrics the same way; both over every real row of the split."""
+    model = tiny_mlp()
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (70, 28, 28, 1), np.uint8))
+    labels = jnp.arange(70, dtype=jnp.int32) % 10
+    tx, _ = optim.make_optimizer(opt_config(), 100)
+    state = jit(functools.partial(train.init_state, model, tx))(jax.random.key(0), images[:8])
+    group = diagnostics.diagnostics_config_class()
+    cfg = types.SimpleNamespace(
+        train=types.SimpleNamespace(probe_unit=3), diagnostics=group(test_block0_factor=2.0)
+    )
+    measures = diagnostics.split_measures(cfg)
+    assert [m for m, _ in measures] == [
+        diagnostics.get("probe").on_split,
+        registered_in_evaluation.on_split,
+    ]
+    assert [arg for _, arg in measures] == [3, 2.0]
+    got = train.evaluate(  # 30 does not divide 70: the padded rows must not count
+        state.params, state.batch_stats, images, labels, model=model, batch_size=30,
+        measures=measures,
+    )  # fmt: skip
+    _, inter = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        images / jnp.float32(255.0),
+        train=False,
+        mutable=["intermediates"],
+    )
+    x0 = np.asarray(inter["intermediates"]["block0"][models.PROBE][0], np.float64)
+    x1 = np.asarray(inter["intermediates"]["block1"][models.PROBE][0])
+    np.testing.assert_allclose(got["test_block0_mean"], 2.0 * x0.mean(), rtol=1e-5)
+    want = np.percentile(x1[:, 3], (15, 50, 85))
+    np.testing.assert_allclose([got[f"act_p{q}"] for q in (15, 50, 85)], want, rtol=1e-5)
+    # train.probe_unit alone selects the same registered probe.
+    cfg.train.probe_unit, cfg.diagnostics = -1, group()
+    assert diagnostics.split_measures(cfg) == ()
+    alone = train.evaluate(
+        state.params, state.batch_stats, images, labels, model=model, batch_size=30,
+        probe_unit=3,
+    )  # fmt: skip
+    assert set(alone) == {"loss", "accuracy", "act_p15", "act_p50", "act_p85"}
+    np.testing.assert_array_equal([alone[f"act_p{q}"] for q in (15, 50, 85)],
+                                  [got[f"act_p{q}"] for q in (15, 50, 85)])  # fmt: skip
+
+
+def test_a_diagnostic_measured_in_evaluation_is_refused_in_names():
+    group = diagnostics.diagnostics_config_class()
+    (problem,) = schema.field_problems("diagnostics", group(names="ics,probe"))
+    assert "['probe']" in problem and "train.probe_unit" in problem
+    with pytest.raises(ConfigError, match="train.probe_unit"):
+        diagnostics.parse_names("probe")
+
+
 def test_unknown_names_are_config_errors_listing_the_registered_ones():
     with pytest.raises(ConfigError, match=r"'ics', 'init_gradients', 'landscape'") as err:
         diagnostics.parse_names("ics,landscpe")

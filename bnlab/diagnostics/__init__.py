@@ -15,9 +15,14 @@ leading trial axis of `state`, `rng` and the optimizer's injected hyperparameter
 callbacks, no Python branching on traced values, static shapes. Registering a different piece
 under a taken name is an error that names both.
 
+A diagnostic may instead be measured in evaluation, over every evaluated split with the
+running statistics (`DiagnosticSpec.on_split`, a `SplitMeasure`): its arrays join the split's
+records, and a config field of its own selects it rather than `diagnostics.names`.
+
 The built-in diagnostics (docs/diagnostics.md): `activations`, `ics` (Santurkar et al. 2018),
-`landscape` (Santurkar et al. 2018), `hessian` (Ghorbani et al. 2019) and `init_gradients`
-(Yang et al. 2019).
+`landscape` (Santurkar et al. 2018), `hessian` (Ghorbani et al. 2019), `init_gradients`
+(Yang et al. 2019), and `probe` (Ioffe & Szegedy 2015, Fig. 1b,c; in evaluation, selected by
+`train.probe_unit`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax
 import optax
 
 from bnlab import schema
-from bnlab.diagnostics import activations, hessian, ics, init_gradients, landscape
+from bnlab.diagnostics import activations, hessian, ics, init_gradients, landscape, probe
 from bnlab.diagnostics.common import batch_loss, split_names
 from bnlab.diagnostics.hessian import (
     gaussian_density,
@@ -44,7 +49,7 @@ from bnlab.diagnostics.ics import internal_covariate_shift
 from bnlab.diagnostics.init_gradients import init_gradient_norms
 from bnlab.diagnostics.landscape import landscape_measures
 from bnlab.registry import Registry
-from bnlab.schema import field
+from bnlab.schema import ConfigError, field
 from bnlab.types import Array
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
     "Context",
     "batch_loss",
     "DiagnosticSpec",
+    "SplitMeasure",
     "diagnostics_config_class",
     "gaussian_density",
     "get",
@@ -69,6 +75,7 @@ __all__ = [
     "problems",
     "register_diagnostic",
     "spectral_density",
+    "split_measures",
 ]
 
 
@@ -83,11 +90,26 @@ class Context(NamedTuple):
     cfg: Any  # the run's validated Config: cfg.diagnostics.<field>, cfg.model, cfg.norm, ...
 
 
+class SplitMeasure(NamedTuple):
+    """A diagnostic measured in evaluation, over a whole split with the running statistics.
+
+    `selected(cfg)` gives its argument for the run (None: off); `collect(intermediates, mask,
+    arg)` turns one evaluation batch's sown intermediates (`mask`: the batch's real rows) into
+    per-example values; `reduce(values, arg)` turns the split's stacked values into named
+    arrays, which the split's records carry under these names. All pure and jittable.
+    """
+
+    selected: Callable[[Any], Any]
+    collect: Callable[[dict, Array, Any], Array]
+    reduce: Callable[[Array, Any], dict[str, Array]]
+
+
 @dataclasses.dataclass(frozen=True)
 class DiagnosticSpec:
     """One diagnostic: its function, config fields and checks."""
 
-    fn: Callable[[Context], dict[str, Array]]  # pure and jittable; keys get "<name>/"
+    # Pure and jittable; keys get "<name>/". None for one measured in evaluation (`on_split`).
+    fn: Callable[[Context], dict[str, Array]] | None
     doc: str = ""  # one line, for the config reference and reports
     # Its own config fields under `diagnostics` (`schema.field(default, doc, check=...)`).
     fields: Mapping[str, dataclasses.Field] = dataclasses.field(default_factory=dict)
@@ -95,17 +117,20 @@ class DiagnosticSpec:
     # Problems of `cfg.diagnostics` that involve several fields (see `problems`), or None.
     check: Callable[[Any], list[str]] | None = None
     origin: str = ""  # where it was registered (file:line), set by `register_diagnostic`
+    on_split: SplitMeasure | None = None  # measured in evaluation instead (see SplitMeasure)
 
 
 def parse_names(text: str) -> tuple[str, ...]:
     """`"ics, landscape"` -> `("ics", "landscape")`; empty -> `()`.
 
     Raises:
-      ConfigError: a name that is not registered (the message lists the registered ones).
+      ConfigError: a name that is not registered (the message lists the registered ones), or
+        one measured in evaluation (`on_split`), which its own field selects.
     """
     names = split_names(text)
     for name in names:
-        get(name)
+        if get(name).on_split is not None:
+            raise ConfigError(f"diagnostics.names={text!r} {_names_problem(text)}")
     return names
 
 
@@ -115,6 +140,13 @@ def _names_problem(text: str) -> str | None:
         return (
             f"names unknown diagnostics {unknown}; registered: {sorted(DIAGNOSTICS)} (an "
             "experiment file may register its own with bnlab.diagnostics.register_diagnostic)"
+        )
+    in_evaluation = [n for n in split_names(text) if DIAGNOSTICS[n].on_split is not None]
+    if in_evaluation:
+        docs = "; ".join(f"{n}: {DIAGNOSTICS[n].doc}" for n in in_evaluation)
+        return (
+            f"names {in_evaluation}, measured in evaluation rather than on the diagnostic "
+            f"batch; remove it from diagnostics.names and select it with its own field ({docs})"
         )
     return None
 
@@ -192,6 +224,15 @@ def measure(ctx: Context, names: Sequence[str]) -> dict[str, Array]:
     return out
 
 
+def split_measures(cfg: Any) -> tuple[tuple[SplitMeasure, Any], ...]:
+    """The diagnostics that `cfg` selects for its evaluations, each with its argument."""
+    out = []
+    for spec in DIAGNOSTICS.values():
+        if spec.on_split is not None and (arg := spec.on_split.selected(cfg)) is not None:
+            out.append((spec.on_split, arg))
+    return tuple(out)
+
+
 def names_at(diagnostics_cfg: Any, step: int) -> tuple[str, ...]:
     """The selected diagnostics measured at `step`: at multiples of `every_steps`, and the
     `at_init_only` ones at step 0 alone."""
@@ -248,5 +289,14 @@ register_diagnostic(
         doc="per-layer gradient norms at initialization of MLPs vs depth (Yang et al. 2019)",
         fields=init_gradients.FIELDS,
         at_init_only=True,
+    ),
+)
+register_diagnostic(
+    "probe",
+    DiagnosticSpec(
+        fn=None,
+        doc="percentiles of one last-layer unit's nonlinearity input over each evaluated split "
+        "(Ioffe & Szegedy 2015, Fig. 1b,c); on with train.probe_unit >= 0",
+        on_split=SplitMeasure(probe.selected, probe.collect, probe.reduce),
     ),
 )

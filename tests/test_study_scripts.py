@@ -30,7 +30,8 @@ def test_gap_is_the_last_training_window_minus_test_over_ok_and_early_stopped_tr
         (0.1, (0.90, 0.94), (0.88, 0.90)),
         (0.2, (0.99, 0.97), (0.95, 0.96)),
     ):
-        for seed, status, train, test in ((0, "ok", train0, test0), (1, "early_stopped", train1, test1)):  # fmt: skip
+        seeds = ((0, "ok", train0, test0), (1, "early_stopped", train1, test1))
+        for seed, status, train, test in seeds:
             records = [_train_record(5, 0.5), _train_record(10, train)]
             summary = {"status": status, "test_accuracy": test}
             trials.append(({"opt.lr": lr, "train.seed": seed}, summary, records))
@@ -56,13 +57,18 @@ def test_time_to_target_counts_the_seeds_that_reached_it_and_when(tmp_path, monk
             for e, a in enumerate(accuracies)
         ]
 
+    def trial(norm, seed, accuracies):
+        epochs = len(accuracies)
+        summary = {"epochs": epochs, "steps": 100 * epochs} if accuracies else {}
+        return {"model.norm": norm, "train.seed": seed}, summary, evals(accuracies)
+
     trials = [
-        ({"model.norm": "batchnorm", "train.seed": 0}, {"epochs": 3, "steps": 300}, evals([0.97, 0.985, 0.99])),
-        ({"model.norm": "batchnorm", "train.seed": 1}, {"epochs": 2, "steps": 200}, evals([0.981, 0.99])),
-        ({"model.norm": "none", "train.seed": 0}, {"epochs": 3, "steps": 300}, evals([0.9, 0.95, 0.97])),
-        ({"model.norm": "none", "train.seed": 1}, {"epochs": 1, "steps": 100}, evals([0.99])),
-        ({"model.norm": "none", "train.seed": 2}, {}, []),  # not run: left out
-    ]  # fmt: skip
+        trial("batchnorm", 0, [0.97, 0.985, 0.99]),
+        trial("batchnorm", 1, [0.981, 0.99]),
+        trial("none", 0, [0.9, 0.95, 0.97]),
+        trial("none", 1, [0.99]),
+        trial("none", 2, []),  # not run: left out
+    ]
     _written_sweep(tmp_path, trials)
     header, rows = _run(
         "time_to_target.py", tmp_path, "--target", "0.98", "--keys", "model.norm",

@@ -106,7 +106,21 @@ def run(
         return _run(cfg, workdir, progress=progress, experiment=experiment)
 
 
+def speed_traps(cfg: Config, backend: str) -> list[str]:
+    """Settings that train correctly but far slower than they need to on `backend`."""
+    traps = []
+    if cfg.model.name == "cnn" and cfg.model.conv_impl == "xla" and backend == "cpu":
+        traps.append(
+            "model.conv_impl='xla' on CPU: XLA's convolution gradient inside bnlab's scanned "
+            "loop is about 18x slower than the im2col convolution (BENCHMARKS.md); on CPU use "
+            "--config.model.conv_impl=im2col (the default), the same convolution as a matmul."
+        )
+    return traps
+
+
 def _run(cfg: Config, workdir, *, progress: bool, experiment) -> dict[str, Any]:
+    for trap in speed_traps(cfg, jax.default_backend()):
+        warnings.warn(trap, stacklevel=3)
     missing = _missing_folders(workdir)
     workdir = parallel.agree(lambda: prepare_workdir(workdir), USER_ERRORS)
     try:

@@ -241,3 +241,25 @@ def test_probe_percentiles_cover_the_whole_split(make_config):
     np.testing.assert_allclose([got[f"act_p{q}"] for q in (15, 50, 85)], want, rtol=1e-5)
     with pytest.raises(config.ConfigError, match="probe_unit=100"):
         evaluate(probe_unit=100)
+
+
+def test_the_slow_cpu_convolution_is_named_before_anything_runs(tmp_path):
+    from conftest import ROOT
+
+    from bnlab import run as run_lib
+    from bnlab.idx import DataError
+
+    cnn = config.load_config(ROOT / "experiments" / "mnist_cnn.py")
+    assert run_lib.speed_traps(config.validate(cnn), "cpu") == []
+    xla = config.apply_overrides(
+        cnn, {"model.conv_impl": "xla", "data.mnist_dir": str(tmp_path / "no_mnist")}
+    )
+    xla = config.validate(xla)
+    (trap,) = run_lib.speed_traps(xla, "cpu")
+    assert "--config.model.conv_impl=im2col" in trap
+    assert run_lib.speed_traps(xla, "gpu") == []
+    # `bnlab train` warns before it loads anything (here: data that is not there).
+    no_data = pytest.raises(DataError, match="does not exist")
+    with pytest.warns(UserWarning, match="conv_impl='xla' on CPU"), no_data:
+        run(xla, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,7 +38,13 @@ from bnlab import diagnostics, loop, norms, optim
 from bnlab import train as train_lib
 from bnlab.config import Config, ConfigError
 from bnlab.records import Record, prepare_workdir
-from bnlab.run import diagnose_program, evaluate_splits, load_splits, plateau_program
+from bnlab.run import (
+    diagnose_program,
+    evaluate_splits,
+    load_splits,
+    plateau_program,
+    speed_traps,
+)
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
 MAX_CHUNK = 256  # trials per program at most: each keeps a metrics file and a TensorBoard writer
@@ -229,6 +236,8 @@ def run_group(
             "(optim.INJECTED, NormSpec.injected)"
         )
     cfg = configs[0]
+    for trap in speed_traps(cfg, jax.default_backend()):
+        warnings.warn(trap, stacklevel=2)
     splits = load_splits(cfg)
     train_set = splits.train
     dirs = [_fresh_workdir(w) for w in workdirs]

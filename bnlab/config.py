@@ -452,6 +452,12 @@ def _check_across(c: Config) -> list[str]:
         per_device_batch=c.train.batch_size // max(devices, 1),
     )
     p += diagnostics.problems(c.diagnostics)
+    last = models.NORM_WIDTHS[c.model.name][-1]
+    if c.train.probe_unit >= last:
+        p.append(
+            f"train.probe_unit={c.train.probe_unit} but the last hidden layer of model.name="
+            f"{c.model.name!r} has {last} units; choose a unit below {last} (or -1: off)"
+        )
     p += _single_value_problems(c)
     if diagnostics.parse_names(c.diagnostics.names) and c.parallel.mode != "none":
         p.append(

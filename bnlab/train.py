@@ -262,8 +262,9 @@ def evaluate(
     `act_p85`; Ioffe & Szegedy 2015, Fig. 1b,c).
     """
     measures = tuple(measures)
-    if probe_unit >= 0:
-        measures += ((diagnostics.get("probe").on_split, probe_unit),)
+    probe = (diagnostics.get("probe").on_split, probe_unit)
+    if probe_unit >= 0 and probe not in measures:
+        measures += (probe,)
     n = labels.shape[0]
     steps = -(-n // batch_size)
     idx = jnp.arange(steps * batch_size).reshape(steps, batch_size)
@@ -286,7 +287,10 @@ def evaluate(
     (loss, correct), collected = lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (idx, valid))
     metrics = {"loss": loss / n, "accuracy": correct / n}
     for (m, arg), values in zip(measures, collected, strict=True):
-        metrics.update(m.reduce(values, arg))
+        arrays = m.reduce(values, arg)
+        if clash := sorted(arrays.keys() & metrics.keys()):
+            raise ValueError(f"a diagnostic measured in evaluation returns {clash}, taken")
+        metrics.update(arrays)
     return metrics
 
 

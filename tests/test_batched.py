@@ -203,7 +203,9 @@ def test_vmapped_bn_trials_with_clipping_decay_warmup_and_probe_equal_single_run
     batched.run_group(configs, dirs)
     for i, cfg in enumerate(configs):
         run.run(cfg, tmp_path / f"alone{i}")
-        _assert_same_records(dirs[i], tmp_path / f"alone{i}")  # includes act_p15/50/85
+        _assert_same_records(dirs[i], tmp_path / f"alone{i}")
+        tests = [r for r in read_jsonl(dirs[i] / "metrics.jsonl") if r["split"] == "test"]
+        assert tests and all({"act_p15", "act_p50", "act_p85"} <= r.keys() for r in tests)
         got = run.load_checkpoint(dirs[i])[1].state
         want = run.load_checkpoint(tmp_path / f"alone{i}")[1].state
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)

@@ -549,12 +549,48 @@ def test_diagnostics_measured_in_evaluation_cover_the_whole_split(registered_in_
                                   [got[f"act_p{q}"] for q in (15, 50, 85)])  # fmt: skip
 
 
-def test_a_diagnostic_measured_in_evaluation_is_refused_in_names():
+def test_a_diagnostic_measured_in_evaluation_is_refused_in_names(batch):
     group = diagnostics.diagnostics_config_class()
     (problem,) = schema.field_problems("diagnostics", group(names="ics,probe"))
     assert "['probe']" in problem and "train.probe_unit" in problem
     with pytest.raises(ConfigError, match="train.probe_unit"):
         diagnostics.parse_names("probe")
+    with pytest.raises(ConfigError, match="measured in evaluation"):
+        diagnostics.measure(context(tiny_mlp(), batch), ("probe",))
+    (unknown,) = schema.field_problems("diagnostics", group(names="nope"))
+    assert "'probe'" not in unknown  # the names offered are the ones names= accepts
+    # A spec is one kind or the other; an evaluation-time one checks its own field.
+    on_split = diagnostics.get("probe").on_split
+    for bad in ({}, {"fn": _scaled_norm, "on_split": on_split}):
+        with pytest.raises(ValueError, match="exactly one"):
+            DiagnosticSpec(**{"fn": None, **bad})
+    with pytest.raises(ValueError, match="schema.field"):
+        DiagnosticSpec(fn=None, on_split=on_split, check=lambda c: [])
+
+
+def test_evaluation_measures_may_not_overwrite_the_splits_metrics():
+    model = tiny_mlp()
+    images = jnp.zeros((10, 28, 28, 1), jnp.uint8)
+    tx, _ = optim.make_optimizer(opt_config(), 100)
+    state = jit(functools.partial(train.init_state, model, tx))(jax.random.key(0), images[:4])
+    clash = diagnostics.SplitMeasure(
+        lambda cfg: 1, lambda inter, mask, arg: mask, lambda v, arg: {"loss": jnp.sum(v)}
+    )
+    with pytest.raises(ValueError, match=r"\['loss'\], taken"):
+        train.evaluate(
+            state.params, state.batch_stats, images, jnp.zeros(10, jnp.int32), model=model,
+            batch_size=5, measures=((clash, 1),),
+        )  # fmt: skip
+
+
+def test_the_probe_unit_is_checked_against_the_last_layer_before_anything_runs():
+    for name, last in (("bn_paper_mlp.py", 100), ("mnist_cnn.py", 256)):
+        cfg = config.load_config(ROOT / "experiments" / name)
+        ok = config.apply_overrides(cfg, {"train.probe_unit": str(last - 1)})
+        assert config.validate(ok).train.probe_unit == last - 1
+        bad = config.apply_overrides(cfg, {"train.probe_unit": str(last)})
+        with pytest.raises(ConfigError, match=f"train.probe_unit={last} but .* has {last} units"):
+            config.validate(bad)
 
 
 def test_unknown_names_are_config_errors_listing_the_registered_ones():

@@ -93,6 +93,7 @@ def test_dropout_is_random_in_training_only_and_follows_the_run_key(make_config)
 
 def test_dropout_runs_vmapped_equal_single_and_resume_bit_identical(make_config, tmp_path):
     common = {**SMALL, "model.dropout": 0.3, "train.epochs": 2, "checkpoint.every_steps": 5}
+    common["train.probe_unit"] = 3  # the Fig. 1 probe, measured on both evaluated splits
     configs = [make_config(MLP, **common, **{"train.seed": s}) for s in (0, 1)]
     dirs = [tmp_path / f"vmap{i}" for i in range(2)]
     batched.run_group(configs, dirs)
@@ -101,6 +102,10 @@ def test_dropout_runs_vmapped_equal_single_and_resume_bit_identical(make_config,
         got, want = _records(dirs[1], split), _records(tmp_path / "alone", split)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g["loss"], w["loss"], rtol=2e-5)
+            if split != "train":
+                probe = [g[f"act_p{q}"] for q in (15, 50, 85)]
+                np.testing.assert_allclose(probe, [w[f"act_p{q}"] for q in (15, 50, 85)], atol=1e-4)
+                assert probe == sorted(probe) and probe[0] < probe[2]
     _interrupt_after_epoch(configs[1], tmp_path / "resumed", epoch=0)
     run.run(configs[1], tmp_path / "resumed")
     got = (tmp_path / "resumed" / "metrics.jsonl").read_bytes()

@@ -243,9 +243,10 @@ def test_probe_percentiles_cover_the_whole_split(make_config):
         evaluate(probe_unit=100)
 
 
-def test_the_slow_cpu_convolution_is_named_before_anything_runs(tmp_path):
+def test_the_slow_cpu_convolution_is_named_before_anything_runs(tmp_path, monkeypatch):
     from conftest import ROOT
 
+    from bnlab import batched
     from bnlab import run as run_lib
     from bnlab.idx import DataError
 
@@ -258,8 +259,14 @@ def test_the_slow_cpu_convolution_is_named_before_anything_runs(tmp_path):
     (trap,) = run_lib.speed_traps(xla, "cpu")
     assert "--config.model.conv_impl=im2col" in trap
     assert run_lib.speed_traps(xla, "gpu") == []
-    # `bnlab train` warns before it loads anything (here: data that is not there).
-    no_data = pytest.raises(DataError, match="does not exist")
-    with pytest.warns(UserWarning, match="conv_impl='xla' on CPU"), no_data:
-        run(xla, tmp_path / "run")
+    # `bnlab train` and the vmapped sweep engine warn before they load anything (here: data
+    # that is not there), on CPU (as this test pretends to be on any machine).
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    for start in (
+        lambda: run(xla, tmp_path / "run"),
+        lambda: batched.run_group([xla], [tmp_path / "t"]),
+    ):
+        no_data = pytest.raises(DataError, match="does not exist")
+        with pytest.warns(UserWarning, match="conv_impl='xla' on CPU"), no_data:
+            start()
     assert not (tmp_path / "run").exists()

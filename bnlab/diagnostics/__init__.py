@@ -96,7 +96,8 @@ class SplitMeasure(NamedTuple):
     `selected(cfg)` gives its argument for the run (None: off); `collect(intermediates, mask,
     arg)` turns one evaluation batch's sown intermediates (`mask`: the batch's real rows) into
     per-example values; `reduce(values, arg)` turns the split's stacked values into named
-    arrays, which the split's records carry under these names. All pure and jittable.
+    scalars, which the split's records carry under these names (not `loss` or `accuracy`,
+    nor another's: a clash is a ValueError). All pure and jittable.
     """
 
     selected: Callable[[Any], Any]
@@ -119,6 +120,15 @@ class DiagnosticSpec:
     origin: str = ""  # where it was registered (file:line), set by `register_diagnostic`
     on_split: SplitMeasure | None = None  # measured in evaluation instead (see SplitMeasure)
 
+    def __post_init__(self):
+        if (self.fn is None) == (self.on_split is None):
+            raise ValueError("a DiagnosticSpec has a `fn` or an `on_split`, exactly one of them")
+        if self.on_split is not None and self.check is not None:
+            raise ValueError(
+                "a diagnostic measured in evaluation (`on_split`) is selected by its own field; "
+                "check that field with `schema.field(check=...)` instead of `check`"
+            )
+
 
 def parse_names(text: str) -> tuple[str, ...]:
     """`"ics, landscape"` -> `("ics", "landscape")`; empty -> `()`.
@@ -137,8 +147,9 @@ def parse_names(text: str) -> tuple[str, ...]:
 def _names_problem(text: str) -> str | None:
     unknown = [n for n in split_names(text) if n not in DIAGNOSTICS]
     if unknown:
+        batch = sorted(n for n, spec in DIAGNOSTICS.items() if spec.on_split is None)
         return (
-            f"names unknown diagnostics {unknown}; registered: {sorted(DIAGNOSTICS)} (an "
+            f"names unknown diagnostics {unknown}; registered: {batch} (an "
             "experiment file may register its own with bnlab.diagnostics.register_diagnostic)"
         )
     in_evaluation = [n for n in split_names(text) if DIAGNOSTICS[n].on_split is not None]
@@ -215,11 +226,14 @@ def measure(ctx: Context, names: Sequence[str]) -> dict[str, Array]:
     whenever named here: the caller names them at step 0 only.
 
     Raises:
-      ConfigError: an unknown name.
+      ConfigError: an unknown name, or one measured in evaluation.
     """
     out = {}
     for name in names:
-        for key, value in get(name).fn(ctx).items():
+        spec = get(name)
+        if spec.fn is None:
+            raise ConfigError(f"diagnostic {name!r} is measured in evaluation: {spec.doc}")
+        for key, value in spec.fn(ctx).items():
             out[f"{name}/{key}"] = value
     return out
 

@@ -136,6 +136,7 @@ def _accuracy_vs(sweep: Sweep, key: str, label: str) -> Figure | None:
     panels = _panels(sweep, (NORM_KEY, key))
     fig, axes = _figure(len(panels), f"Final test accuracy vs {label}")
     for ax, (title, groups) in zip(axes, panels, strict=True):
+        diverged = False
         for i, (series, members) in enumerate(_series(sweep, groups)):
             members = sorted(
                 (g for g in members if isinstance(g.setting[key], int | float)),
@@ -147,11 +148,13 @@ def _accuracy_vs(sweep: Sweep, key: str, label: str) -> Figure | None:
             line = ax.errorbar(xs, [s.mean for s in stats], yerr=std, marker="o", label=series)
             bad = [x for x, g in zip(xs, members, strict=True) if g.with_status("diverged")]
             if bad:
+                diverged = True
                 color = line.lines[0].get_color()
                 ax.scatter(bad, [-0.03 * i] * len(bad), marker="x", s=60, color=color,
                            label=f"{series or 'all'}: a seed diverged")  # fmt: skip
         ax.set_xscale("log")
-        ax.set_ylim(-0.1, 1.02)
+        if diverged:  # room for the markers at 0; else the axis fits the accuracies
+            ax.set_ylim(-0.1, 1.02)
         ax.set(title=title, xlabel=f"{label} (log scale)", ylabel="final test accuracy")
         _legend(ax)
     return fig

@@ -336,3 +336,24 @@ def test_keys_that_another_key_determines_are_named_once(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert "- `opt.lr` follows `model.name`: mlp -> (default), cnn -> 0.1" in text
     assert "| `model.name` | `model.dropout` | seeds |" in text
+
+
+def test_accuracy_vs_batch_fits_the_axis_unless_a_marker_for_divergence_needs_zero(tmp_path):
+    grid = [
+        {"model.norm": repr(norm), "train.batch_size": b, "train.seed": s}
+        for norm in ("none", "batchnorm")
+        for b in (2, 128)
+        for s in (0, 1)
+    ]
+    trials = []
+    for i, overrides in enumerate(grid):
+        summary = {"status": "ok", "test_accuracy": 0.97 + i / 1000, "test_loss": 0.1}
+        trials.append((overrides, summary, []))
+    _written_sweep(tmp_path / "ok", trials)
+    (ax,) = plots.accuracy_vs_batch(results.load_sweep(tmp_path / "ok")).axes
+    low, high = ax.get_ylim()
+    assert 0.96 < low < 0.97 and 0.977 < high < 0.99  # the means are 0.9705-0.9765
+    trials[0][1]["status"] = "diverged"
+    _written_sweep(tmp_path / "diverged", trials)
+    (ax,) = plots.accuracy_vs_batch(results.load_sweep(tmp_path / "diverged")).axes
+    assert ax.get_ylim() == (-0.1, 1.02)

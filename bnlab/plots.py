@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from bnlab.results import RESULTS, Group, Sweep, TrialResult, format_value, short_names
+from bnlab.results import RESULTS, UNSET, Group, Sweep, TrialResult, format_value, short_names
 
 NORM_KEY = "model.norm"
 PERCENTILES = ("act_p15", "act_p50", "act_p85")
@@ -130,14 +130,44 @@ def accuracy_vs_batch(sweep: Sweep) -> Figure | None:
     return _accuracy_vs(sweep, "train.batch_size", "batch size")
 
 
+def _norm_only_keys(sweep: Sweep) -> tuple[str, ...]:
+    """Varying keys that only the trials of one normalization set (ghost BN's
+    `norm.virtual_batch_size`): its own series in a figure, not panels of their own."""
+    if NORM_KEY not in sweep.varying:
+        return ()
+    keys = []
+    for key in sweep.varying:
+        norms = {g.setting[NORM_KEY] for g in sweep.groups if g.setting[key] != UNSET}
+        if key != NORM_KEY and len(norms) == 1:
+            keys.append(key)
+    return tuple(keys)
+
+
+def _norm_series(sweep: Sweep, groups: list[Group], own: tuple[str, ...]):
+    """`_series`, with a normalization's own keys (`_norm_only_keys`) in its series labels."""
+    names = short_names(sweep.varying)
+    out: dict[str, list[Group]] = {}
+    for series, members in _series(sweep, groups):
+        for g in members:
+            own_set = [f"{names[k]}={format_value(g.setting[k])}" for k in own
+                       if g.setting[k] != UNSET]  # fmt: skip
+            label = ", ".join([series, *own_set])
+            out.setdefault(label, []).append(g)
+    return list(out.items())
+
+
 def _accuracy_vs(sweep: Sweep, key: str, label: str) -> Figure | None:
     if key not in sweep.varying:
         return None
-    panels = _panels(sweep, (NORM_KEY, key))
-    fig, axes = _figure(len(panels), f"Final test accuracy vs {label}")
+    own = _norm_only_keys(sweep)
+    panels = _panels(sweep, (NORM_KEY, key, *own))
+    # Many series: the legend goes beside each panel, which is wider for it.
+    many = max(len(_norm_series(sweep, groups, own)) for _, groups in panels) > 4
+    size = (7.6, 3.6) if many else (4.6, 3.4)
+    fig, axes = _figure(len(panels), f"Final test accuracy vs {label}", size)
     for ax, (title, groups) in zip(axes, panels, strict=True):
         diverged = False
-        for i, (series, members) in enumerate(_series(sweep, groups)):
+        for i, (series, members) in enumerate(_norm_series(sweep, groups, own)):
             members = sorted(
                 (g for g in members if isinstance(g.setting[key], int | float)),
                 key=lambda g: g.setting[key],
@@ -156,7 +186,7 @@ def _accuracy_vs(sweep: Sweep, key: str, label: str) -> Figure | None:
         if diverged:  # room for the markers at 0; else the axis fits the accuracies
             ax.set_ylim(-0.1, 1.02)
         ax.set(title=title, xlabel=f"{label} (log scale)", ylabel="final test accuracy")
-        _legend(ax)
+        _legend(ax, **({"loc": "center left", "bbox_to_anchor": (1.02, 0.5)} if many else {}))
     return fig
 
 

@@ -357,3 +357,30 @@ def test_accuracy_vs_batch_fits_the_axis_unless_a_marker_for_divergence_needs_ze
     _written_sweep(tmp_path / "diverged", trials)
     (ax,) = plots.accuracy_vs_batch(results.load_sweep(tmp_path / "diverged")).axes
     assert ax.get_ylim() == (-0.1, 1.02)
+
+
+def test_a_key_only_one_normalization_sets_is_a_series_not_a_panel(tmp_path):
+    trials = [
+        ({"model.norm": "'batchnorm'", "train.batch_size": b, "train.seed": 0}, {}, [])
+        for b in (2, 128)
+    ]
+    trials += [
+        (
+            {"model.norm": "'ghost_batchnorm'", "train.batch_size": 128,
+             "norm.virtual_batch_size": v, "train.seed": 0},
+            {}, [],
+        )
+        for v in (2, 32)
+    ]  # fmt: skip
+    for i, (_, summary, _) in enumerate(trials):
+        summary.update(status="ok", test_accuracy=0.9 + i / 100, test_loss=0.1)
+    _written_sweep(tmp_path, trials)
+    sweep = results.load_sweep(tmp_path)
+    assert plots._norm_only_keys(sweep) == ("norm.virtual_batch_size",)
+    (ax,) = plots.accuracy_vs_batch(sweep).axes  # one panel, not one per virtual batch
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == [
+        "norm=batchnorm",
+        "norm=ghost_batchnorm, virtual_batch_size=2",
+        "norm=ghost_batchnorm, virtual_batch_size=32",
+    ]

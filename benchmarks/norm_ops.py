@@ -8,7 +8,11 @@ the two-pass variance) for bnlab's `layer_norm` and `group_norm`; bnlab's `batch
 BN variants. Targets on the 2-core CPU: LayerNorm and GroupNorm at most 1.1x flax's time,
 ghost BN and batch renorm at most 1.3x `batch_norm`'s.
 
+With `--ghost-virtual 128,64,32,8` it times instead `batch_norm` and ghost BN at each of those
+virtual batch sizes, forward alone and forward+backward: where ghost BN's extra time goes.
+
 Command: python benchmarks/norm_ops.py [--reps 300] [--shape 128,14,14,64] [--groups 32]
+         [--ghost-virtual 128,64,32,8]
 Runtime: about 40 s on a 2-core CPU.
 """
 
@@ -95,18 +99,38 @@ def implementations(shape: tuple[int, ...], groups: int) -> dict[str, tuple[str 
     }
 
 
-def bench(shape, groups, reps, rounds) -> dict[str, tuple[str | None, float]]:
-    """`{name: (reference, fwd+bwd ms)}`, every implementation interleaved with the others."""
+def _args(shape):
+    """`(x, scale, bias, stats, ct)` for `bn_op.jit_pair`'s functions."""
     kx, kc, ks, kb = jax.random.split(jax.random.key(0), 4)
     features = shape[-1]
     x = jax.random.normal(kx, shape, jnp.float32)
     ct = jax.random.normal(kc, shape, jnp.float32)
     scale = 1.0 + 0.1 * jax.random.normal(ks, (features,), jnp.float32)
     bias = 0.1 * jax.random.normal(kb, (features,), jnp.float32)
+    return x, scale, bias, bnlab.init_stats(features), ct
+
+
+def bench(shape, groups, reps, rounds) -> dict[str, tuple[str | None, float]]:
+    """`{name: (reference, fwd+bwd ms)}`, every implementation interleaved with the others."""
     impls = implementations(shape, groups)
     fns = {name: bn_op.jit_pair(forward)[1] for name, (_, forward) in impls.items()}
-    ms = bn_op.time_calls(fns, (x, scale, bias, bnlab.init_stats(features), ct), reps, rounds)
+    ms = bn_op.time_calls(fns, _args(shape), reps, rounds)
     return {name: (ref, ms[name]) for name, (ref, _) in impls.items()}
+
+
+def ghost_by_virtual_batch(shape, sizes, reps, rounds) -> None:
+    """Prints `batch_norm` and ghost BN per virtual batch size: forward, forward+backward."""
+    impls = {BN: bn_variant(bnlab.batch_norm)}
+    for v in sizes:
+        impls[f"ghost, virtual {v}"] = bn_variant(bnlab.ghost_batch_norm, virtual_batch_size=v)
+    pairs = {name: bn_op.jit_pair(forward) for name, forward in impls.items()}
+    args = _args(shape)
+    both = bn_op.time_calls({k: p[1] for k, p in pairs.items()}, args, reps, rounds)
+    fwd = bn_op.time_calls({k: p[0] for k, p in pairs.items()}, args, reps, rounds)
+    print(f"\n{'implementation':<20}{'fwd ms':>9}{'ratio':>7}{'fwd+bwd ms':>12}{'ratio':>7}")
+    for name in impls:
+        print(f"{name:<20}{fwd[name]:>9.3f}{fwd[name] / fwd[BN]:>6.2f}x"
+              f"{both[name]:>12.3f}{both[name] / both[BN]:>6.2f}x")  # fmt: skip
 
 
 def main() -> None:
@@ -115,11 +139,18 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=32, help="GroupNorm's groups")
     parser.add_argument("--reps", type=int, default=300, help="timed calls per implementation")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved blocks of calls")
+    parser.add_argument("--ghost-virtual", help="e.g. 128,64,32,8: ghost BN per virtual batch")
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
 
     print(env_info.header())
     other_load = env_info.OtherLoad()
+    if args.ghost_virtual:
+        sizes = [int(v) for v in args.ghost_virtual.split(",")]
+        print(f"x {shape}, float32; median of {args.reps} calls per cell")
+        ghost_by_virtual_batch(shape, sizes, args.reps, args.rounds)
+        print(other_load.report())
+        return
     print(f"x {shape}, float32, {args.groups} groups; median of {args.reps} calls per cell")
     ms = bench(shape, args.groups, args.reps, args.rounds)
     print(f"\n{'implementation':<24}{'fwd+bwd ms':>11}  {'vs':<16}{'ratio':>7}")

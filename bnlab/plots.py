@@ -136,9 +136,9 @@ def _norm_only_keys(sweep: Sweep) -> tuple[str, ...]:
     if NORM_KEY not in sweep.varying:
         return ()
     keys = []
-    for key in sweep.varying:
+    for key in (k for k in sweep.varying if k != NORM_KEY):
         norms = {g.setting[NORM_KEY] for g in sweep.groups if g.setting[key] != UNSET}
-        if key != NORM_KEY and len(norms) == 1:
+        if len(norms) == 1:
             keys.append(key)
     return tuple(keys)
 
@@ -160,14 +160,17 @@ def _accuracy_vs(sweep: Sweep, key: str, label: str) -> Figure | None:
     if key not in sweep.varying:
         return None
     own = _norm_only_keys(sweep)
-    panels = _panels(sweep, (NORM_KEY, key, *own))
+    panels = [
+        (title, _norm_series(sweep, groups, own))
+        for title, groups in _panels(sweep, (NORM_KEY, key, *own))
+    ]
     # Many series: the legend goes beside each panel, which is wider for it.
-    many = max(len(_norm_series(sweep, groups, own)) for _, groups in panels) > 4
+    many = max(len(series) for _, series in panels) > 4
     size = (7.6, 3.6) if many else (4.6, 3.4)
     fig, axes = _figure(len(panels), f"Final test accuracy vs {label}", size)
-    for ax, (title, groups) in zip(axes, panels, strict=True):
+    for ax, (title, all_series) in zip(axes, panels, strict=True):
         diverged = False
-        for i, (series, members) in enumerate(_norm_series(sweep, groups, own)):
+        for i, (series, members) in enumerate(all_series):
             members = sorted(
                 (g for g in members if isinstance(g.setting[key], int | float)),
                 key=lambda g: g.setting[key],

@@ -49,7 +49,7 @@ JOBS = {
         3 * _dense_flop([784, 100, 100, 100, 10]),
     ),  # fmt: skip
 }
-EVAL_BATCH = 1000  # bnlab's train.eval_batch_size
+EVAL_BATCH = 100  # bnlab's train.eval_batch_size (all three evaluate in batches of 100)
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
          "t10k-labels-idx1-ubyte")  # fmt: skip
 

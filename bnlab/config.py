@@ -63,7 +63,12 @@ class TrainConfig:
 
     epochs: int = field(2, "passes over the training set", check=schema.positive)
     batch_size: int = field(128, "examples per step", check=schema.positive)
-    eval_batch_size: int = field(1000, "examples per evaluation step", check=schema.positive)
+    eval_batch_size: int = field(
+        100,
+        "examples per evaluation step (100: the reference CNN evaluates about 2x faster on CPU "
+        "than at 1000, whose activations outgrow the cache; the results do not depend on it)",
+        check=schema.positive,
+    )
     seed: int = field(0, "seeds init, data order and any noise")
     log_every_steps: int = field(
         50, "train metrics averaged over this many steps per record", check=schema.positive

@@ -31,10 +31,23 @@ def test_im2col_conv_equals_flax_conv(shape, features):
     np.testing.assert_allclose(xla.apply(variables, x), ref.apply(variables, x), atol=1e-5)
 
 
-def test_avg_pool2_equals_flax():
-    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
-    want = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-    np.testing.assert_allclose(models.avg_pool2(x), want, rtol=1e-6, atol=1e-7)
+def _flax_avg_pool(x):
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_avg_pool2_equals_flax(dtype):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3), dtype)  # odd rows: VALID drops one
+    want, got = _flax_avg_pool(x), models.avg_pool2(x)
+    assert got.dtype == want.dtype and got.shape == (2, 3, 3, 3)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    ct = jax.random.normal(jax.random.key(1), want.shape, dtype)
+    # Under jit, as in training (a traced init value would make the window sum undifferentiable).
+    grad = jax.jit(lambda pool, v: jax.vjp(pool, v)[1](ct)[0], static_argnums=0)
+    np.testing.assert_array_equal(
+        np.asarray(grad(models.avg_pool2, x), np.float32),
+        np.asarray(grad(_flax_avg_pool, x), np.float32),
+    )
 
 
 def _variables(model, x):

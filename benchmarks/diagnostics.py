@@ -9,17 +9,29 @@
            (XLA removes what is not returned).
   norm     the same `train_epoch` with BN (analytic or autodiff backward) and without BN.
   conv     the CNN's `train_epoch` with its im2col convolutions and with XLA's.
+  profile  where the CNN's compiled training step spends its time: one epoch of
+           `train_epoch` under `jax.profiler`, each executed HLO operation's time mapped to
+           the model operation it comes from (the `op_name` of the optimized HLO) and summed
+           by kind (matmuls, normalization, im2col patches, pooling, the rest); the top 12.
 
-Command: python benchmarks/diagnostics.py [stats] [metrics] [norm] [conv]  (default: all)
-Runtime: about 20 s (stats), 1 minute (metrics), 1 minute (norm), 40 s (conv), 2-core CPU.
+Command: python benchmarks/diagnostics.py [stats] [metrics] [norm] [conv] [profile]
+         (default: all)
+Runtime: about 20 s (stats), 1 minute (metrics), 1 minute (norm), 40 s (conv), 20 s
+(profile), 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gzip
+import json
+import re
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import env_info
 import jax
@@ -105,8 +117,14 @@ def run_stats() -> None:
         print(f"  {name:<26}{t:8.3f} ms")
 
 
-def _bnlab_epochs(model_name: str, steps: int, variants: dict[str, tuple[dict, object]]):
-    """`{name: run_epoch}` for bnlab's train_epoch under config overrides and a step wrapper."""
+def _bnlab_epochs(
+    model_name: str,
+    steps: int,
+    variants: dict[str, tuple[dict, object]],
+    keep_compiled: bool = False,
+):
+    """`{name: run_epoch}` for bnlab's train_epoch under config overrides and a step wrapper;
+    `{name: (run_epoch, compiled)}` with `keep_compiled` (the epoch compiled ahead)."""
     spec = SPECS[model_name]
     n = steps * spec.batch_size
     images, labels = (jax.device_put(a) for a in synthetic_mnist(n))
@@ -135,12 +153,14 @@ def _bnlab_epochs(model_name: str, steps: int, variants: dict[str, tuple[dict, o
         )
         init_key, _ = train_lib.run_keys(0)
         state = programs.init(init_key, data_lib.to_float(images[: spec.batch_size]))
+        if keep_compiled:
+            epoch_fn = epoch_fn.lower(state, images, labels, jax.random.key(0)).compile()
 
         def run_epoch(e, epoch_fn=epoch_fn, box=[state]):  # noqa: B006 - the state cell
             box[0], metrics = epoch_fn(box[0], images, labels, jax.random.key(e))
             jax.block_until_ready((box[0], metrics))
 
-        epochs[name] = run_epoch
+        epochs[name] = (run_epoch, epoch_fn) if keep_compiled else run_epoch
     return epochs, n
 
 
@@ -209,7 +229,69 @@ def run_conv() -> None:
     _time_epochs("conv: bnlab train_epoch, cnn, 5 steps, median of 3", epochs, n, 5, 3)
 
 
-EXPERIMENTS = {"stats": run_stats, "metrics": run_metrics, "norm": run_norm, "conv": run_conv}
+def _op_kind(op: str, op_name: str) -> str:
+    """The kind of model operation an executed HLO operation (fusions by their root) serves."""
+    if (
+        "dot_general" in op_name
+        or op == "dot"
+        or re.search(r"/(conv\d|dense|head)/transpose", op_name)
+    ):
+        return "matmuls (im2col convolutions, dense layers)"
+    if "/norm/" in op_name:
+        return "normalization (BN forward and backward)"
+    if "reduce_window" in op_name or "reduce_sum" in op_name:
+        return "pooling and the bias gradients"
+    if re.search(r"/conv\d/", op_name):
+        return "im2col patches and their gradient (concatenate, pad, slice)"
+    return "the rest (relu, loss, optimizer, data)"
+
+
+def run_profile(steps: int = 40) -> None:
+    epochs, n = _bnlab_epochs("cnn", steps, {"bnlab as is": ({}, _unchanged)}, keep_compiled=True)
+    run_epoch, compiled = epochs["bnlab as is"]
+    run_epoch(0)
+    run_epoch(1)
+    hlo = {}  # instruction name -> (op, op_name) of the optimized module
+    for line in compiled.as_text().splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            hlo[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        run_epoch(2)
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        trace_file = next(Path(folder).rglob("*.trace.json.gz"))
+        trace = json.loads(gzip.decompress(trace_file.read_bytes()))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in hlo:
+            per_op[e["name"]] += e["dur"] / 1e3 / steps  # ms per step
+    kinds = collections.Counter()
+    for name, ms in per_op.items():
+        kinds[_op_kind(*hlo[name])] += ms
+    print(f"\nprofile: bnlab train_epoch, cnn, batch 128, one epoch of {steps} steps")
+    print(f"  {1e3 * wall / steps:.2f} ms/step wall under the profiler; {sum(per_op.values()):.2f} "
+          "ms/step in HLO operations (the runtime may overlap independent ones)")  # fmt: skip
+    for kind, ms in kinds.most_common():
+        print(f"  {ms:7.2f} ms  {kind}")
+    print("  top operations:")
+    for name, ms in per_op.most_common(12):
+        op, op_name = hlo[name]
+        where = op_name.split("while/body/")[-1]
+        print(f"  {ms:7.2f} ms  {name:<28} {where}")
+
+
+EXPERIMENTS = {
+    "stats": run_stats,
+    "metrics": run_metrics,
+    "norm": run_norm,
+    "conv": run_conv,
+    "profile": run_profile,
+}
 
 
 def main() -> None:

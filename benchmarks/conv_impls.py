@@ -112,9 +112,9 @@ def chunked(num_chunks: int):
         xs = x.reshape(num_chunks, b // num_chunks, h, w, cin)
         gs = g.reshape(num_chunks, b // num_chunks, h, w, -1)
 
-        def body(dk, xg):
-            _, vjp = jax.vjp(conv_same, *xg[:1], k)
-            dxi, dki = vjp(xg[1])
+        def body(dk, chunk):
+            xi, gi = chunk
+            dxi, dki = jax.vjp(conv_same, xi, k)[1](gi)
             return dk + dki, dxi
 
         dk, dx = jax.lax.scan(body, jnp.zeros_like(k), (xs, gs))

@@ -1,7 +1,7 @@
 """The reference CNN's evaluation: time over the 10,000 MNIST test images by evaluation batch
 size and average-pooling implementation, and the training epoch with each pooling.
 
-  window  bnlab's `avg_pool2`: a 2x2 window sum (`lax.reduce_window`) times 0.25
+  window  bnlab's `avg_pool2` (`flax.linen.avg_pool`): a 2x2 window sum (`lax.reduce_window`) / 4
   view    the mean over the (B, H/2, 2, W/2, 2, C) view (bnlab's pooling before fe86728)
   slices  the sum of the four strided slices x[:, i::2, j::2] times 0.25
 
@@ -9,10 +9,12 @@ Each cell is `bnlab.train.evaluate` as `bnlab train` compiles it, with the state
 `make_programs(...).init` gives (evaluation time does not depend on the weights). One process;
 the pooling is patched into `bnlab.models` before each program is traced; the cells run in
 turn, `--reps` times, and the median is reported. `--train-steps N` also times a training
-epoch of N steps (batch 128, random MNIST-shaped data) with each pooling.
+epoch of N steps (batch 128, random MNIST-shaped data) with each pooling. `--torch` times
+PyTorch's evaluation instead (`benchmarks/torch_style.py`, untrained, 2 threads), alone in its
+process, by the same batch sizes.
 
 Command: python benchmarks/eval_time.py [--batches 50,100,250,1000] [--reps 5]
-         [--train-steps 40] [--mnist-dir ../shared/data/mnist]
+         [--train-steps 40] [--mnist-dir ../shared/data/mnist] [--torch]
 Runtime: about 3 minutes on a 2-core CPU.
 """
 
@@ -54,16 +56,45 @@ def _median_ms(times: list[float]) -> str:
     )
 
 
+def time_torch(batches: list[int], reps: int, mnist_dir: str) -> None:
+    import torch
+    import torch_style
+    import user_jobs
+
+    torch.set_num_threads(torch_style.THREADS)
+    job = user_jobs.JOBS["cnn"]
+    net = torch_style.model("cnn", job.bn_momentum, job.init_std)
+    images, labels = torch_style.to_tensors(*user_jobs.load_mnist(mnist_dir)[2:])
+    times = {batch: [] for batch in batches}
+    for _ in range(reps):
+        for batch in batches:
+            user_jobs.EVAL_BATCH = batch  # read by torch_style.evaluate
+            start = time.perf_counter()
+            torch_style.evaluate(net, images, labels)
+            times[batch].append(time.perf_counter() - start)
+    print(f"\nPyTorch {torch.__version__}: evaluation of the {len(labels)} test images, "
+          f"median of {reps}")  # fmt: skip
+    ref = statistics.median(times[max(batches)])
+    for batch, ts in times.items():
+        speedup = ref / statistics.median(ts)
+        print(f"  batch {batch:6d}  {_median_ms(ts):28s}  {speedup:5.2f}x batch {max(batches)}'s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="50,100,250,1000")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=40, help="0: skip the training epoch")
     parser.add_argument("--mnist-dir", default=str(env_info.ROOT.parent / "shared/data/mnist"))
+    parser.add_argument("--torch", action="store_true", help="time PyTorch's evaluation only")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     print(env_info.header())
     other_load = env_info.OtherLoad()
+    if args.torch:
+        time_torch(batches, args.reps, args.mnist_dir)
+        print(other_load.report())
+        return
 
     cfg = train_throughput.bnlab_config("mnist_cnn.py", {"data.mnist_dir": repr(args.mnist_dir)})
     test = data_lib.load(cfg.data, "test")

@@ -108,9 +108,8 @@ def flax_trial(cfg, images, labels, test_images, test_labels) -> None:
             state, m = flax_train_step(state, (images[perm], labels[perm]))
             metrics.append(m)
         jax.device_get(metrics)
-        evaluate(
-            state, test_images, test_labels
-        )  # batches of user_jobs.EVAL_BATCH, as bnlab's eval_batch_size
+        # In batches of user_jobs.EVAL_BATCH, as bnlab's train.eval_batch_size.
+        evaluate(state, test_images, test_labels)
 
 
 ENGINES = {"vmapped": sweep_vmapped, "one-by-one": sweep_one_by_one, "flax": sweep_flax}

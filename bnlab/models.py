@@ -159,13 +159,12 @@ class CNN(nn.Module):
 def avg_pool2(x_BxHxWxC: Array) -> Array:
     """2x2 average pooling with stride 2 (odd trailing rows/columns dropped, as VALID pooling).
 
-    A window sum (`lax.reduce_window`), as `flax.linen.avg_pool` (equal bit for bit): on CPU
-    the mean over the axes of a (B, H/2, 2, W/2, 2, C) view compiled to a slow reduction at
-    large batches (evaluation in batches of 1000: 1.3x slower; BENCHMARKS.md, "The
-    evaluation"); at 100, and in training, the two take the same time.
+    `flax.linen.avg_pool`, a window sum: on CPU the mean over the axes of a (B, H/2, 2, W/2, 2,
+    C) view (bnlab's pooling before fe86728) compiled to a slow reduction at large batches
+    (evaluation in batches of 1000: 1.3x slower; BENCHMARKS.md, "The evaluation"); at 100, and
+    in training, the two take the same time.
     """
-    window = (1, 2, 2, 1)  # a Python 0.0 (not an array) selects the differentiable window sum
-    return jax.lax.reduce_window(x_BxHxWxC, 0.0, jax.lax.add, window, window, "VALID") * 0.25
+    return nn.avg_pool(x_BxHxWxC, (2, 2), strides=(2, 2), padding="VALID")
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}

@@ -1,8 +1,8 @@
 """Checkpoint cost for the reference CNN: save/restore time, size on disk, training overhead.
 
 The state is the reference CNN's (`experiments/mnist_cnn.py`: params, batch_stats, SGD momentum
-state) saved through `bnlab.checkpoint.Checkpointer`, as `bnlab train` saves it. The overhead
-of `checkpoint.every_steps=500` is measured side by side: rounds of one 500-step chunk of
+state) saved through `bnlab.training.checkpoint.Checkpointer`, as `bnlab train` saves it. The
+overhead of `checkpoint.every_steps=500` is measured side by side: rounds of one 500-step chunk of
 training on MNIST-shaped random data (`Programs.train_epoch(..., start, steps=500)`, as the run
 loop calls it) followed by one save; overhead = median save / median chunk.
 """
@@ -19,8 +19,9 @@ import env_info
 import jax
 import numpy as np
 
-from bnlab import config, train
-from bnlab.checkpoint import Checkpointer
+from bnlab import config
+from bnlab.training import train
+from bnlab.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@
            bnlab's before commit 2060e7f (shift, then two passes), two-pass, one-pass (flax's
            default), each reduced over the 4-D array and over a 2-D (N, C) view of it.
   metrics  bnlab's own `train_epoch` for the MLP and CNN of train_throughput.py, with the
-           per-step metrics of `bnlab.train.train_step` kept, cut to the loss, or dropped
+           per-step metrics of `bnlab.training.train.train_step` kept, cut to the loss, or dropped
            (XLA removes what is not returned).
   norm     the same `train_epoch` with BN (analytic or autodiff backward) and without BN.
   conv     the CNN's `train_epoch` with its im2col convolutions and with XLA's.
@@ -40,7 +40,7 @@ from jax import lax
 from train_throughput import SPECS, bnlab_config, synthetic_mnist
 
 from bnlab import data as data_lib
-from bnlab import train as train_lib
+from bnlab.training import train as train_lib
 
 AXES = (0, 1, 2)
 

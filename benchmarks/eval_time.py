@@ -5,7 +5,7 @@ size and average-pooling implementation, and the training epoch with each poolin
   view    the mean over the (B, H/2, 2, W/2, 2, C) view (bnlab's pooling before fe86728)
   slices  the sum of the four strided slices x[:, i::2, j::2] times 0.25
 
-Each cell is `bnlab.train.evaluate` as `bnlab train` compiles it, with the state that
+Each cell is `bnlab.training.train.evaluate` as `bnlab train` compiles it, with the state that
 `make_programs(...).init` gives (evaluation time does not depend on the weights). One process;
 the pooling is patched into `bnlab.models` before each program is traced; the cells run in
 turn, `--reps` times, and the median is reported. `--train-steps N` also times a training
@@ -32,7 +32,7 @@ import train_throughput
 
 from bnlab import data as data_lib
 from bnlab import models
-from bnlab import train as train_lib
+from bnlab.training import train as train_lib
 
 
 def view_mean_pool(x):

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from bnlab import config as config_lib  # noqa: E402
 from bnlab import data as data_lib  # noqa: E402
-from bnlab import train as train_lib  # noqa: E402
+from bnlab.training import train as train_lib  # noqa: E402
 
 BATCH = 128
 

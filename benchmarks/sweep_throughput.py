@@ -7,8 +7,8 @@ epoch, `--epochs` epochs) and 16 seeds, each trial evaluated on the 10,000 test 
 every epoch. Every engine's time covers the whole sweep as a user runs it: model and optimizer
 set-up, compilation, training, evaluation and (for bnlab) writing each trial's files.
 
-  vmapped     bnlab.batched.run_group: the 16 trials in one compiled program (bnlab sweep).
-  one-by-one  bnlab.run.run for each trial in turn (bnlab train, 16 times, in one process).
+  vmapped     bnlab.training.batched.run_group: the 16 trials in one compiled program (bnlab sweep).
+  one-by-one  bnlab.training.run.run for each trial in turn (bnlab train, 16 times, in one process).
   flax        flax examples/mnist style, per trial: linen layers, a jitted train step with
               optax and host-side numpy batching, a jitted eval step over test batches.
 
@@ -35,9 +35,9 @@ import numpy as np
 import optax
 from flax_style import FlaxMLP, create_state, evaluate, flax_train_step
 
-from bnlab import batched, run
 from bnlab import config as config_lib
 from bnlab import data as data_lib
+from bnlab.training import batched, run
 
 ROOT = env_info.ROOT
 TARGETS = {"one-by-one": 1.25, "flax": 1.6}  # vmapped must be this many times faster

@@ -41,7 +41,7 @@ import optax
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import train as train_lib
+from bnlab.training import train as train_lib
 
 ROOT = env_info.ROOT
 NUM_CORES = os.cpu_count() or 1

@@ -1,6 +1,25 @@
-"""bnlab: batch normalization research with JAX, Flax and optax."""
+"""bnlab: batch normalization research with JAX, Flax and optax.
 
-from bnlab.layers import (
+The package in layers, each importing only those below it (`bnlab.layout` states the rule and a
+test checks every import against it):
+
+    cli, export                  the command and what it calls that spans a whole run
+    studies/                     sweeps, results and their statistics, reports, figures
+    training/                    the train state and step, epochs, the loop, runs, checkpoints
+    config/                      the config's groups, experiment files, overrides, validation
+    diagnostics/, optim          the instruments' registry; the config -> optax chain
+    nn/                          Flax: linen and NNX layers, models, the normalization registry
+    data/                        MNIST: IDX files, the TFDS builder, the whole-array copy, load()
+    ops/                         the pure normalizations (no Flax)
+    schema, registry, types      what every layer reads
+
+`bnlab.norm`, `bnlab.norms`, `bnlab.layers`, `bnlab.models`, `bnlab.nnx` and `bnlab.results` are
+the public paths of `bnlab.ops`, `bnlab.nn.*` and `bnlab.studies.results`. The flat paths of
+earlier versions (`bnlab.train`, `bnlab.run`, ...) still import, with a DeprecationWarning.
+"""
+
+from bnlab import _moved
+from bnlab.nn.layers import (
     BatchNorm,
     BatchRenorm,
     GhostBatchNorm,
@@ -10,7 +29,7 @@ from bnlab.layers import (
     NoisyBatchNorm,
     PopulationBatchNorm,
 )
-from bnlab.norm import (
+from bnlab.ops import (
     batch_norm,
     batch_renorm,
     ghost_batch_norm,
@@ -24,6 +43,8 @@ from bnlab.norm import (
     stats_from_torch,
     torch_momentum,
 )
+
+_moved.install()
 
 __all__ = [
     "BatchNorm",

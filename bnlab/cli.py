@@ -25,7 +25,7 @@ from bnlab.data import DataError
 
 OVERRIDE_PREFIX = "--config."
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
-EXIT_LOST_PROCESS = 5  # == bnlab.parallel.EXIT_LOST_PROCESS
+EXIT_LOST_PROCESS = 5  # == bnlab.training.parallel.EXIT_LOST_PROCESS
 EXIT_CODES = (
     "exit status: 0 done, 1 some sweep trials failed (rerun to retry them), "
     "2 bad input or checkpoint error, 3 diverged, "
@@ -152,7 +152,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.run import run  # heavy imports only once the input is valid
+    from bnlab.training.run import run  # heavy imports only once the input is valid
 
     module = load_module(args.config)
     smoke = smoke_overrides(module) if args.smoke else {}
@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.sweep import parse_shard, run_sweep
+    from bnlab.studies.sweep import parse_shard, run_sweep
 
     counts = run_sweep(
         args.experiment,
@@ -190,7 +190,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.report import write_report
+    from bnlab.studies.report import write_report
 
     if overrides:
         raise ConfigError("bnlab report takes no --config.* overrides; pass only the sweep folder.")
@@ -199,7 +199,7 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.run import evaluate
+    from bnlab.training.run import evaluate
 
     folders = {}
     for key in ("mnist_dir", "tfds_dir"):  # resumable fields: --config.data.* names the flags
@@ -242,14 +242,14 @@ COMMANDS = {
 
 
 def _lost_process() -> type[Exception]:
-    from bnlab.parallel import LostProcess
+    from bnlab.training.parallel import LostProcess
 
     return LostProcess
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     # Evaluated only once an exception propagates: orbax loads only for commands that use it.
-    from bnlab.checkpoint import CheckpointError
+    from bnlab.training.checkpoint import CheckpointError
 
     return ConfigError, DataError, CheckpointError
 
@@ -260,9 +260,9 @@ WRITING_EVENTS = ("train", "sweep")  # commands that write TensorBoard events
 
 
 def _start_compilation_cache():
-    """JAX's persistent compilation cache (`bnlab.compile_cache`), on before anything
+    """JAX's persistent compilation cache (`bnlab.training.compile_cache`), on before anything
     compiles; with `$BNLAB_COUNT_COMPILES` set, a function that reports what compiled."""
-    from bnlab import compile_cache
+    from bnlab.training import compile_cache
 
     compile_cache.enable()
     if os.environ.get(COUNT_COMPILES_ENV, "") in ("", "0"):
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in COMPILING:
             report = _start_compilation_cache()
         if args.command in WRITING_EVENTS:
-            from bnlab.writers import summary_writer_class
+            from bnlab.training.writers import summary_writer_class
 
             # Now, while this process has one thread: it hides torch for a moment.
             summary_writer_class()
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os._exit(EXIT_LOST_PROCESS)
         return EXIT_LOST_PROCESS
     except KeyboardInterrupt as err:
-        from bnlab.loop import Abandoned, Interrupted
+        from bnlab.training.loop import Abandoned, Interrupted
 
         if isinstance(err, Interrupted):
             print(

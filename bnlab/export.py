@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from bnlab import norms
 from bnlab.config import ConfigError
+from bnlab.nn import norms
 
 FORMATS = {"npz": ".npz", "torch": ".pt"}  # format -> default file suffix
 NORM_MODULE = "norm"  # the models name every normalization layer `.../norm`
@@ -160,7 +160,7 @@ def export(
     """
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {sorted(FORMATS)}.")
-    from bnlab.run import load_checkpoint
+    from bnlab.training.run import load_checkpoint
 
     cfg, restored = load_checkpoint(workdir, step=step)
     params, batch_stats = restored.state.params, restored.state.batch_stats
@@ -193,7 +193,7 @@ def _torch_writer(cfg, params, batch_stats, step: int):
             "(the version bnlab is tested with; in a checkout, .venv/bin/pip install -c "
             "constraints.txt -e '.[torch]' does the same), or use --format npz."
         ) from err
-    from bnlab import train as train_lib
+    from bnlab.training import train as train_lib
 
     model = train_lib.build_model(cfg)
     sample = np.zeros((1, 28, 28, 1), np.float32)

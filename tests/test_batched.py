@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from bnlab import batched, config, run
-from bnlab.writers import read_jsonl
+from bnlab import config
+from bnlab.training import batched, run
+from bnlab.training.writers import read_jsonl
 
 BATCH = 60
 RELU_MLP = {
@@ -147,7 +148,7 @@ def test_a_stopped_group_saves_every_trial_and_each_resumes_alone(
     reference = [tmp_path / f"ref{i}" for i in range(2)]
     batched.run_group(configs, reference)
 
-    from bnlab.records import Record
+    from bnlab.training.records import Record
 
     end_epoch = Record.end_epoch
 

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from bnlab import checkpoint, cli, config, export, run, sweep, train
-from bnlab.checkpoint import CheckpointError, CheckpointWarning
+from bnlab import cli, config, export
+from bnlab.studies import sweep
+from bnlab.training import checkpoint, run, train
+from bnlab.training.checkpoint import CheckpointError, CheckpointWarning
 
 MLP = "experiments/bn_paper_mlp.py"
 # The paper MLP on 600 examples: 10 steps per epoch; chunks of 3, windows of 4 steps.

@@ -10,7 +10,8 @@ import tomllib
 import pytest
 from conftest import MNIST_DIR, ROOT
 
-from bnlab import cli, config, export, sweep
+from bnlab import cli, config, export
+from bnlab.studies import sweep
 
 
 def _bnlab(*args, env=None):

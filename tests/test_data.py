@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnlab import config, data, mnist_arrays, tfds_mnist
+from bnlab import config, data
+from bnlab.data import mnist_arrays, tfds_mnist
 
 # Class counts of the standard MNIST splits (LeCun et al.; shared/data/mnist/README.md).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -148,7 +149,7 @@ def test_train_size_larger_than_the_split_is_refused(tfds_dir):
         data.load(cfg.data, "train")
 
 
-# The whole-array copy (bnlab.mnist_arrays) that runs read instead of TFDS's records.
+# The whole-array copy (bnlab.data.mnist_arrays) that runs read instead of TFDS's records.
 
 
 def _data_dir(tfds_dir, tmp_path, *, with_copy):

@@ -15,9 +15,11 @@ import optax
 import pytest
 from conftest import MNIST_DIR, ROOT
 
-from bnlab import config, diagnostics, idx, layers, models, optim, schema, train
+from bnlab import config, diagnostics, layers, models, optim, schema
+from bnlab.data import idx
 from bnlab.diagnostics import Context, DiagnosticSpec
 from bnlab.schema import ConfigError
+from bnlab.training import train
 
 BATCH = 32
 # These tests check values, not speed: without LLVM's expensive passes XLA compiles on CPU in

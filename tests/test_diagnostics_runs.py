@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from bnlab import batched, cli, run, train
-from bnlab.writers import read_jsonl
+from bnlab import cli
+from bnlab.training import batched, run, train
+from bnlab.training.writers import read_jsonl
 
 MLP = "experiments/bn_paper_mlp.py"
 SMALL = {"data.train_size": 600, "train.epochs": 2, "train.log_every_steps": 5}
@@ -94,7 +95,7 @@ def test_vmapped_trials_measure_what_single_runs_measure(make_config, tmp_path):
 
 
 def test_a_resumed_run_measures_each_step_once(make_config, tmp_path, monkeypatch):
-    from bnlab.records import Record
+    from bnlab.training.records import Record
 
     cfg = make_config(MLP, **SMALL, **DIAG, **{"checkpoint.every_steps": 4})
     run.run(cfg, tmp_path / "ref")

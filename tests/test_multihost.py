@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from bnlab import cli, config, parallel, run
-from bnlab.writers import read_jsonl
+from bnlab import cli, config
+from bnlab.training import parallel, run
+from bnlab.training.writers import read_jsonl
 
 pytestmark = pytest.mark.slow
 

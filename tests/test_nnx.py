@@ -11,8 +11,9 @@ from flax import errors, nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bnlab import layers, models, nnx_models
+from bnlab import layers, models
 from bnlab import nnx as bnx
+from bnlab.nn import nnx_models
 
 AXIS = "batch"  # the one named axis of these tests
 
@@ -348,7 +349,7 @@ def _sharded_step(layer, x, ct, *, check_vma):
             return jnp.sum(y * ct), y
 
         (dparams, dx), y = nnx.grad(loss, argnums=(0, 1), has_aux=True)(model, x)
-        if not check_vma:  # pmap's semantics (bnlab.parallel): per-device parameter gradients
+        if not check_vma:  # pmap (bnlab.training.parallel): per-device parameter gradients
             dparams = jax.lax.psum(dparams, AXIS)
         return y, nnx.state(model, nnx.BatchStat), dparams, dx
 
@@ -525,9 +526,9 @@ def test_optimizer_state_moves_between_nnx_and_linen_layouts():
 def test_checkpoint_of_the_nnx_model_restores_as_a_linen_train_state(tmp_path):
     """A `TrainState` built through the map saves with bnlab's checkpointer and restores into a
     target built in linen's layout; the restored NNX model computes the same outputs."""
-    from bnlab.checkpoint import Checkpointer
     from bnlab.config import CheckpointConfig
-    from bnlab.train import TrainState
+    from bnlab.training.checkpoint import Checkpointer
+    from bnlab.training.train import TrainState
 
     (x, *_), (y, *_) = _batches(17, 1)
     model = _train_eagerly(Net(rngs=nnx.Rngs(0)), x[None], y[None])

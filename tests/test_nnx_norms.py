@@ -12,8 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
-from bnlab import config, nnx_models, norms, schema, train
+from bnlab import config, norms, schema
 from bnlab import nnx as bnx
+from bnlab.nn import nnx_models
+from bnlab.training import train
 
 NAMES = sorted(norms.NORMS)
 SHAPE = (4, 3, 3, 8)  # a batch of 4 (2 virtual batches of 2), 8 channels (4 groups of 2)
@@ -326,6 +328,6 @@ def test_nnx_jit_step_with_a_noise_stream_traces_once_and_draws_new_noise():
 
 
 def test_importing_the_registry_does_not_import_flax_nnx():
-    code = "import sys, bnlab, bnlab.norms, bnlab.train; print('flax.nnx' in sys.modules)"
+    code = "import sys, bnlab, bnlab.norms, bnlab.training.train; print('flax.nnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -16,8 +16,9 @@ from conftest import ROOT
 from test_batched import BATCH, _assert_same_records
 from test_checkpoint import _assert_same_run
 
-from bnlab import batched, cli, config, data, export, norms, run, schema, train
+from bnlab import cli, config, data, export, norms, schema
 from bnlab import norm as norm_lib
+from bnlab.training import batched, run, train
 
 VARIANTS = (
     "batchnorm_noaffine",

@@ -15,7 +15,8 @@ import optax
 import pytest
 from conftest import ROOT
 
-from bnlab import config, data, norm, parallel, train
+from bnlab import config, data, norm
+from bnlab.training import parallel, train
 
 MODES = ("pmap", "sharded")
 MLP = "experiments/bn_paper_mlp.py"
@@ -247,7 +248,8 @@ def test_multi_host_settings_come_from_the_environment(monkeypatch):
 # Run by each process of the multi-host test: 2 CPU devices per process, 2 epochs, params saved.
 _WORKER = """
 import sys, jax, numpy as np
-from bnlab import config, data, parallel, train
+from bnlab import config, data
+from bnlab.training import parallel, train
 out, overrides = sys.argv[2], dict(a.split("=", 1) for a in sys.argv[3:])
 cfg = config.validate(config.apply_overrides(config.load_config(sys.argv[1]), overrides))
 parallel.initialize(cfg.parallel)

@@ -6,7 +6,7 @@ import io
 import pytest
 
 from bnlab import cli
-from bnlab.progress import Progress
+from bnlab.training.progress import Progress
 
 
 def test_off_a_terminal_each_log_window_and_evaluation_is_a_line():

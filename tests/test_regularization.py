@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from bnlab import batched, cli, config, data, optim, run, train
-from bnlab.records import Record
-from bnlab.writers import read_jsonl
+from bnlab import cli, config, data, optim
+from bnlab.training import batched, run, train
+from bnlab.training.records import Record
+from bnlab.training.writers import read_jsonl
 
 MLP = "experiments/bn_paper_mlp.py"
 SMALL = {"data.train_size": 600, "data.validation_size": 1200, "train.log_every_steps": 5}

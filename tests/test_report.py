@@ -14,8 +14,9 @@ import pytest
 from conftest import ROOT
 from matplotlib import image
 
-from bnlab import cli, plots, report, results
-from bnlab.writers import read_jsonl, write_json
+from bnlab import cli, results
+from bnlab.studies import plots, report
+from bnlab.training.writers import read_jsonl, write_json
 
 EXPERIMENT = """
 from bnlab.config import default_config
@@ -45,9 +46,9 @@ def sweep():
 
 DRIVER = """
 import sys
-from bnlab import sweep
-from bnlab.run import run
-from bnlab.writers import write_json
+from bnlab.studies import sweep
+from bnlab.training.run import run
+from bnlab.training.writers import write_json
 
 
 def runner(cfg, run_dir):
@@ -261,7 +262,7 @@ def test_comparison_bars_only_when_the_sweep_varies_their_keys(tmp_path, keys, f
 
 def _written_sweep(directory, trials):
     """A sweep folder written by hand: `trials` is a list of (overrides, summary, records)."""
-    from bnlab import sweep as sweep_lib
+    from bnlab.studies import sweep as sweep_lib
 
     specs = []
     for overrides, summary, records in trials:
@@ -310,7 +311,7 @@ def test_diagnostics_validation_and_early_stopped_trials_in_a_report(tmp_path):
     names = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"diag_ics.png", "diag_hessian.png", "diag_hessian_density.png"} <= names
     assert "diag_init_gradients.png" in names
-    from bnlab import diag_plots
+    from bnlab.studies import diag_plots
 
     depths, rows = diag_plots.first_layer_norms(sweep.groups[0])["batchnorm"]
     np.testing.assert_array_equal(depths, [2, 3])

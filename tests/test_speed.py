@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from bnlab import compile_cache, data, train
+from bnlab import data
+from bnlab.training import compile_cache, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP = "experiments/bn_paper_mlp.py"
@@ -196,7 +197,7 @@ def test_tensorboardx_loads_without_torch_and_torch_still_loads_after():
     pytest.importorskip("torch")
     code = (
         "import sys\n"
-        "from bnlab.writers import summary_writer_class\n"
+        "from bnlab.training.writers import summary_writer_class\n"
         "summary_writer_class()\n"
         "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules\n"
         "import torch\n"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from bnlab import cli, config, sweep
-from bnlab.writers import write_json
+from bnlab import cli, config
+from bnlab.studies import sweep
+from bnlab.training.writers import write_json
 
 EXPERIMENT = """
 from bnlab.config import default_config
@@ -113,7 +114,7 @@ def test_a_failing_trial_is_marked_and_its_siblings_run(tmp_path):
 def test_a_failed_trial_with_checkpoints_is_retried_from_them(tmp_path, tfds_dir, monkeypatch):
     """A real trial that checkpoints, then fails: the rerun resumes it (it once stopped the
     whole sweep with a "finished run" error) and it ends as the uninterrupted trial does."""
-    from bnlab.records import Record
+    from bnlab.training.records import Record
 
     experiment = _experiment(tmp_path, tfds_dir=tfds_dir, seeds=1)
     extra = {"data.train_size": "600", "train.epochs": "2", "checkpoint.every_steps": "10"}
@@ -150,7 +151,7 @@ def test_bad_input_stops_the_sweep_instead_of_failing_trials(tmp_path):
 
 
 def test_a_failing_chunk_keeps_the_results_of_earlier_chunks(tmp_path, monkeypatch):
-    from bnlab import batched
+    from bnlab.training import batched
 
     def run_group(cfgs, dirs, **kwargs):  # the first chunk finishes, the second raises
         dirs[0].mkdir(parents=True)

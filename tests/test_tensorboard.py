@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from bnlab.writers import MetricWriter, read_jsonl
+from bnlab.training.writers import MetricWriter, read_jsonl
 
 
 def _scalars(folder) -> dict[str, list[tuple[int, float]]]:

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from bnlab import config, data, train
-from bnlab.records import diverged
-from bnlab.run import run
+from bnlab import config, data
+from bnlab.training import train
+from bnlab.training.records import diverged
+from bnlab.training.run import run
 
 MLP = "experiments/bn_paper_mlp.py"
 
@@ -246,9 +247,9 @@ def test_probe_percentiles_cover_the_whole_split(make_config):
 def test_the_slow_cpu_convolution_is_named_before_anything_runs(tmp_path, monkeypatch):
     from conftest import ROOT
 
-    from bnlab import batched
-    from bnlab import run as run_lib
-    from bnlab.idx import DataError
+    from bnlab.data.idx import DataError
+    from bnlab.training import batched
+    from bnlab.training import run as run_lib
 
     cnn = config.load_config(ROOT / "experiments" / "mnist_cnn.py")
     assert run_lib.speed_traps(config.validate(cnn), "cpu") == []

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bnlab.writers import MetricWriter, read_jsonl, truncate_jsonl, write_json
+from bnlab.training.writers import MetricWriter, read_jsonl, truncate_jsonl, write_json
 
 
 def test_nonfinite_numbers_become_null(tmp_path):

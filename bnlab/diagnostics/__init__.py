@@ -23,6 +23,9 @@ The built-in diagnostics (docs/diagnostics.md): `activations`, `ics` (Santurkar 
 `landscape` (Santurkar et al. 2018), `hessian` (Ghorbani et al. 2019), `init_gradients`
 (Yang et al. 2019), and `probe` (Ioffe & Szegedy 2015, Fig. 1b,c; in evaluation, selected by
 `train.probe_unit`).
+
+May import: the base modules, `bnlab.ops`, `bnlab.data` and `bnlab.nn`; never training (the
+loop calls `measure`, not the reverse).
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class Context(NamedTuple):
 
     model: nn.Module  # model.apply(variables, images, train=bool, mutable=[...], rngs=...)
     tx: optax.GradientTransformation  # the run's optimizer: its update is the actual update
-    state: Any  # bnlab.train.TrainState(step, params, batch_stats, opt_state) at step t
+    state: Any  # bnlab.training.train.TrainState(step, params, batch_stats, opt_state) at step t
     batch: tuple[Array, Array]  # images f32[B,28,28,1] in [0, 1], labels i32[B]: fixed batch
     rng: Array  # this measurement's key (noisy normalizations draw from it)
     cfg: Any  # the run's validated Config: cfg.diagnostics.<field>, cfg.model, cfg.norm, ...

@@ -8,8 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import traverse_util
 
-from bnlab import models
 from bnlab.diagnostics.common import measurement_rngs
+from bnlab.nn import models
 from bnlab.schema import ConfigError, field
 from bnlab.types import Array
 

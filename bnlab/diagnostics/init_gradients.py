@@ -10,8 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab import models, norms, schema
+from bnlab import schema
 from bnlab.diagnostics.common import call_order, measurement_rngs, model_loss, split_names
+from bnlab.nn import models, norms
 from bnlab.schema import field
 from bnlab.types import Array
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bnlab import models
+from bnlab.nn import models
 from bnlab.schema import ConfigError
 from bnlab.types import Array
 

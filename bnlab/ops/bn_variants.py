@@ -12,24 +12,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnlab.bn_core import (
+from bnlab.ops.bn_core import (
     Backward,
     Convention,
-    _axis_size,
     _batch_update,
-    _count,
     _freeze_groups,
     _layout,
-    _moments,
     _normalize_with,
-    _psum,
     _stored_var,
-    _train,
     _updated,
     batch_norm,
-    check_values_per_feature,
     feature_axes_of,
 )
+from bnlab.ops.bn_math import _axis_size, _count, _moments, _psum, _train, check_values_per_feature
 from bnlab.types import Array, Stats
 
 

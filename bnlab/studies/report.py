@@ -2,7 +2,7 @@
 
 In a notebook, the same pieces inline:
 
-    from bnlab import report
+    from bnlab.studies import report
     sweep = report.load_sweep("runs/lr_sensitivity")
     report.table(sweep)  # one row per setting: counts and Stats of final accuracy and loss
     for plot in report.all_figures(sweep):
@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bnlab.plots import FIGURES, Plot, all_figures
-from bnlab.results import (
+from bnlab.studies.plots import FIGURES, Plot, all_figures
+from bnlab.studies.results import (
     RESULTS,
     SEED_KEY,
     STATUSES,

@@ -21,19 +21,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnlab import config as config_lib
 from bnlab import data as data_lib
-from bnlab import diagnostics, loop, optim, parallel
-from bnlab import train as train_lib
-from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Restored
+from bnlab import diagnostics, optim
 from bnlab.config import Config, ConfigError
 from bnlab.data import DataError
-from bnlab.loop import Interrupted, StopSignals
-from bnlab.progress import Progress
-from bnlab.records import EXPERIMENT_FILE, Record, prepare_workdir
-from bnlab.writers import truncate_jsonl
+from bnlab.training import loop, parallel
+from bnlab.training import train as train_lib
+from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Restored
+from bnlab.training.loop import Interrupted, StopSignals
+from bnlab.training.progress import Progress
+from bnlab.training.records import Record, prepare_workdir
+from bnlab.training.restore import evaluate, load_checkpoint
+from bnlab.training.writers import truncate_jsonl
 
 # Bad input: a message that says how to fix it (the CLI exits 2), in every process alike.
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -342,76 +343,3 @@ def _refuse_changes(old: Config, new: Config, where: Path) -> None:
             + ", ".join(config_lib.RESUMABLE)
             + " may change on resume; use a new --workdir for a different run."
         )
-
-
-def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
-    """`(cfg, restored)`: a run's config and its latest good checkpoint (or `step`)."""
-    workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{workdir} holds no run (no config.json); pass a training workdir.")
-    experiment = _import_experiment(workdir)
-    try:
-        cfg = config_lib.from_dict(json.loads(config_path.read_text()))
-    except ConfigError as err:
-        if experiment is None:
-            raise ConfigError(
-                f"{err} The run may use a normalization or diagnostic that its experiment file "
-                f"registers, and {workdir} does not say which file that was."
-            ) from err
-        raise
-    model = train_lib.build_model(_one_device(cfg))
-    from bnlab import optim
-
-    tx, _ = optim.make_optimizer(cfg.opt, total_steps=1)  # the state's structure is all we need
-    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32)
-    key = jax.eval_shape(jax.random.key, 0)
-    target = jax.eval_shape(functools.partial(train_lib.init_state, model, tx), key, sample)
-    ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint, read_only=True)
-    try:
-        return cfg, ckpt.restore(target, step=step)
-    finally:
-        ckpt.close()
-
-
-def _import_experiment(workdir: Path) -> Path | None:
-    """Imports the experiment file that a run (or the sweep it belongs to) came from, so that
-    what it registers exists; returns its path (None when the run does not record one)."""
-    candidates = [(workdir / EXPERIMENT_FILE, "path")]
-    candidates += [(workdir.parent.parent / "sweep.json", "experiment_path")]
-    for record, key in candidates:
-        try:
-            path = Path(json.loads(record.read_text())[key])
-        except (OSError, KeyError, ValueError, TypeError):
-            continue
-        if path.is_file():
-            config_lib.load_module(path)
-            return path
-    return None
-
-
-def _one_device(cfg: Config) -> Config:
-    """`cfg` on one device: evaluation uses the running statistics, not cross-device ones, so a
-    multi-device run evaluates and exports anywhere."""
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="none"))
-
-
-def evaluate(
-    workdir: str | os.PathLike,
-    *,
-    step: int | None = None,
-    mnist_dir: str | None = None,
-    tfds_dir: str | None = None,
-) -> dict[str, Any]:
-    """Test loss and accuracy of a run's latest good checkpoint (or `step`), on MNIST from
-    `mnist_dir`, else `$BNLAB_MNIST_DIR`, else the run's own folders (`config.data_now`)."""
-    cfg, restored = load_checkpoint(workdir, step=step)
-    data = config_lib.data_now(cfg.data, mnist_dir=mnist_dir, tfds_dir=tfds_dir)
-    test_set = data_lib.load(data, "test")
-    model = train_lib.build_model(_one_device(cfg))
-    metrics = jax.jit(
-        lambda p, s, x, y: train_lib.evaluate(
-            p, s, x, y, model=model, batch_size=cfg.train.eval_batch_size
-        )
-    )(restored.state.params, restored.state.batch_stats, test_set.images, test_set.labels)
-    return {"step": restored.step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}

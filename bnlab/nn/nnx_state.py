@@ -23,7 +23,7 @@ def to_linen(model: nnx.Module) -> LinenVariables:
     ["name"]`; `nnx.BatchStat` goes to `"batch_stats"` (each type to the linen collection that
     flax registers for it, `nnx.variable_name_from_type`). The arrays are shared, not copied.
     A linen module with the same submodule names (e.g. `bnlab.models.CNN` and
-    `bnlab.nnx_models.CNN`) then applies them unchanged.
+    `bnlab.nn.nnx_models.CNN`) then applies them unchanged.
 
     Args:
       model: an NNX module (also an abstract one from `nnx.eval_shape`).
@@ -69,7 +69,7 @@ def states_to_dicts(tree: PyTree) -> PyTree:
 
     For an optax state built over NNX parameters (`tx.init(params)` with `params` an
     `nnx.State`): the result has the layout of the same optax state built over linen's params,
-    so it fits a `bnlab.train.TrainState` and a linen run's checkpoint.
+    so it fits a `bnlab.training.train.TrainState` and a linen run's checkpoint.
 
     Args:
       tree: any pytree; the `nnx.State`s in it are converted, everything else is kept.

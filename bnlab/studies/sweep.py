@@ -5,7 +5,7 @@ overrides (`{"model.norm": "none", "opt.lr": 0.1}`). It may define `SMOKE`, over
 shrink every trial for a quick check (`--smoke`), and `sweep(smoke)` may yield a smaller grid.
 
 Trials that differ only in seed and numeric optimizer hyperparameters train together in one
-vmapped program (`bnlab.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
+vmapped program (`bnlab.training.batched`). Each trial runs into `DIR/runs/<trial_id>/`. A trial is
 finished once its `summary.json` exists (written atomically, last) with any status but
 failed (ok, diverged, early_stopped); a sweep run again skips finished trials and retries failed
 ones. An interrupted trial resumes from its latest checkpoint through the single-run trainer
@@ -31,9 +31,9 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
-from bnlab.checkpoint import CHECKPOINT_DIR, CheckpointError
 from bnlab.data import DataError
-from bnlab.writers import write_json
+from bnlab.training.checkpoint import CHECKPOINT_DIR, CheckpointError
+from bnlab.training.writers import write_json
 
 ENGINES = ("vmap", "sequential")
 FAILURE_FILE = "failure.json"  # the last failed attempt of a trial that is being retried
@@ -143,13 +143,13 @@ def run_sweep(
     """Runs this shard's unfinished trials; returns counts by status (`skipped` = finished).
 
     With `engine="vmap"`, trials that share a structure train together in one compiled
-    program (`bnlab.batched`, at most `max_chunk` at a time); a lone trial, or every trial
+    program (`bnlab.training.batched`, at most `max_chunk` at a time); a lone trial, or every trial
     with `engine="sequential"`, runs through `runner` (default: the single-run trainer).
     """
     if engine not in ENGINES:
         raise config_lib.ConfigError(f"engine {engine!r} is not one of {ENGINES}")
     if runner is None:
-        from bnlab.run import run as runner
+        from bnlab.training.run import run as runner
     module = load_experiment(path)
     trials = expand(module, smoke=smoke)
     extra = dict(overrides or {})
@@ -262,7 +262,7 @@ def _has_checkpoints(run_dir: Path) -> bool:
 
 
 def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[list[Trial]]:
-    from bnlab.batched import group_by_structure
+    from bnlab.training.batched import group_by_structure
 
     # Multi-device trials run alone, through the single-run trainer's device programs.
     alone = [[t] for t in trials if configs[t.trial_id].parallel.mode != "none"]
@@ -273,7 +273,7 @@ def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[
 
 def _run_group(cfgs, dirs: list[Path], max_chunk: int | None, log) -> list[str]:
     """Trials of one structure in one vmapped program; if it fails, every one is failed."""
-    from bnlab.batched import run_group
+    from bnlab.training.batched import run_group
 
     try:
         return [s["status"] for s in run_group(cfgs, dirs, max_chunk=max_chunk, log=log)]

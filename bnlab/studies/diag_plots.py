@@ -14,8 +14,8 @@ import re
 import numpy as np
 from matplotlib.figure import Figure
 
-from bnlab.plots import Plot, _curve, _figure, _legend, _mean_std, _ok_trials
-from bnlab.results import Group, Sweep
+from bnlab.studies.figure_kit import Plot, _curve, _figure, _legend, _mean_std, _ok_trials
+from bnlab.studies.results import Group, Sweep
 
 MAX_PANELS = 12  # keys per figure; a diagnostic with more gets several figures
 DEPTH_KEY = re.compile(r"^init_gradients/(?P<norm>[^/]+)/depth(?P<depth>\d+)$")

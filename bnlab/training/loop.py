@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bnlab.progress import Clock
-from bnlab.records import Record
-from bnlab.train import chunk_length
+from bnlab.training.progress import Clock
+from bnlab.training.records import Record
+from bnlab.training.train import chunk_length
 
 Metrics = dict[str, Any]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from bnlab.bn_core import _affine, _check_shape, _moments, _params_or_identity
+from bnlab.ops.bn_core import _check_shape, _params_or_identity
+from bnlab.ops.bn_math import _affine, _moments
 from bnlab.types import Array
 
 

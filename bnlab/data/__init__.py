@@ -4,12 +4,19 @@ Online, TFDS's download manager fetches the files; offline, they are read from a
 (`data.mnist_dir` or `$BNLAB_MNIST_DIR`). Either way every file is checked (magic number, size,
 SHA-256 of the standard distribution) before TFDS prepares the dataset, once, in its data dir
 (`data.tfds_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`). Runs read a whole-array
-copy of it (`bnlab.mnist_arrays`), and a split is loaded into device memory once, as uint8
+copy of it (`bnlab.data.mnist_arrays`), and a split is loaded into device memory once, as uint8
 images and int32 labels.
+
+The package holds the IDX format (`idx`), the TFDS builder (`tfds_mnist`), the whole-array
+copy (`mnist_arrays`) and, here, `load()` with the `data` config group (`DataConfig`): one
+entry point, each module reading only the ones below it (idx <- mnist_arrays <- tfds_mnist).
+May import: `bnlab.schema`, `bnlab.types`. Imported by `bnlab.nn` (number of classes), config,
+training and the CLI.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -19,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnlab import mnist_arrays
-from bnlab.config import TASKS, ConfigError, DataConfig
-from bnlab.idx import (  # noqa: F401 - re-exported: the data API of earlier versions
+from bnlab import schema
+from bnlab.data import mnist_arrays
+from bnlab.data.idx import (  # noqa: F401 - re-exported: the data API of earlier versions
     IDX_FILES,
     MNIST_DIR_ENV,
     MNIST_URL,
@@ -31,6 +38,30 @@ from bnlab.idx import (  # noqa: F401 - re-exported: the data API of earlier ver
     local_paths,
     read_idx,
 )
+from bnlab.schema import ConfigError, field
+
+TASKS = {"mnist10": 10, "binary01": 2}  # task -> number of classes
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` group: where MNIST comes from and which part of it trains."""
+
+    mnist_dir: str | None = field(
+        None, f"local IDX folder; None: ${MNIST_DIR_ENV} or TFDS download"
+    )
+    tfds_dir: str | None = field(None, "TFDS data dir; None: TFDS's default")
+    task: str = field("mnist10", '"mnist10" (10 classes) | "binary01" (digits 0 vs 1)',
+                      choices=TASKS)  # fmt: skip
+    train_size: int = field(
+        0, "use the first N training examples (0: all)", check=schema.non_negative
+    )
+    validation_size: int = field(
+        0,
+        "hold out the last N training examples (the same for every seed and train_size) as a "
+        "validation split, evaluated at every epoch end (0: none)",
+        check=schema.non_negative,
+    )
 
 
 class Dataset(NamedTuple):
@@ -55,7 +86,7 @@ def _load_numpy(mnist_dir: str | None, tfds_dir: str | None, split: str):
 
 
 def _prepare(mnist_dir: str | None, data_dir: Path) -> mnist_arrays.Arrays:
-    from bnlab.tfds_mnist import read_splits  # TFDS is imported only when the copy is missing
+    from bnlab.data.tfds_mnist import read_splits  # TFDS is imported only when the copy is missing
 
     if mnist_dir is not None and mnist_arrays.dataset_dir(data_dir).exists():
         # TFDS checks the files only when it prepares the dataset, and it is prepared already.

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.checkpoint import CHECKPOINT_DIR, Checkpointer
 from bnlab.config import Config, ConfigError
-from bnlab.writers import MetricWriter, write_json
+from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer
+from bnlab.training.writers import MetricWriter, write_json
 
 RESULT_FILES = ("summary.json",)  # a finished run; never overwritten
 # The experiment file a run came from: `bnlab evaluate`/`export` import it again, so that the

@@ -1,6 +1,6 @@
 """The MNIST IDX files: their names, the standard checksums, and a checked reader (numpy only).
 
-`bnlab.data` (loading splits) and `bnlab.tfds_mnist` (the TFDS builder) both read through here.
+`bnlab.data` (loading splits) and `bnlab.data.tfds_mnist` (the TFDS builder) both read through here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ normalization field train in programs of their own. Each trial writes the same f
 (`config.json`, `metrics.jsonl`, `tensorboard/`, `summary.json`, checkpoints); a trial whose
 loss turns non-finite is marked diverged and stops being recorded while its siblings go on.
 
-The trials train through the single run's loop (`bnlab.loop`) and write their files through
+The trials train through the single run's loop (`bnlab.training.loop`) and write their files through
 the same `records.Record`: checkpoints, one per trial in the single-run format, are saved at
 the same steps as a single run's (chunk ends crossing `checkpoint.every_steps`, epoch ends with
 `checkpoint.best_metric`, a trial's end, SIGTERM/SIGINT), so an interrupted trial resumes from
@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 
 from bnlab import data as data_lib
-from bnlab import diagnostics, loop, norms, optim
-from bnlab import train as train_lib
+from bnlab import diagnostics, optim
 from bnlab.config import Config, ConfigError
-from bnlab.records import Record, prepare_workdir
-from bnlab.run import (
+from bnlab.nn import norms
+from bnlab.training import loop
+from bnlab.training import train as train_lib
+from bnlab.training.records import Record, prepare_workdir
+from bnlab.training.run import (
     diagnose_program,
     evaluate_splits,
     load_splits,

@@ -1,7 +1,7 @@
 """The TFDS builder of bnlab's MNIST: the four checked IDX files, stored as array_record.
 
 Kept apart from `bnlab.data` so that importing bnlab does not import TFDS; a run imports it
-only when the whole-array copy (`bnlab.mnist_arrays`) is missing or stale.
+only when the whole-array copy (`bnlab.data.mnist_arrays`) is missing or stale.
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bnlab.idx import IDX_FILES, MNIST_DIR_ENV, MNIST_URL, SPLITS, DataError, local_paths, read_idx
-from bnlab.mnist_arrays import TFDS_NAME, TFDS_VERSION, Arrays
+from bnlab.data.idx import (
+    IDX_FILES,
+    MNIST_DIR_ENV,
+    MNIST_URL,
+    SPLITS,
+    DataError,
+    local_paths,
+    read_idx,
+)
+from bnlab.data.mnist_arrays import TFDS_NAME, TFDS_VERSION, Arrays
 
 
 class BnlabMnist(tfds.core.GeneratorBasedBuilder):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.idx import SPLITS, local_paths, read_idx
+from bnlab.data.idx import SPLITS, local_paths, read_idx
 
 TFDS_NAME = "bnlab_mnist"  # the TFDS builder's name (`tfds_mnist.BnlabMnist`)
 TFDS_VERSION = "1.0.0"  # its version: a new version is a new dataset and a new copy

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnlab import data as data_lib
-from bnlab import models
-from bnlab import nnx as bnlab_nnx
+from bnlab.nn import models
+from bnlab.nn import nnx as bnlab_nnx
 from bnlab.schema import ConfigError
 from bnlab.types import Array
 
@@ -182,8 +182,9 @@ MODELS: dict[str, type[nnx.Module]] = {"mlp": MLP, "cnn": CNN}
 
 
 def build_model(cfg: Any, *, rngs: nnx.Rngs, axis: dict[str, Any] | None = None) -> nnx.Module:
-    """The NNX model that `cfg.model`/`cfg.norm` describe: `bnlab.train.build_model`'s linen
-    model in NNX, with the same module paths (`bnlab.nnx.from_linen` moves its variables in).
+    """The NNX model that `cfg.model`/`cfg.norm` describe: the linen model of
+    `bnlab.training.train.build_model` in NNX, with the same module paths
+    (`bnlab.nnx.from_linen` moves its variables in).
 
     Args:
       cfg: a validated `bnlab.config.Config`.
@@ -201,7 +202,7 @@ def build_model(cfg: Any, *, rngs: nnx.Rngs, axis: dict[str, Any] | None = None)
     if m.dropout:
         raise ConfigError(
             f"model.dropout={m.dropout}: the NNX models have no dropout; set model.dropout=0 "
-            "or train the linen model (bnlab.train.build_model)."
+            "or train the linen model (bnlab.training.train.build_model)."
         )
     kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
     return MODELS[m.name](

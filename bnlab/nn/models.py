@@ -1,0 +1,207 @@
+"""Models with an injected normalization layer, so an ablation swaps it without touching them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnlab import schema
+from bnlab.nn.layers import BatchNorm, Identity
+from bnlab.schema import field
+from bnlab.types import Array
+
+ModuleDef = Any
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+    "linear": lambda x: x,  # deep linear networks (Yang et al. 2019 study them too)
+}
+PLACEMENTS = ("before", "after")
+PROBE = "act_input"  # name under which each block sows the input of its nonlinearity
+INITS: dict[str, Callable[[float], Callable]] = {  # name -> (std -> initializer)
+    "lecun_normal": lambda std: nn.initializers.lecun_normal(),  # std unused: fan-in scaled
+    "he_normal": lambda std: nn.initializers.he_normal(),  # std unused: fan-in scaled
+    "normal": nn.initializers.normal,  # "small random Gaussian values" of Ioffe & Szegedy
+}
+
+
+class _NormAct(nn.Module):
+    """Normalization and nonlinearity in the order that `placement` names."""
+
+    norm: ModuleDef
+    act: Callable[[Array], Array]
+    placement: str = "before"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; known: {PLACEMENTS}")
+        layer = self.norm(name="norm")
+        if self.placement == "before":
+            x = layer(x, use_running_average=not train)
+        # The nonlinearity's input, kept only when "intermediates" is mutable (a probe).
+        self.sow("intermediates", PROBE, x)
+        x = self.act(x)
+        return x if self.placement == "before" else layer(x, use_running_average=not train)
+
+
+def _dropout(x: Array, rate: float, train: bool) -> Array:
+    """Dropout (Srivastava et al. 2014) in training; its mask comes from the `dropout` rng
+    stream, which the training step derives from the run's key and the step."""
+    return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
+
+
+class MLP(nn.Module):
+    """Ioffe & Szegedy (2015) Fig. 1 network: 784-100-100-100-10, sigmoid by default."""
+
+    norm: ModuleDef = Identity
+    hidden: Sequence[int] = (100, 100, 100)
+    num_classes: int = 10
+    act: Callable[[Array], Array] = nn.sigmoid
+    placement: str = "before"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    dropout: float = 0.0  # after each hidden block
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, kernel_init=self.kernel_init, name=f"dense{i}")(x)
+            x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
+            x = _dropout(x, self.dropout, train)
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
+
+
+class Conv(nn.Module):
+    """Stride-1 SAME convolution with the variables of `flax.linen.Conv` (`kernel` HWIO, `bias`).
+
+    `impl="im2col"` gathers the kh*kw shifted copies of the input and does one matmul. On CPU,
+    XLA's convolution gradient w.r.t. the kernel is slow, and over 10x slower inside a loop
+    (`lax.scan`), while matmuls stay fast; `impl="xla"` uses `lax.conv_general_dilated`.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    impl: str = "im2col"
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: Array) -> Array:
+        kh, kw = self.kernel_size
+        cin = x_BxHxWxC.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return conv_same(x_BxHxWxC, kernel, self.impl) + bias
+
+
+def conv_same(x_BxHxWxC: Array, kernel_HWIO: Array, impl: str = "im2col") -> Array:
+    """Stride-1 SAME convolution without bias, as `Conv` computes it (also in `nnx_models`)."""
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x_BxHxWxC, kernel_HWIO, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    return _im2col_conv(x_BxHxWxC, kernel_HWIO)
+
+
+def _im2col_conv(x_BxHxWxC: Array, kernel: Array) -> Array:
+    kh, kw, cin, cout = kernel.shape
+    b, h, w, _ = x_BxHxWxC.shape
+    top, left = (kh - 1) // 2, (kw - 1) // 2  # SAME padding, as lax.conv
+    padded = jnp.pad(x_BxHxWxC, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    patches = jnp.concatenate(
+        [padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    return (patches.reshape(b * h * w, kh * kw * cin) @ kernel.reshape(-1, cout)).reshape(
+        b, h, w, cout
+    )
+
+
+CONV_IMPLS = ("im2col", "xla")
+
+
+class CNN(nn.Module):
+    """Reference CNN: conv3x3(32)-N-relu-avgpool2, conv3x3(64)-N-relu-avgpool2,
+    dense(256)-N-relu, dense(10)."""
+
+    norm: ModuleDef = BatchNorm
+    num_classes: int = 10
+    act: Callable[[Array], Array] = nn.relu
+    placement: str = "before"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    conv_impl: str = "im2col"
+    dropout: float = 0.0  # after the dense block (and the conv blocks with dropout_conv)
+    dropout_conv: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        for i, features in enumerate((32, 64)):
+            conv = Conv(
+                features, kernel_init=self.kernel_init, impl=self.conv_impl, name=f"conv{i}"
+            )
+            x = conv(x)
+            x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
+            x = avg_pool2(x)
+            x = _dropout(x, self.dropout if self.dropout_conv else 0.0, train)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(256, kernel_init=self.kernel_init, name="dense")(x)
+        x = _NormAct(self.norm, self.act, self.placement, name="block2")(x, train)
+        x = _dropout(x, self.dropout, train)
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
+
+
+def avg_pool2(x_BxHxWxC: Array) -> Array:
+    """2x2 average pooling with stride 2 (odd trailing rows/columns dropped, as VALID pooling).
+
+    `flax.linen.avg_pool`, a window sum: on CPU the mean over the axes of a (B, H/2, 2, W/2, 2,
+    C) view (bnlab's pooling before fe86728) compiled to a slow reduction at large batches
+    (evaluation in batches of 1000: 1.3x slower; BENCHMARKS.md, "The evaluation"); at 100, and
+    in training, the two take the same time.
+    """
+    return nn.avg_pool(x_BxHxWxC, (2, 2), strides=(2, 2), padding="VALID")
+
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+# Features at each normalization site, in order: what a normalization's config check needs.
+NORM_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": MLP.hidden, "cnn": (32, 64, 256)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The `model` group: architecture, normalization and initialization."""
+
+    name: str = field("cnn", '"cnn" (reference CNN) | "mlp" (Ioffe & Szegedy Fig. 1 MLP)',
+                      choices=MODELS)  # fmt: skip
+    norm: str = field(
+        "batchnorm",
+        "normalization layer: a name registered in bnlab.norms (its fields are under norm)",
+        choices="bnlab.norms:NORMS",
+    )
+    placement: str = field(
+        "before", 'normalization "before" | "after" the nonlinearity', choices=PLACEMENTS
+    )
+    activation: str = field("relu", '"relu" | "sigmoid" | "tanh" | "linear"', choices=ACTIVATIONS)
+    init: str = field(
+        "lecun_normal", 'kernel init: "lecun_normal" | "he_normal" | "normal"', choices=INITS
+    )
+    init_std: float = field(0.01, 'standard deviation of the "normal" init', check=schema.positive)
+    conv_impl: str = field(
+        "im2col",
+        'CNN convolutions: "im2col" (fast on CPU) | "xla" (cuDNN on GPU)',
+        choices=CONV_IMPLS,
+    )
+    dropout: float = field(
+        0.0,
+        "dropout rate after each hidden block of the MLP and the CNN's dense block (0: off; "
+        "training only)",
+        check=lambda v: None if 0.0 <= v < 1.0 else "must lie in [0, 1) (0 turns dropout off)",
+    )
+    dropout_conv: bool = field(
+        False, "CNN: dropout after the conv blocks too (model.dropout's rate)"
+    )

@@ -1,0 +1,374 @@
+"""The normalization registry: `model.norm` name -> how that normalization enters a model.
+
+Models, training, the vmapped engine, the parallel modes, checkpoints, export and reports read
+this table and never test a normalization's name. A new normalization is a pure function (in
+the style of `bnlab.norm.batch_norm`), a thin layer, and one `register_norm` call, made from
+inside the package or from an experiment file::
+
+    register_norm("rms", NormSpec(layer=lambda n, axis: functools.partial(RMSNorm, eps=n.rms_eps),
+                                  fields={"rms_eps": field(1e-6, "added to the mean square",
+                                                           check=schema.positive)}))
+
+Registering a different piece under a taken name is an error that names both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bnlab import ops as norm
+from bnlab import schema
+from bnlab.nn import layers
+from bnlab.nn.torch_state import torch_batchnorm, torch_groupnorm, torch_layernorm
+from bnlab.registry import Registry
+from bnlab.schema import field
+
+ModuleDef = Any
+# (cfg.norm, axis) -> a layer factory: `factory(name=...)` is a linen module called as
+# `layer(x, use_running_average=...)`. `axis` holds `axis_name`/`axis_index_groups` for a
+# normalization with batch statistics in a multi-device run, else nothing.
+LayerBuilder = Callable[[Any, dict[str, Any]], ModuleDef]
+# (cfg.norm, num_features, axis, rngs) -> a Flax NNX module called as `layer(x, rngs=...)`, in
+# the mode its `use_running_average` attribute sets (`bnlab.nnx`); `axis` as for `layer`.
+NNXBuilder = Callable[[Any, Any, dict[str, Any], Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """How one normalization is built, configured, checked and exported."""
+
+    layer: LayerBuilder
+    doc: str = ""  # one line, for the config reference and reports
+    # Its own config fields under `norm` (`schema.field(default, doc, check=...)`).
+    fields: Mapping[str, dataclasses.Field] = dataclasses.field(default_factory=dict)
+    # Statistics over the batch: across devices through `axis_name` in pmap/sharded runs.
+    batch_stats: bool = False
+    # Problems of the config when this normalization is selected (see `problems`).
+    check: Callable[..., list[str]] | None = None
+    # PyTorch export: (module key, params, stats, cfg.norm, shape) -> state_dict entries; None
+    # when PyTorch has no such layer (`bnlab export --format torch` then exits 2 saying so).
+    torch: Callable[..., dict[str, Any]] | None = None
+    # Float fields that a vmapped sweep may vary within one compiled program.
+    injected: tuple[str, ...] = ()
+    # (cfg.norm, step) -> scalars logged with the training metrics at that step (e.g. a
+    # schedule's current value), or None.
+    step_metrics: Callable[[Any, Any], dict[str, Any]] | None = None
+    # Its Flax NNX layer, or None when it has none (`bnlab.nnx.norm_from_config` then raises a
+    # ConfigError saying so). Import flax.nnx inside the builder: `import bnlab` stays light.
+    nnx: NNXBuilder | None = None
+    origin: str = ""  # where it was registered (file:line), set by `register_norm`
+
+
+# Fields every normalization shares (those with batch statistics read momentum/convention).
+BASE_FIELDS: dict[str, dataclasses.Field] = {
+    "momentum": field(
+        0.99,
+        "weight of the old running statistics (flax convention)",
+        check=lambda v: schema.unit_interval(v) and "must lie in [0, 1] (weight of old statistics)",
+    ),
+    "epsilon": field(1e-5, "added to the variance", check=schema.positive),
+    "convention": field(
+        "flax", 'running variance "flax" (biased) | "torch" (unbiased)', choices=norm.CONVENTIONS
+    ),
+    "allow_single_value": field(
+        False,
+        "BN: allow training statistics over one value per feature (a batch of 1 in a dense "
+        "layer; refused by default, as PyTorch refuses it)",
+    ),
+    "backward": field(
+        "analytic",
+        'BN gradient: "analytic" (closed-form custom VJP) | "autodiff"',
+        choices=norm.BACKWARDS,
+    ),
+}
+
+NORMS: Registry[NormSpec] = Registry(
+    "normalization", "model.norm", "norm", BASE_FIELDS, "every normalization"
+)
+# Adds a spec under a name and returns it; the same registration again (an experiment file
+# imported twice) replaces itself; a taken name or config field is a ValueError naming both.
+register_norm = NORMS.register
+
+
+def unregister_norm(name: str) -> NormSpec:
+    """Removes `name` from the registry and returns its spec: a test or a notebook that
+    registered a normalization of its own leaves the table as it found it."""
+    return NORMS.pop(name)
+
+
+def get(name: str) -> NormSpec:
+    """The spec registered under `name`; a `ConfigError` listing the known names otherwise."""
+    return NORMS.lookup(name)
+
+
+def norm_config_class() -> type:
+    """The frozen dataclass of the `norm` group: the shared fields, then each registered
+    normalization's own (rebuilt when the registry changes)."""
+    return NORMS.config_class("NormConfig")
+
+
+def problems(cfg: Any, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
+    """What the selected normalization finds wrong with `cfg` (e.g. a group count that does not
+    divide a layer's width); `widths` are the features at each normalization site."""
+    spec = NORMS.get(cfg.model.norm)
+    if spec is None or spec.check is None:
+        return []
+    return spec.check(cfg.norm, widths=widths, per_device_batch=per_device_batch)
+
+
+def build(cfg: Any, axis: dict[str, Any] | None = None) -> ModuleDef:
+    """The layer factory of `cfg.model.norm` from `cfg.norm`; `axis` (axis_name and groups)
+    reaches only normalizations with batch statistics."""
+    spec = get(cfg.model.norm)
+    return spec.layer(cfg.norm, dict(axis or {}) if spec.batch_stats else {})
+
+
+# --- the built-in normalizations -------------------------------------------------------------
+
+
+def _batchnorm(n, axis, layer: type = layers.BatchNorm, **extra) -> ModuleDef:
+    """A `layers.BatchNorm` (or a variant) with the shared fields of `n`."""
+    return functools.partial(
+        layer,
+        momentum=n.momentum,
+        epsilon=n.epsilon,
+        convention=n.convention,
+        backward=n.backward,
+        allow_single_value=n.allow_single_value,
+        **axis,
+        **extra,
+    )
+
+
+def _nnx(layer: Callable[[Any, dict[str, Any], Any], Any]) -> NNXBuilder:
+    """The NNX builder of `layer(n, axis, bnx)`, which returns a factory of the module
+    `bnx = bnlab.nnx` as `layer=` does of `bnlab.layers` (the classes have the same names and
+    options), called as `factory(num_features, rngs=rngs)`."""
+
+    def build(n, num_features, axis, rngs):
+        from bnlab.nn import nnx_variants as bnx  # here, not at import: no flax.nnx until used
+
+        return layer(n, axis, bnx)(num_features, rngs=rngs)
+
+    return build
+
+
+def _divisors_of_all(widths: tuple[int, ...]) -> list[int]:
+    """Group counts that fit every width: a divisor of it, or more than it (clipped)."""
+    return [g for g in range(1, max(widths) + 1) if all(w < g or w % g == 0 for w in widths)]
+
+
+def _groupnorm_check(n, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
+    del per_device_batch  # each example is normalized on its own
+    bad = [w for w in widths if w >= n.num_groups and w % n.num_groups]
+    if not bad:
+        return []
+    return [
+        f"norm.num_groups={n.num_groups} does not divide the {bad[0]} channels of a normalized "
+        f"layer (this model normalizes {list(widths)} channels); choose one of "
+        f"{_divisors_of_all(widths)} (a layer with fewer channels than groups uses one group "
+        "per channel)"
+    ]
+
+
+def _ghost_check(n, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
+    del widths  # any layer
+    v = n.virtual_batch_size
+    if per_device_batch % v == 0:
+        return []
+    divisors = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0]
+    return [
+        f"norm.virtual_batch_size={v} does not divide the per-device batch of "
+        f"{per_device_batch} examples (train.batch_size over the devices); choose one of "
+        f"{divisors}, or change train.batch_size"
+    ]
+
+
+def _renorm_schedule(n) -> dict[str, Any]:
+    """`bnlab.norm.renorm_schedule`'s arguments from the `norm` config group."""
+    return {
+        "r_max": n.r_max,
+        "d_max": n.d_max,
+        "warmup_steps": n.renorm_warmup_steps,
+        "r_max_steps": n.r_max_steps,
+        "d_max_steps": n.d_max_steps,
+    }
+
+
+def _renorm_metrics(n, step) -> dict[str, Any]:
+    r_max, d_max = norm.renorm_schedule(step, **_renorm_schedule(n))
+    return {"renorm_r_max": r_max, "renorm_d_max": d_max}
+
+
+def _count_field(default: int, doc: str) -> dataclasses.Field:
+    return field(default, doc, check=schema.non_negative)
+
+
+register_norm(
+    "batchnorm",
+    NormSpec(
+        layer=_batchnorm,
+        doc="batch normalization (Ioffe & Szegedy 2015)",
+        batch_stats=True,
+        torch=torch_batchnorm,
+        injected=("momentum",),
+        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchNorm)),
+    ),
+)
+register_norm(
+    "none",
+    NormSpec(
+        layer=lambda n, axis: layers.Identity,
+        doc="no normalization",
+        torch=lambda *args, **kwargs: {},  # no layer, nothing to write
+        nnx=_nnx(lambda n, axis, bnx: bnx.Identity),
+    ),
+)
+register_norm(
+    "batchnorm_noaffine",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(n, axis, use_scale=False, use_bias=False),
+        doc="batch normalization without gamma and beta",
+        batch_stats=True,
+        torch=torch_batchnorm,
+        injected=("momentum",),
+        nnx=_nnx(
+            lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchNorm, use_scale=False, use_bias=False)
+        ),
+    ),
+)
+register_norm(
+    "ghost_batchnorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(
+            n, axis, layers.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
+        ),
+        doc="ghost batch normalization over virtual batches (Hoffer et al. 2017)",
+        fields={
+            "virtual_batch_size": field(
+                32,
+                "ghost_batchnorm: examples per virtual batch; must divide the per-device batch",
+                check=schema.positive,
+            ),
+        },
+        batch_stats=True,
+        check=_ghost_check,
+        injected=("momentum",),
+        nnx=_nnx(
+            lambda n, axis, bnx: _batchnorm(
+                n, axis, bnx.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
+            )
+        ),
+    ),
+)
+register_norm(
+    "batch_renorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(n, axis, layers.BatchRenorm, **_renorm_schedule(n)),
+        doc="batch renormalization (Ioffe 2017)",
+        fields={
+            "r_max": field(
+                3.0,
+                "batch_renorm: final bound of r, reached by the schedule (paper: 3)",
+                check=schema.at_least(1, "r_max=1 is plain BN"),
+            ),
+            "d_max": field(
+                5.0,
+                "batch_renorm: final bound of |d|, reached by the schedule (paper: 5)",
+                check=schema.non_negative,
+            ),
+            # The paper's 5k / 40k / 25k steps divided by 50: a default run (2 epochs at batch
+            # 128, 937 steps) relaxes fully, r_max at step 800 and d_max at step 500.
+            "renorm_warmup_steps": _count_field(
+                100, "batch_renorm: steps of plain BN (r_max=1, d_max=0) first (paper: 5000)"
+            ),
+            "r_max_steps": _count_field(
+                700, "batch_renorm: steps of the linear ramp of r_max after the warm-up"
+            ),
+            "d_max_steps": _count_field(
+                400, "batch_renorm: steps of the linear ramp of d_max after the warm-up"
+            ),
+        },
+        batch_stats=True,
+        injected=("momentum", "r_max", "d_max"),
+        step_metrics=_renorm_metrics,
+        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchRenorm, **_renorm_schedule(n))),
+    ),
+)
+register_norm(
+    "noisy_batchnorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(
+            n, axis, layers.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
+        ),
+        doc='"noisy" BN: BN then noise of random mean and variance each step (Santurkar et al.)',
+        fields={
+            # Of the order of the unit-variance BN output, so the shift is severe on purpose.
+            "noise_mean": field(
+                0.5,
+                "noisy_batchnorm: per-feature noise means are drawn from U(-noise_mean, "
+                "noise_mean) each step",
+                check=schema.non_negative,
+            ),
+            "noise_std": field(
+                1.0,
+                "noisy_batchnorm: per-feature noise standard deviations are drawn from "
+                "U(0, noise_std) each step",
+                check=schema.non_negative,
+            ),
+        },
+        batch_stats=True,
+        injected=("momentum", "noise_mean", "noise_std"),
+        nnx=_nnx(
+            lambda n, axis, bnx: _batchnorm(
+                n, axis, bnx.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
+            )
+        ),
+    ),
+)
+register_norm(
+    "population_batchnorm",
+    NormSpec(
+        layer=lambda n, axis: _batchnorm(n, axis, layers.PopulationBatchNorm),
+        doc="BN normalizing with the running statistics in training too (Ghorbani et al. 2019)",
+        batch_stats=True,
+        injected=("momentum",),
+        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.PopulationBatchNorm)),
+    ),
+)
+register_norm(
+    "layernorm",
+    NormSpec(
+        layer=lambda n, axis: functools.partial(layers.LayerNorm, epsilon=n.epsilon),
+        doc="layer normalization over all non-batch axes (Ba et al. 2016)",
+        torch=torch_layernorm,
+        nnx=_nnx(lambda n, axis, bnx: functools.partial(bnx.LayerNorm, epsilon=n.epsilon)),
+    ),
+)
+register_norm(
+    "groupnorm",
+    NormSpec(
+        layer=lambda n, axis: functools.partial(
+            layers.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
+        ),
+        doc="group normalization (Wu & He 2018)",
+        fields={
+            "num_groups": field(
+                32,
+                "groupnorm: channel groups per layer (a layer with fewer channels uses one per "
+                "channel); must divide the others' channels",
+                check=schema.positive,
+            ),
+        },
+        check=_groupnorm_check,
+        torch=torch_groupnorm,
+        nnx=_nnx(
+            lambda n, axis, bnx: functools.partial(
+                bnx.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
+            )
+        ),
+    ),
+)

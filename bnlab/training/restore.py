@@ -1,0 +1,93 @@
+"""A run's checkpoint read back: its config and state (`load_checkpoint`), and the test metrics
+of that state (`evaluate`), from any folder. `bnlab.training.run` re-exports both."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bnlab import config as config_lib
+from bnlab import data as data_lib
+from bnlab import optim
+from bnlab.config import Config, ConfigError
+from bnlab.training import train as train_lib
+from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer
+from bnlab.training.records import EXPERIMENT_FILE
+
+
+def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
+    """`(cfg, restored)`: a run's config and its latest good checkpoint (or `step`)."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{workdir} holds no run (no config.json); pass a training workdir.")
+    experiment = _import_experiment(workdir)
+    try:
+        cfg = config_lib.from_dict(json.loads(config_path.read_text()))
+    except ConfigError as err:
+        if experiment is None:
+            raise ConfigError(
+                f"{err} The run may use a normalization or diagnostic that its experiment file "
+                f"registers, and {workdir} does not say which file that was."
+            ) from err
+        raise
+    model = train_lib.build_model(_one_device(cfg))
+    tx, _ = optim.make_optimizer(cfg.opt, total_steps=1)  # the state's structure is all we need
+    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32)
+    key = jax.eval_shape(jax.random.key, 0)
+    target = jax.eval_shape(functools.partial(train_lib.init_state, model, tx), key, sample)
+    ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint, read_only=True)
+    try:
+        return cfg, ckpt.restore(target, step=step)
+    finally:
+        ckpt.close()
+
+
+def _import_experiment(workdir: Path) -> Path | None:
+    """Imports the experiment file that a run (or the sweep it belongs to) came from, so that
+    what it registers exists; returns its path (None when the run does not record one)."""
+    candidates = [(workdir / EXPERIMENT_FILE, "path")]
+    candidates += [(workdir.parent.parent / "sweep.json", "experiment_path")]
+    for record, key in candidates:
+        try:
+            path = Path(json.loads(record.read_text())[key])
+        except (OSError, KeyError, ValueError, TypeError):
+            continue
+        if path.is_file():
+            config_lib.load_module(path)
+            return path
+    return None
+
+
+def _one_device(cfg: Config) -> Config:
+    """`cfg` on one device: evaluation uses the running statistics, not cross-device ones, so a
+    multi-device run evaluates and exports anywhere."""
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="none"))
+
+
+def evaluate(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    mnist_dir: str | None = None,
+    tfds_dir: str | None = None,
+) -> dict[str, Any]:
+    """Test loss and accuracy of a run's latest good checkpoint (or `step`), on MNIST from
+    `mnist_dir`, else `$BNLAB_MNIST_DIR`, else the run's own folders (`config.data_now`)."""
+    cfg, restored = load_checkpoint(workdir, step=step)
+    data = config_lib.data_now(cfg.data, mnist_dir=mnist_dir, tfds_dir=tfds_dir)
+    test_set = data_lib.load(data, "test")
+    model = train_lib.build_model(_one_device(cfg))
+    metrics = jax.jit(
+        lambda p, s, x, y: train_lib.evaluate(
+            p, s, x, y, model=model, batch_size=cfg.train.eval_batch_size
+        )
+    )(restored.state.params, restored.state.batch_stats, test_set.images, test_set.labels)
+    return {"step": restored.step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}

@@ -253,6 +253,17 @@ def make_schedule(c: OptConfig, total_steps: int) -> Schedule:
     return _lookup(SCHEDULES, "schedule", c.schedule)(c, max(int(total_steps), 1))
 
 
+def depends_on_length(c: OptConfig) -> bool:
+    """Whether the schedule's learning rate at a step depends on the run's total step count
+    (cosine, step, exponential and warmup-cosine do; constant and plateau do not): a run that
+    changes its length mid-way would then jump to another curve. Read off the schedule itself,
+    so a schedule registered in `SCHEDULES` needs no declaration."""
+    short = 2 * c.warmup_steps + 1000
+    steps = [round(i * (short - 1) / 63) for i in range(64)]
+    a, b = make_schedule(c, short), make_schedule(c, 2 * short)
+    return any(float(a(s)) != float(b(s)) for s in steps)
+
+
 def hyperparams(c: OptConfig) -> dict[str, float]:
     """The injected hyperparameters of `c`, by name."""
     return {k: getattr(c, k) for k in INJECTED}

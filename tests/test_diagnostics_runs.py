@@ -122,6 +122,36 @@ def test_a_resumed_run_measures_each_step_once(make_config, tmp_path, monkeypatc
     assert got == want
 
 
+def test_a_run_resumed_at_a_measurement_step_measures_it_once(make_config, tmp_path, monkeypatch):
+    """Stopped after epoch 0 at step 10, a multiple of diagnostics.every_steps: the checkpoint
+    of step 10 holds its measurement, so the resumed run does not measure step 10 again."""
+    from bnlab.training.records import Record
+
+    light = {**DIAG, "diagnostics.names": "activations,ics", "diagnostics.every_steps": 5}
+    cfg = make_config(MLP, **SMALL, **light)
+    run.run(cfg, tmp_path / "ref")
+    end_epoch = Record.end_epoch
+
+    def stop_after_epoch_0(record, epoch, evals):
+        end_epoch(record, epoch, evals)
+        if epoch == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Record, "end_epoch", stop_after_epoch_0)
+    with pytest.raises(run.Interrupted):
+        run.run(cfg, tmp_path / "run")
+    assert run.load_checkpoint(tmp_path / "run")[1].step == 10
+    monkeypatch.setattr(Record, "end_epoch", end_epoch)
+    run.run(cfg, tmp_path / "run")
+    got = [
+        r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "diag"
+    ]
+    assert got == [0, 5, 10, 15, 20]
+
+
 def test_a_diagnostic_registered_by_an_experiment_file_runs_through_bnlab_train(tmp_path, tfds_dir):
     experiment = tmp_path / "exp.py"
     experiment.write_text(

@@ -11,7 +11,7 @@ from ml_collections import config_dict
 from bnlab import diagnostics, schema
 from bnlab.data import DataConfig
 from bnlab.nn import models, norms
-from bnlab.optim import OptConfig
+from bnlab.optim import OptConfig, depends_on_length
 from bnlab.schema import field
 
 # Multi-host settings read from the environment when the config leaves them at None.
@@ -38,6 +38,13 @@ class TrainConfig:
     seed: int = field(0, "seeds init, data order and any noise")
     log_every_steps: int = field(
         50, "train metrics averaged over this many steps per record", check=schema.positive
+    )
+    progress_seconds: float = field(
+        3.0,
+        "a chunk of compiled steps lasts about this long (from the measured step time), so the "
+        "progress display and log lines move every few seconds; 0: chunks of "
+        "checkpoint.every_steps or a whole epoch (the results are the same bits either way)",
+        check=schema.non_negative,
     )
     divergence_loss: float = field(
         1e4,
@@ -197,6 +204,7 @@ def _options(annotation) -> tuple:
 RESUMABLE = (
     "train.epochs",
     "train.eval_batch_size",
+    "train.progress_seconds",
     "data.mnist_dir",
     "data.tfds_dir",
     "parallel.coordinator_address",  # a restarted multi-host job may get another port
@@ -207,12 +215,21 @@ RESUMABLE = (
 
 def resume_differences(old: Config, new: Config) -> list[str]:
     """The changes from `old` to `new` that a run cannot resume across (`"opt.lr: 0.1 -> 0.2"`);
-    the `checkpoint` group and the `RESUMABLE` fields may change."""
+    the `checkpoint` group and the `RESUMABLE` fields may change, except `train.epochs` when the
+    learning-rate schedule is built from the run's length (`bnlab.optim.depends_on_length`)."""
     old_d, new_d = old.to_dict(), new.to_dict()
-    return [
+    changes = [
         f"{group}.{field}: {old_d[group][field]!r} -> {new_d[group][field]!r}"
         for group in old_d
         if group != "checkpoint"
         for field in old_d[group]
         if f"{group}.{field}" not in RESUMABLE and old_d[group][field] != new_d[group][field]
     ]
+    if old.train.epochs != new.train.epochs and depends_on_length(old.opt):
+        changes.append(
+            f"train.epochs: {old.train.epochs} -> {new.train.epochs} (opt.schedule="
+            f"{old.opt.schedule!r} is built from the run's total steps, so the learning rate "
+            "would jump mid-run to a curve that matches neither length; keep train.epochs, or "
+            "start a new run)"
+        )
+    return changes

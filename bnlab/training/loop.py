@@ -162,6 +162,20 @@ def _take(tree: dict, i: int, stacked: bool) -> dict:
     }
 
 
+FIRST_CHUNK = 8  # steps of a run's first chunk, before any step has been timed
+
+
+def next_steps(left: int, seconds_per_step: float | None, target_s: float) -> int:
+    """Steps of the next chunk, at most `left`: as many as run in about `target_s` seconds at
+    the latest measured pace (`FIRST_CHUNK` before one exists), so the display moves every few
+    seconds whatever the model and machine; all of `left` when `target_s` is 0."""
+    if target_s <= 0:
+        return left
+    if seconds_per_step is None:
+        return min(left, FIRST_CHUNK)
+    return max(1, min(left, int(target_s / max(seconds_per_step, 1e-9))))
+
+
 def train(
     engine: Engine,
     state: Any,
@@ -175,13 +189,12 @@ def train(
     cfg = records[0].cfg
     spe = engine.steps_per_epoch
     total = spe * cfg.train.epochs
-    chunk = chunk_length(cfg, spe)
     step = records[0].step
     for record in records:
         if not record.active or record.step >= total:  # resumed after its last step
             record.finish()
     try:
-        state = _train(engine, state, records, stop, on_chunk, step, total, chunk)
+        state = _train(engine, state, records, stop, on_chunk, step, total)
     except Abandoned as err:
         saved = records[0].saved_step
         raise Abandoned(err.signum, records[0].step, saved) from None
@@ -202,28 +215,43 @@ def _diagnose(engine, state, records, step, stop) -> None:
                 record.add_diagnostics(step, _take(values, i, engine.stacked))
 
 
-def _train(engine, state, records, stop, on_chunk, step, total, chunk):
+def _unfinished(records: list[Record]) -> bool:
+    return any(r.active and r.summary is None for r in records)
+
+
+def _train(engine, state, records, stop, on_chunk, step, total):
+    """The loop. An epoch is cut into blocks of `chunk_length` steps (checkpoints are due at
+    block ends, as they always were), and each block into chunks of about
+    `train.progress_seconds` (signals, log lines and the display act at every chunk end)."""
     cfg = records[0].cfg
     spe = engine.steps_per_epoch
+    block = chunk_length(cfg, spe)
     every, best = cfg.checkpoint.every_steps, cfg.checkpoint.best_metric
+    pace: float | None = None  # seconds per step of the latest chunk
     if step == 0:
         _diagnose(engine, state, records, step, stop)
+    block_start = step  # blocks run from where the loop starts, and from each epoch start
     while step < total and any(r.active for r in records):
         tick = time.perf_counter()
         indexed = [(i, r) for i, r in enumerate(records) if r.active]
         epoch, pos = divmod(step, spe)
-        steps = min(chunk, spe - pos)
+        block_end = min(block_start + block, (epoch + 1) * spe)
+        left = block_end - step
         if engine.diagnose is not None:  # a chunk ends at every measurement
-            steps = min(steps, engine.diagnose_every - step % engine.diagnose_every)
+            left = min(left, engine.diagnose_every - step % engine.diagnose_every)
+        steps = next_steps(left, pace, cfg.train.progress_seconds)
         compiling = Clock.compile_seconds()
         state, metrics = interruptible(engine.train, state, epoch, pos, steps)
-        # Throughput counts the steps, not the compilation that a chunk may start with.
-        seconds = time.perf_counter() - tick - (Clock.compile_seconds() - compiling)
+        seconds = time.perf_counter() - tick
+        # A chunk during which anything compiled (here or in a background thread) times the
+        # compiler too: its steps count for throughput only when no other chunk does.
+        compiled = Clock.compile_seconds() > compiling
+        pace = seconds / steps
         with stop.critical():  # what is written to files is never cut in half
             for i, record in indexed:
+                record.add_throughput(seconds, steps, compiled=compiled)
                 record.add_train(_take(metrics, i, engine.stacked))
-                record.add_throughput(max(seconds, 1e-9), steps)
-        before, step = step, step + steps
+        step += steps
         epoch_end = step % spe == 0
         if epoch_end:
             evals = interruptible(engine.evaluate, state)
@@ -236,11 +264,14 @@ def _train(engine, state, records, stop, on_chunk, step, total, chunk):
         for _, record in indexed:
             record.add_wall_time(time.perf_counter() - tick)
         ending = [(i, r) for i, r in indexed if not r.active or step == total]
+        block_done = step == block_end
         due = (
             stop.signum is not None
-            or (every and step // every > before // every)
+            or (block_done and every and step // every > block_start // every)
             or (best and epoch_end)
         )
+        if block_done:
+            block_start = step
         with stop.critical():
             saving = indexed if due else ending
             if saving:
@@ -251,6 +282,6 @@ def _train(engine, state, records, stop, on_chunk, step, total, chunk):
                 record.finish()
         if on_chunk is not None:
             on_chunk(records, epoch_end)
-        if stop.signum is not None and any(r.active for r in records):
+        if stop.signum is not None and _unfinished(records):
             raise Interrupted(stop.signum, step)
     return state

@@ -1,6 +1,10 @@
 """What a person watching a run sees: on a terminal, a bar of steps with the latest loss,
 accuracy, examples/s and an ETA, redrawn after every chunk; elsewhere (a log file, a notebook
 without widgets, a terminal of unknown width), one line per log window and per evaluation.
+
+The loop ends a chunk about every `train.progress_seconds` (3 s by default), so the bar moves
+and each line is printed within a few seconds of its step, with the speed of the latest chunk
+and the ETA from that line's step.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 
@@ -37,8 +42,12 @@ class Progress:
         *,
         stream: TextIO | None = None,
         terminal: bool | None = None,
+        speed: Callable[[], float | None] | None = None,
     ):
+        """`speed`: the run's current examples/s, read at every line and redraw (default:
+        the throughput of the compiled steps that `on_chunk` reports)."""
         self.total, self.step, self.batch_size = total_steps, start_step, batch_size
+        self.speed = speed
         self.stream = sys.stderr if stream is None else stream
         self.terminal = _is_terminal(self.stream) if terminal is None else terminal
         self.latest: dict[str, Any] = {}
@@ -64,7 +73,7 @@ class Progress:
         if split == "train":
             line = (
                 f"step {step}/{self.total}  loss {values['loss']:.4f}  "
-                f"acc {values['accuracy']:.4f}{self._speed()}"
+                f"acc {values['accuracy']:.4f}{self._speed(step)}"
             )
         else:
             line = f"step {step}/{self.total}  {split}: loss {values['loss']:.4f}  " + (
@@ -81,11 +90,15 @@ class Progress:
             self._bar.set_postfix_str(self._postfix(), refresh=True)
         self.step = step
 
-    def _speed(self) -> str:
-        if not self.examples_per_s:
+    def _examples_per_s(self) -> float | None:
+        return self.speed() if self.speed is not None else self.examples_per_s
+
+    def _speed(self, step: int) -> str:
+        speed = self._examples_per_s()
+        if not speed:
             return ""
-        eta = (self.total - self.step) * self.batch_size / self.examples_per_s
-        return f"  {self.examples_per_s:,.0f} ex/s  eta {_duration(eta)}"
+        eta = (self.total - step) * self.batch_size / speed
+        return f"  {speed:,.0f} ex/s  eta {_duration(eta)}"
 
     def _postfix(self) -> str:
         parts = []
@@ -95,8 +108,10 @@ class Progress:
         for split in ("validation", "test"):
             if split in self.latest:
                 parts.append(f"{split} acc {self.latest[split]['accuracy']:.4f}")
-        if self.examples_per_s:
-            parts.append(f"{self.examples_per_s:,.0f} ex/s")
+        speed = self._examples_per_s()
+        if speed:
+            eta = (self.total - self.step) * self.batch_size / speed
+            parts.append(f"{speed:,.0f} ex/s, eta {_duration(eta)}")
         return ", ".join(parts)
 
     def close(self) -> None:

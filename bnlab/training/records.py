@@ -105,8 +105,12 @@ class Record:
             self.evals["test"] = meta["test"]  # a checkpoint of an earlier bnlab
         self.status: str = meta.get("status", "ok")
         self.wall_time_s: float = meta.get("wall_time_s", 0.0)
+        # Seconds and steps of the chunks during which nothing compiled, and of every chunk.
         self.train_time_s: float = meta.get("train_time_s", 0.0)
         self.timed_steps: int = meta.get("timed_steps", 0)
+        self.chunk_time_s: float = meta.get("chunk_time_s", 0.0)
+        self.chunk_steps: int = meta.get("chunk_steps", 0)
+        self.pace: float | None = None  # examples/s of the latest chunk without compilation
         self.best: dict[str, Any] | None = meta.get("best")
         self.stale_epochs: int = meta.get("stale_epochs", 0)
         self.saved_step: int | None = meta.get("step")  # the checkpoint it resumes from, if any
@@ -170,10 +174,24 @@ class Record:
             if step > before and (means["window"] == every or epoch_end):
                 self._write(step, "train", epoch=first_step // spe, **means)
 
-    def add_throughput(self, seconds: float, steps: int) -> None:
-        """A chunk of `steps` that trained in `seconds` (no compilation in it)."""
-        self.train_time_s += seconds
-        self.timed_steps += steps
+    def add_throughput(self, seconds: float, steps: int, *, compiled: bool = False) -> None:
+        """A chunk of `steps` that took `seconds` of wall time; `compiled`: something compiled
+        meanwhile, so its time is not the steps' alone."""
+        self.chunk_time_s += seconds
+        self.chunk_steps += steps
+        if not compiled:
+            self.train_time_s += seconds
+            self.timed_steps += steps
+            self.pace = steps * self.cfg.train.batch_size / seconds
+
+    def examples_per_s(self) -> float | None:
+        """Training throughput: over the chunks during which nothing compiled, else (every
+        chunk compiled something: a one-chunk run) over every chunk, compilation included, a
+        lower bound. None before the first chunk."""
+        seconds, steps = self.train_time_s, self.timed_steps
+        if not steps:
+            seconds, steps = self.chunk_time_s, self.chunk_steps
+        return steps * self.cfg.train.batch_size / seconds if steps and seconds > 0 else None
 
     def add_wall_time(self, seconds: float) -> None:
         self.wall_time_s += seconds
@@ -211,7 +229,9 @@ class Record:
             self.stale_epochs = 0
         else:
             self.stale_epochs += 1
-        if patience and self.stale_epochs >= patience:
+        # Early-stopped: stopped before its last epoch; a run that ends on its last epoch
+        # without improving has simply finished.
+        if patience and self.stale_epochs >= patience and epoch + 1 < self.cfg.train.epochs:
             self.status = "early_stopped"
 
     def ranking_metrics(self) -> dict[str, float] | None:
@@ -229,6 +249,8 @@ class Record:
             "wall_time_s": self.wall_time_s,
             "train_time_s": self.train_time_s,
             "timed_steps": self.timed_steps,
+            "chunk_time_s": self.chunk_time_s,
+            "chunk_steps": self.chunk_steps,
             "best": self.best,
             "stale_epochs": self.stale_epochs,
             "config": self.cfg.to_dict(),
@@ -253,11 +275,7 @@ class Record:
             "steps": self.step,
             "epochs": self.step // self.steps_per_epoch,
             "wall_time_s": self.wall_time_s,
-            "train_examples_per_s": (
-                self.timed_steps * self.cfg.train.batch_size / self.train_time_s
-                if self.train_time_s > 0
-                else None
-            ),
+            "train_examples_per_s": self.examples_per_s(),
         }
         if "validation" in self.evals:
             summary["validation_accuracy"] = float(self.evals["validation"]["accuracy"])

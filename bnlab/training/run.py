@@ -158,7 +158,12 @@ def _train(cfg, workdir, programs, state, splits, data_key, progress, experiment
     if progress and primary:
         if record.step:
             print(f"bnlab: resuming {workdir} from step {record.step}", file=sys.stderr)
-        shown = Progress(spe * cfg.train.epochs, record.step, cfg.train.batch_size)
+        shown = Progress(
+            spe * cfg.train.epochs,
+            record.step,
+            cfg.train.batch_size,
+            speed=lambda: record.pace or record.examples_per_s(),
+        )
         record.listener = shown.on_record
     record.start(
         purge_step=record.step + 1 if record.step else None,

@@ -330,9 +330,10 @@ def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
 
 
 def chunk_length(cfg: Config, steps_per_epoch: int) -> int:
-    """Steps per chunk of a run: `checkpoint.every_steps`, at most an epoch (the loop runs
-    epochs in chunks of this many steps, and their remainders). One program runs every chunk
-    (`one_program`), whatever its length up to this."""
+    """The most steps one chunk of a run runs: `checkpoint.every_steps`, at most an epoch. The
+    loop runs an epoch in blocks of this many steps (checkpoints fall due at block ends), each
+    cut into shorter chunks of about `train.progress_seconds`; one program, compiled for this
+    length, runs every chunk (`one_program`)."""
     return min(cfg.checkpoint.every_steps or steps_per_epoch, steps_per_epoch)
 
 

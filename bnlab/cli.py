@@ -8,9 +8,12 @@ checkpoint error (the message says how to fix it), 3 a diverged run, 4 stopped b
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bnlab.config import (
     ConfigError,
@@ -157,12 +160,23 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     module = load_module(args.config)
     smoke = smoke_overrides(module) if args.smoke else {}
     cfg = validate(apply_overrides(config_of(module, args.config), {**smoke, **overrides}))
-    summary = run(cfg, args.workdir, progress=not args.no_progress, experiment=args.config)
+    try:
+        summary = run(cfg, args.workdir, progress=not args.no_progress, experiment=args.config)
+    except KeyboardInterrupt as err:
+        if not getattr(err, "finished", False):
+            raise
+        summary = json.loads((Path(args.workdir) / "summary.json").read_text())
+        print(
+            f"bnlab: {signal.Signals(err.signum).name} arrived as the last steps ran: the run "
+            "finished (summary.json is written); there is nothing to resume.",
+            file=sys.stderr,
+        )
     print(
         f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
         f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={args.workdir}"
     )
-    return EXIT_OK if summary["status"] == "ok" else EXIT_DIVERGED
+    # Early stopping is a normal end; only divergence is a failure of the run.
+    return EXIT_DIVERGED if summary["status"] == "diverged" else EXIT_OK
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -257,6 +271,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 COMPILING = ("train", "sweep", "evaluate", "export")  # commands that run JAX programs
 COUNT_COMPILES_ENV = "BNLAB_COUNT_COMPILES"  # "1": print the programs a command compiled
 WRITING_EVENTS = ("train", "sweep")  # commands that write TensorBoard events
+TRAINING = ("train", "sweep")  # commands whose SIGINT/SIGTERM stop training loops cleanly
 
 
 def _start_compilation_cache():
@@ -288,7 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Now, while this process has one thread: it hides torch for a moment.
             summary_writer_class()
         try:
-            return COMMANDS[args.command](args, overrides)
+            if args.command not in TRAINING:
+                return COMMANDS[args.command](args, overrides)
+            from bnlab.training.loop import StopSignals
+
+            # Held for the whole command: a signal outside a training loop (loading data,
+            # compiling, between trials) is a request that the next loop acts on at once, not
+            # a KeyboardInterrupt raised under XLA or inside a garbage collector's callback.
+            with StopSignals():
+                return COMMANDS[args.command](args, overrides)
         finally:
             if report is not None:
                 report()
@@ -305,10 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bnlab.training.loop import Abandoned, Interrupted
 
         if isinstance(err, Interrupted):
-            print(
-                f"bnlab: {err}, after saving a checkpoint; run the same command to resume.",
-                file=sys.stderr,
-            )
+            saved = "after saving a checkpoint" if err.saved else "before training went on"
+            print(f"bnlab: {err}, {saved}; run the same command to resume.", file=sys.stderr)
         elif isinstance(err, Abandoned):
             print(f"bnlab: {err}. Run the same command to resume.", file=sys.stderr, flush=True)
             if from_command_line:
@@ -320,7 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bnlab: interrupted outside training; every finished result and checkpoint is "
                 "kept. Run the same command to continue.",
                 file=sys.stderr,
+                flush=True,
             )
+            if from_command_line:
+                # XLA may be compiling in a worker thread (the next group of a sweep): an
+                # interpreter that shuts down under it crashes (exit 139), so leave at once.
+                sys.stdout.flush()
+                os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from bnlab import config, optim
 from bnlab.training import run
@@ -108,3 +109,50 @@ def test_reduce_on_plateau_reads_the_validation_loss_not_the_test_loss():
     for value in (1.0, 1.0, 1.0):
         expected = optim.plateau_step(expected, value, cfg.opt)
     assert float(optim.lr_scale(state.opt_state)) == float(optim.lr_scale(expected)) < 1.0
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_last_chunk_lets_the_run_finish_and_exit_0(
+    tmp_path, tfds_dir, monkeypatch, capsys
+):
+    import json
+    import os
+    import signal
+
+    from bnlab import cli
+
+    end_epoch = Record.end_epoch
+
+    def signal_in_the_last_epoch(record, epoch, evals):
+        if epoch == record.cfg.train.epochs - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as the last chunk's evaluation runs
+        end_epoch(record, epoch, evals)
+
+    monkeypatch.setattr(Record, "end_epoch", signal_in_the_last_epoch)
+    args = ["train", "--config", "experiments/bn_paper_mlp.py", "--workdir", str(tmp_path)]
+    args += ["--smoke", f"--config.data.tfds_dir={tfds_dir}", "--no-progress"]
+    assert cli.main(args) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "the run finished" in err and "resume" not in err.replace("nothing to resume", "")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+    monkeypatch.setattr(Record, "end_epoch", end_epoch)
+    with pytest.raises(config.ConfigError, match="already holds a finished run"):
+        run.run(config.validate(config.load_config(ROOT / "experiments/bn_paper_mlp.py")), tmp_path)
+    assert cli.main(args) == cli.EXIT_BAD_INPUT
+
+
+@pytest.mark.slow
+def test_early_stopping_is_a_normal_end_exit_0(tmp_path, tfds_dir, capsys):
+    import json
+
+    from bnlab import cli
+
+    # The validation loss cannot improve at lr 0: stale from epoch 1 on, stopped at epoch 2.
+    args = ["train", "--config", "experiments/bn_paper_mlp.py", "--workdir", str(tmp_path)]
+    args += [f"--config.data.tfds_dir={tfds_dir}", "--no-progress", "--config.opt.lr=1e-30"]
+    args += ["--config.model.norm=none"]  # no running statistics to move the loss either
+    args += ["--config.data.train_size=600", "--config.data.validation_size=600"]
+    args += ["--config.train.epochs=4", "--config.train.early_stopping_patience=1"]
+    assert cli.main(args) == cli.EXIT_OK
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "early_stopped" and summary["epochs"] < 4

@@ -81,3 +81,35 @@ def test_a_second_sigint_stops_at_once_cleanly_and_the_run_resumes(tmp_path, tfd
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 60
+
+
+def test_ctrl_c_while_a_sweep_compiles_its_next_group_exits_4_cleanly(tmp_path, tfds_dir):
+    """Between two vmapped groups the next one compiles in a worker thread: Ctrl-C there must
+    not take the interpreter down under XLA (a segmentation fault, exit 139)."""
+    import os
+
+    experiment = tmp_path / "exp.py"
+    experiment.write_text(
+        "from bnlab.config import default_config\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.model.name, c.train.batch_size = 'mlp', 60\n"
+        f"    c.data.tfds_dir = {tfds_dir!r}\n"
+        "    return c\n\n"
+        "def sweep(smoke=False):\n"
+        "    for norm in ('none', 'batchnorm', 'layernorm'):\n"
+        "        yield {'model.norm': norm}\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bnlab.cli", "sweep", str(experiment), "--workdir", str(out)]
+    cmd += ["--config.data.train_size=600", "--config.train.epochs=1"]
+    env = {**os.environ, "BNLAB_COMPILATION_CACHE": str(tmp_path / "cache")}  # compiles for real
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("runs/*/summary.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first group never ended"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # the next group is being built and compiled now
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err.decode()[-2000:]
+    assert b"Traceback" not in err

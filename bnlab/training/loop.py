@@ -29,11 +29,13 @@ Metrics = dict[str, Any]
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM/SIGINT stopped a run after it saved a checkpoint; run it again to resume."""
+    """SIGTERM/SIGINT stopped a run after it saved a checkpoint; run it again to resume.
+    `finished`: the signal came as the run's last chunk ran, and the run finished (its
+    summary.json is written): nothing of it is left to resume, but a sweep stops there."""
 
-    def __init__(self, signum: int, step: int):
+    def __init__(self, signum: int, step: int, *, finished: bool = False, saved: bool = True):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
+        self.signum, self.step, self.finished, self.saved = signum, step, finished, saved
 
 
 class Abandoned(KeyboardInterrupt):
@@ -65,14 +67,22 @@ class StopSignals:
     a summary), which it lets finish first, so no file is left half-written.
     """
 
+    _active: StopSignals | None = None  # the innermost one entered (a command's, a loop's)
+
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
         self.announce = announce
         self._previous: dict[int, Any] = {}
         self._critical = 0
         self._pending: int | None = None
+        self._outer: StopSignals | None = None
 
     def __enter__(self):
+        # Nested in a command's StopSignals (`bnlab train`/`sweep` hold one for their whole
+        # life): a signal that came before this loop started stops it before its first step.
+        self._outer, StopSignals._active = StopSignals._active, self
+        if self._outer is not None:
+            self.signum = self._outer.signum
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -110,6 +120,9 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        StopSignals._active = self._outer
+        if self._outer is not None and self.signum is not None:
+            self._outer.signum = self.signum
 
 
 def interruptible(fn: Callable[..., Any], *args: Any) -> Any:
@@ -193,6 +206,8 @@ def train(
     for record in records:
         if not record.active or record.step >= total:  # resumed after its last step
             record.finish()
+    if stop.signum is not None and _unfinished(records):  # it came before training began
+        raise Interrupted(stop.signum, step, saved=False)
     try:
         state = _train(engine, state, records, stop, on_chunk, step, total)
     except Abandoned as err:
@@ -284,4 +299,6 @@ def _train(engine, state, records, stop, on_chunk, step, total):
             on_chunk(records, epoch_end)
         if stop.signum is not None and _unfinished(records):
             raise Interrupted(stop.signum, step)
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, step, finished=True)
     return state

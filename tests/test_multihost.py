@@ -39,9 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(workdir, tfds_dir, *, port, extra=()):
+def _start(workdir, tfds_dir, *, port, extra=(), experiment=MLP, env_extra=None):
     """Both processes of one run, each with 2 fake CPU devices, sharing `workdir`."""
-    cmd = [sys.executable, "-m", "bnlab.cli", "train", "--config", MLP, "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "bnlab.cli", "train", "--config", str(experiment)]
+    cmd += ["--workdir", str(workdir)]
     cmd += ["--no-progress", f"--config.data.tfds_dir={tfds_dir}"]
     cmd += [f"--config.{k}={v}" for k, v in SMALL.items()] + list(extra)
     env = {
@@ -50,6 +51,7 @@ def _start(workdir, tfds_dir, *, port, extra=()):
         "PYTHONPATH": str(ROOT),
         config.COORDINATOR_ENV: f"127.0.0.1:{port}",
         config.NUM_PROCESSES_ENV: "2",
+        **(env_extra or {}),
     }
     return [
         subprocess.Popen(
@@ -201,3 +203,58 @@ def test_sweep_shards_started_together_run_every_trial_once(tmp_path, tfds_dir):
     from bnlab.results import load_sweep
 
     assert load_sweep(out).counts()["ok"] == 6
+
+
+HOOKED = """
+import os
+
+from bnlab.config import load_config
+from bnlab.training import checkpoint
+
+if os.environ.get("BNLAB_PROCESS_ID") == "1" and os.environ.get("HOOK") == "fail":
+    def steps(self):
+        raise OSError("simulated: the checkpoint folder vanished")
+    checkpoint.Checkpointer.steps = steps
+if os.environ.get("BNLAB_PROCESS_ID") == "1" and os.environ.get("HOOK") == "stale":
+    checkpoint.Checkpointer.steps = lambda self: []  # as if it saw none of the checkpoints
+
+
+def get_config():
+    return load_config({mlp!r})
+"""
+
+
+def _hooked(tmp_path):
+    experiment = tmp_path / "hooked.py"
+    experiment.write_text(HOOKED.format(mlp=str(ROOT / MLP)))
+    return experiment
+
+
+def test_an_error_in_one_process_while_all_agree_stops_every_process_at_once(tmp_path, tfds_dir):
+    """Not a user error (an OS error during resume): the other process learns of it within
+    seconds instead of waiting on a collective until JAX's heartbeat timeout (~660 s)."""
+    start = time.monotonic()
+    procs = _start(tmp_path / "run", tfds_dir, port=_free_port(), experiment=_hooked(tmp_path),
+                   env_extra={"HOOK": "fail"})  # fmt: skip
+    outputs = _finish(procs, timeout=240)
+    assert time.monotonic() - start < 200, outputs
+    assert [p.returncode for p in procs] == [cli.EXIT_LOST_PROCESS] * 2, outputs
+    assert (
+        "process 1 of 2 failed (OSError: simulated: the checkpoint folder vanished)" in outputs[0]
+    )
+    assert "OSError: simulated" in outputs[1]  # its own traceback says where
+
+
+def test_processes_that_would_resume_from_different_steps_refuse_to(tmp_path, tfds_dir):
+    workdir = tmp_path / "run"
+    first = _start(workdir, tfds_dir, port=_free_port(), extra=["--config.train.epochs=1"])
+    outputs = _finish(first)
+    assert [p.returncode for p in first] == [0, 0], outputs
+    (workdir / "summary.json").unlink()  # as if stopped after its last checkpoint (step 20)
+    procs = _start(workdir, tfds_dir, port=_free_port(), experiment=_hooked(tmp_path),
+                   extra=["--config.train.epochs=1"], env_extra={"HOOK": "stale"})  # fmt: skip
+    outputs = _finish(procs)
+    assert [p.returncode for p in procs] == [cli.EXIT_BAD_INPUT] * 2, outputs
+    for out in outputs:
+        assert "differ in the latest checkpoint they see (process 0: 20, process 1: 0)" in out
+    assert _steps(workdir)[-1] == 20  # nothing was overwritten

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -53,14 +54,26 @@ def initialize(par: ParallelConfig) -> None:
 
 
 class LostProcess(RuntimeError):
-    """Another process of a multi-process run stopped (a collective with it failed)."""
+    """Another process of a multi-process run stopped (a collective with it failed), or one
+    failed (`failed`): every process stops with `EXIT_LOST_PROCESS`."""
 
-    def __init__(self, cause: BaseException):
+    def __init__(self, cause: BaseException, *, message: str | None = None):
         first = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
         super().__init__(
-            f"process {jax.process_index()} of {jax.process_count()} lost contact with another "
-            f"process of this run ({first}); it stopped or was killed (see its output). Start "
-            "every process again with the same command to resume from the last checkpoint."
+            message
+            or f"process {jax.process_index()} of {jax.process_count()} lost contact with "
+            f"another process of this run ({first}); it stopped or was killed (see its output). "
+            "Start every process again with the same command to resume from the last checkpoint."
+        )
+
+    @classmethod
+    def failed(cls, index: int, error: str) -> LostProcess:
+        """Process `index` failed with `error` (`"OSError: ..."`) where all had to agree."""
+        return cls(
+            RuntimeError(error),
+            message=f"process {index} of {jax.process_count()} failed ({error[:300]}), so every "
+            "process of this run stops. Fix the cause (see that process's output), then start "
+            "every process again with the same command to resume from the last checkpoint.",
         )
 
 
@@ -90,9 +103,11 @@ def barrier(name: str) -> None:
 
 
 def agree(fn: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
-    """Runs `fn` in every process; if it raises one of `errors` in any process, every process
-    raises that error (the first failing process's, class and message), so that a problem one
-    process sees (a workdir it cannot continue from) stops all of them alike."""
+    """Runs `fn` in every process; if it raises in any process, every process learns it at
+    once (rather than waiting on a collective until JAX's heartbeat timeout): one of `errors`
+    (bad input) is raised alike in all of them (the first failing process's, class and
+    message); any other exception stops all of them as `LostProcess` (exit 5), the failing
+    process printing its traceback first."""
     if jax.process_count() == 1:
         return fn()
     from jax.experimental import multihost_utils
@@ -100,7 +115,7 @@ def agree(fn: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
     failure, result = None, None
     try:
         result = fn()
-    except errors as err:
+    except Exception as err:  # noqa: BLE001 - shared with the other processes below
         failure = err
     text = "" if failure is None else f"{type(failure).__name__}\n{failure}"
     data = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
@@ -111,11 +126,30 @@ def agree(fn: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
     for index, row in enumerate(gathered):
         if row[0]:
             name, _, message = bytes(row[1:]).rstrip(b"\0").decode(errors="replace").partition("\n")
-            cls = next((e for e in errors if e.__name__ == name), errors[0])
+            cls = next((e for e in errors if e.__name__ == name), None)
+            if cls is not None:
+                if failure is not None and index == jax.process_index():
+                    raise failure
+                raise cls(f"(process {index}) {message}")
             if failure is not None and index == jax.process_index():
-                raise failure
-            raise cls(f"(process {index}) {message}")
+                traceback.print_exception(failure, file=sys.stderr)
+                raise LostProcess.failed(index, f"{name}: {message}") from failure
+            raise LostProcess.failed(index, f"{name}: {message}")
     return result
+
+
+def same_everywhere(value: int, what: str) -> int:
+    """`value` when every process has the same one; else a `ValueError` in all of them that
+    lists each process's value (alone: `value`)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int64))).tolist()
+    if len(set(values)) > 1:
+        each = ", ".join(f"process {i}: {v}" for i, v in enumerate(values))
+        raise ValueError(f"the processes of this run differ in {what} ({each})")
+    return value
 
 
 class Watchdog:

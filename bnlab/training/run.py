@@ -148,7 +148,12 @@ def _train(cfg, workdir, programs, state, splits, data_key, progress, experiment
     spe = programs.steps_per_epoch
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     try:
+        # Agreed before restoring: processes that restore different steps would run different
+        # collectives (orbax's among them) and fail far from the cause.
+        steps = parallel.agree(ckpt.steps, USER_ERRORS)
+        _same_step_everywhere(steps[-1] if steps else 0, workdir, "the latest checkpoint they see")
         state, meta = parallel.agree(lambda: _resume(cfg, workdir, ckpt, state), USER_ERRORS)
+        _same_step_everywhere(meta["step"] if meta else 0, workdir, "the step they resume from")
     finally:
         ckpt.close()
     primary = parallel.is_primary()
@@ -184,6 +189,18 @@ def _train(cfg, workdir, programs, state, splits, data_key, progress, experiment
         if shown is not None:
             shown.close()
     return record.summary
+
+
+def _same_step_everywhere(step: int, workdir: Path, what: str) -> None:
+    """Every process of a run resumes from the same step, or none does."""
+    try:
+        parallel.same_everywhere(step, what)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{err}: their views of {workdir / CHECKPOINT_DIR} differ (a shared folder out of "
+            "sync, or one process pointed at another copy). Give every process the same "
+            "workdir on one shared file system, then start them again."
+        ) from None
 
 
 def _missing_folders(path: str | os.PathLike) -> list[Path]:

@@ -79,6 +79,7 @@ def main() -> None:
         f"  cost of the shorter chunks: {100 * (ratio - 1):+.1f}% of the whole command "
         "(target: < 3%)"
     )
+    print(f"other processes used {env_info.other_cores(since):.2f} cores on average meanwhile")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ from typing import Any, NamedTuple
 import scipy.stats
 
 from bnlab.config import ConfigError, parse_value
+from bnlab.studies.significance import (  # noqa: F401 - part of this API
+    ALPHA,
+    Comparison,
+    holm,
+    verdict,
+    welch,
+)
 from bnlab.training.writers import read_jsonl
 
 SEED_KEY = "train.seed"

@@ -385,3 +385,40 @@ def test_a_key_only_one_normalization_sets_is_a_series_not_a_panel(tmp_path):
         "norm=ghost_batchnorm, virtual_batch_size=2",
         "norm=ghost_batchnorm, virtual_batch_size=32",
     ]
+
+
+def test_a_declared_baseline_adds_welch_differences_holm_adjusted(tmp_path):
+    from bnlab import results
+
+    accuracies = {
+        ("none", 0.1): [0.970, 0.972, 0.968],
+        ("batchnorm", 0.1): [0.981, 0.983, 0.982],
+        ("none", 1.0): [0.950, 0.960, 0.955],
+        ("batchnorm", 1.0): [0.956, 0.951, 0.962],
+    }
+    trials = [
+        (
+            {"model.norm": norm, "opt.lr": lr, "train.seed": seed},
+            {"status": "ok", "test_accuracy": acc, "test_loss": 0.1, "steps": 10},
+            [],
+        )
+        for (norm, lr), values in accuracies.items()
+        for seed, acc in enumerate(values)
+    ]
+    _written_sweep(tmp_path, trials)
+    experiment = tmp_path / "x.py"
+    experiment.write_text('BASELINE = {"model.norm": "none"}\n')
+    spec = json.loads((tmp_path / "sweep.json").read_text())
+    write_json(tmp_path / "sweep.json", {**spec, "experiment": str(experiment)})
+    text = report.write_report(tmp_path).read_text()
+    bn = [
+        results.welch(accuracies[("batchnorm", lr)], accuracies[("none", lr)]) for lr in (0.1, 1.0)
+    ]
+    p = results.holm([c.p for c in bn])
+    rows = [line for line in text.splitlines() if line.startswith("| batchnorm")]
+    assert len(rows) == 2
+    for row, c, adjusted in zip(rows, bn, p, strict=True):
+        assert row.endswith(f"| {results.verdict(c, adjusted)} |"), row
+    assert p[0] < 0.05 <= p[1]  # at lr 0.1 BN wins; at lr 1.0 the arms are indistinguishable
+    assert "indistinguishable" in rows[1] and "indistinguishable" not in rows[0]
+    assert sum(line.endswith("| baseline |") for line in text.splitlines()) == 2

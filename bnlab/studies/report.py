@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bnlab.studies.compare import against_baseline, baseline_of
 from bnlab.studies.plots import FIGURES, Plot, all_figures
 from bnlab.studies.results import (
     RESULTS,
@@ -26,6 +27,7 @@ from bnlab.studies.results import (
     Sweep,
     format_value,
     load_sweep,
+    verdict,
 )
 
 __all__ = ["all_figures", "load_sweep", "render", "table", "table_markdown", "write_report"]
@@ -76,23 +78,36 @@ def _interval(s: Stats) -> str:
     return f"[{_number(s.low)}, {_number(s.high)}]" if s.n >= 2 else "n/a (< 2 ok seeds)"
 
 
-def table_markdown(sweep: Sweep) -> str:
-    """The table as Markdown."""
+def table_markdown(sweep: Sweep, baseline: dict[str, Any] | None = None) -> str:
+    """The table as Markdown; with `baseline` (the experiment's `BASELINE`), a column of each
+    setting's test accuracy minus its baseline's, with the interval and Holm-adjusted p."""
     level = f"{CONFIDENCE:.0%}"
     statuses, validation = _statuses(sweep), _has_validation(sweep)
+    versus = against_baseline(sweep, baseline) if baseline else None
     header = [f"`{k}`" for k in sweep.varying] + ["seeds", *statuses]
     header += ["validation accuracy, mean ± std"] if validation else []
     header += ["test accuracy, mean ± std", f"accuracy {level} CI"]
     header += ["test loss, mean ± std", f"loss {level} CI"]
+    header += [f"test accuracy - baseline [{level} CI], Holm p"] if versus is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for row in table(sweep):
+    for group, row in zip(sweep.groups, table(sweep), strict=True):
         cells = [format_value(row[k]) for k in sweep.varying]
         cells += [str(row["seeds"]), *(str(row[status]) for status in statuses)]
         cells += [_mean_std(row["validation_accuracy"])] if validation else []
         for metric in ("accuracy", "loss"):
             cells += [_mean_std(row[metric]), _interval(row[metric])]
+        if versus is not None:
+            cells.append(_versus(versus.get(group.name)))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _versus(v) -> str:
+    if v is None:
+        return "baseline"
+    if v.comparison is None:
+        return f"n/a (< 2 results in this arm or {v.baseline})"
+    return verdict(v.comparison, v.p_holm)
 
 
 def _docstring(experiment: str) -> str | None:
@@ -168,6 +183,19 @@ def _not_ok(sweep: Sweep) -> list[str]:
     return lines or ["Every trial finished ok."]
 
 
+def _baseline_note(baseline: dict[str, Any] | None) -> list[str]:
+    if not baseline:
+        return []
+    named = ", ".join(f"`{k}={format_value(v)}`" for k, v in baseline.items())
+    return [
+        f"Each setting is compared with its baseline ({named}, the other keys alike): the "
+        "difference of the mean final test accuracies, its 95% interval and the p value of "
+        "Welch's t test over the seeds, Holm-adjusted over the table; *indistinguishable* "
+        "where that p >= 0.05.",
+        "",
+    ]
+
+
 def render(sweep: Sweep, plots: list[Plot]) -> str:
     """report.md's text; figures are linked as `figures/<name>.png`."""
     title = Path(sweep.experiment).stem or sweep.path.name
@@ -176,6 +204,7 @@ def render(sweep: Sweep, plots: list[Plot]) -> str:
     if doc:
         lines += [*(f"> {line}".rstrip() for line in doc.splitlines()), ""]
     lines += [*_overview(sweep), "", "## Final test metrics per setting", ""]
+    baseline = baseline_of(sweep.experiment)
     level = f"{CONFIDENCE:.0%}"
     lines += [
         "Each row is one setting; its trials differ only in the seed. Final test accuracy and "
@@ -185,7 +214,8 @@ def render(sweep: Sweep, plots: list[Plot]) -> str:
         "seeds - 1 degrees of freedom). Diverged, failed and missing trials are left out of "
         "these statistics and counted in their own columns.",
         "",
-        table_markdown(sweep),
+        *_baseline_note(baseline),
+        table_markdown(sweep, baseline),
         "",
         "## Trials that did not finish ok",
         "",

@@ -10,6 +10,7 @@ per-step train metrics of the epoch in progress, the last evaluations, status, t
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,20 @@ class Record:
             self.listener(step, split, values)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._ckpt is not None:
-            self._ckpt.close()
-            self._ckpt = None
+        """Closes the files; called in a `finally` while an error propagates (a full disk), a
+        failure to flush them leaves that error to be reported, not its echo."""
+        pending = sys.exc_info()[1]
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            if pending is None:
+                raise
+        finally:
+            if self._ckpt is not None:
+                self._ckpt.close()
+                self._ckpt = None
 
     # --- progress ----------------------------------------------------------------------------
 

@@ -303,9 +303,12 @@ def test_a_refused_resume_exits_2_without_aborting(tmp_path, tfds_dir):
     assert "FATAL" not in refused.stderr and "terminate called" not in refused.stderr
 
 
-@pytest.fixture
-def saved_run(tmp_path):
-    """A run's folder as training leaves it (config.json, checkpoint 5), saved without training."""
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run's folder as training leaves it (config.json, checkpoint 5), saved without training
+    (zero arrays of the state's shapes: nothing to compile)."""
+    import functools
+
     import jax
 
     from bnlab import optim
@@ -315,12 +318,14 @@ def saved_run(tmp_path):
     cfg = config.validate(config.load_config(ROOT / "experiments/bn_paper_mlp.py"))
     model = train.build_model(cfg)
     tx, _ = optim.make_optimizer(cfg.opt, total_steps=1)
-    state = train.init_state(model, tx, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
-    workdir = tmp_path / "run"
+    init = functools.partial(train.init_state, model, tx)
+    shapes = jax.eval_shape(init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    workdir = tmp_path_factory.mktemp("saved") / "run"
     workdir.mkdir()
     write_json(workdir / "config.json", cfg.to_dict())
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    ckpt.save(5, jax.device_get(state), {"config": cfg.to_dict()})
+    ckpt.save(5, state, {"config": cfg.to_dict()})
     ckpt.close()
     return workdir
 

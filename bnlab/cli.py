@@ -144,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         "default: WORKDIR/export.npz or export.pt)",
     )
     export.add_argument("--step", type=int, help="this checkpoint instead of the latest")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -232,7 +233,7 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from bnlab.export import export
 
     _no_overrides(overrides)
-    path = export(args.workdir, args.format, args.out, step=args.step)
+    path = export(args.workdir, args.format, args.out, step=args.step, force=args.force)
     print(f"wrote {path}")
     return EXIT_OK
 

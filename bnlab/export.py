@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,7 @@ def export(
     out: str | os.PathLike | None = None,
     *,
     step: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Writes the params and batch_stats of a run's latest good checkpoint (or `step`) to `out`
     and returns its path.
@@ -150,18 +152,22 @@ def export(
       workdir: a training workdir (with `config.json` and `checkpoints/`).
       fmt: "npz" (bnlab's layout) or "torch" (a PyTorch `state_dict`, see the module doc).
       out: the file to write; a folder (created if missing) receives `export<suffix>`.
-        Default: `WORKDIR/export<suffix>`.
+        Default: `WORKDIR/export<suffix>`. Inside the run's folder only a file of its own
+        (`<name>.npz` or `<name>.pt`, beside config.json) may be written.
       step: this checkpoint instead of the latest good one.
+      force: replace `out` if it exists (else an existing file is refused).
 
     Raises:
       ConfigError: an unknown format, a normalization PyTorch lacks, PyTorch not installed, or
-        an `out` that cannot be written (the message says what to do).
+        an `out` that exists, is one of the run's files or cannot be written (the message says
+        what to do). Nothing is written then; a replaced file is replaced whole or not at all.
       CheckpointError: no such run, step or readable checkpoint.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {sorted(FORMATS)}.")
     from bnlab.training.run import load_checkpoint
 
+    path = _output_path(Path(workdir), f"export{FORMATS[fmt]}", out, force=force)
     cfg, restored = load_checkpoint(workdir, step=step)
     params, batch_stats = restored.state.params, restored.state.batch_stats
     if fmt == "npz":
@@ -170,11 +176,15 @@ def export(
         )
     else:
         write = _torch_writer(cfg, params, batch_stats, restored.step)
-    path = _output_path(Path(workdir), f"export{FORMATS[fmt]}", out)
-    try:
-        write(path)
+    _make_folders(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:  # whole or not at all: a failed write leaves an existing file as it was
+        write(tmp)
+        os.replace(tmp, path)
     except OSError as err:
         raise ConfigError(f"cannot write {path} ({err.strerror}); pass another --out.") from err
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -209,12 +219,33 @@ def _torch_writer(cfg, params, batch_stats, step: int):
     return write
 
 
-def _output_path(workdir: Path, name: str, out: str | os.PathLike | None) -> Path:
-    """Where an export goes: `out`, `out/name` for a folder, else `workdir/name`; the folders
-    on the way are created."""
+def _output_path(workdir: Path, name: str, out: str | os.PathLike | None, *, force: bool) -> Path:
+    """Where an export goes: `out`, `out/name` for a folder, else `workdir/name`; refuses an
+    existing file (unless `force`) and any of the run's own files."""
+    from bnlab.training.workdir import EXPORT_SUFFIXES  # what a run's folder may hold besides
+
     path = workdir / name if out is None else Path(out)
     if path.is_dir():
         path = path / name
+    try:
+        inside = path.resolve().relative_to(workdir.resolve()).parts
+    except ValueError:
+        inside = ()
+    if inside and (len(inside) > 1 or not path.name.endswith(EXPORT_SUFFIXES)):
+        raise ConfigError(
+            f"--out {path} is among the run's own files in {workdir}; an export never writes "
+            f"there. Pass an --out outside it, or a new <name>{FORMATS['npz']} / "
+            f"<name>{FORMATS['torch']} file directly in it."
+        )
+    if path.exists() and not force:
+        raise ConfigError(
+            f"{path} exists; pass --force to replace it, or another --out. Nothing was written."
+        )
+    return path
+
+
+def _make_folders(path: Path) -> None:
+    """Creates the folders on the way to `path`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -222,4 +253,3 @@ def _output_path(workdir: Path, name: str, out: str | os.PathLike | None) -> Pat
             f"cannot create the folder {path.parent} for the export ({err.strerror}); pass an "
             "--out in a writable folder."
         ) from err
-    return path

@@ -3,6 +3,7 @@ models are refused, a full disk keeps the old checkpoints, exports round-trip.""
 
 import errno
 import json
+import logging
 import random
 import shutil
 import signal
@@ -349,3 +350,80 @@ def test_torch_layout_of_the_cnn(make_config):
         {"params": variables["params"], "batch_stats": stats}, images, train=False
     )
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def _small_checkpoints(directory, steps=(1, 2)):
+    """A `Checkpointer` holding tiny checkpoints of `steps` (no training): `(ckpt, tree)`."""
+    ckpt = checkpoint.Checkpointer(directory, config.CheckpointConfig())
+    tree = {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)}
+    for step in steps:
+        meta = {"step": step, "stale_epochs": 0, "best": {"epoch": 0, "value": 0.5}}
+        ckpt.save(step, jax.tree.map(lambda x, s=step: x * s, tree), meta)
+    return ckpt, tree
+
+
+def test_changed_checkpoint_metadata_is_damage_and_falls_back(tmp_path):
+    """The metadata (progress, best, stale epochs) is covered by a digest like the arrays."""
+    ckpt, tree = _small_checkpoints(tmp_path / "checkpoints")
+    meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert ckpt.restore(tree).meta["stale_epochs"] == 0
+    meta["stale_epochs"] = 3  # still valid JSON, still the same arrays
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(CheckpointWarning, match=r"checkpoints/2 is damaged \(metadata differs"):
+        restored = ckpt.restore(tree)
+    assert restored.step == 1
+    np.testing.assert_array_equal(restored.state["w"], tree["w"])
+    with pytest.raises(CheckpointError, match="metadata differs from its saved digest"):
+        ckpt.restore(tree, step=2)
+    ckpt.close()
+
+
+def test_full_disk_inside_orbax_is_one_error_and_leaves_no_partial_checkpoint(
+    tmp_path, monkeypatch, caplog, capfd
+):
+    """As a real full disk fails: inside orbax's writer threads, which log each failure with
+    its traceback before the save raises."""
+    from orbax.checkpoint._src.serialization import type_handlers
+
+    ckpt, tree = _small_checkpoints(tmp_path / "checkpoints", steps=(1,))
+
+    async def no_space(self, *args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_background_serialize", no_space)
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=r"checkpoint 2 .*the disk is full.*\(1\) are"):
+        ckpt.save(2, tree, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # no tmp
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "Traceback" not in "".join(capfd.readouterr())
+    monkeypatch.undo()
+    ckpt.save(2, tree, {"step": 2})  # space freed: the same step saves
+    assert ckpt.steps() == [1, 2]
+    ckpt.close()
+
+
+def test_files_that_fail_to_close_on_a_full_disk_leave_the_first_error_reported(
+    tmp_path, monkeypatch
+):
+    """A failed save's run closes its metric files in a `finally`; their flush failing too
+    must not replace the save's message with an OSError traceback."""
+    from bnlab.training.records import Record
+
+    record = Record(config.validate(config.default_config()), tmp_path, steps_per_epoch=1)
+    record.start()
+
+    def no_space():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record._writer, "close", no_space)
+    with pytest.raises(CheckpointError, match="the disk is full"):
+        try:
+            raise CheckpointError("could not save checkpoint 9: the disk is full")
+        finally:
+            record.close()
+    record.start()
+    monkeypatch.setattr(record._writer, "close", no_space)
+    with pytest.raises(OSError, match="No space left"):  # alone, the failure is not hidden
+        record.close()

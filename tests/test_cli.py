@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 from conftest import MNIST_DIR, ROOT
 
@@ -300,3 +301,61 @@ def test_a_refused_resume_exits_2_without_aborting(tmp_path, tfds_dir):
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "opt.lr: 0.5 -> 0.1" in refused.stderr
     assert "FATAL" not in refused.stderr and "terminate called" not in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run's folder as training leaves it (config.json, checkpoint 5), saved without training
+    (zero arrays of the state's shapes: nothing to compile)."""
+    import functools
+
+    import jax
+
+    from bnlab import optim
+    from bnlab.training import checkpoint, train
+    from bnlab.training.writers import write_json
+
+    cfg = config.validate(config.load_config(ROOT / "experiments/bn_paper_mlp.py"))
+    model = train.build_model(cfg)
+    tx, _ = optim.make_optimizer(cfg.opt, total_steps=1)
+    init = functools.partial(train.init_state, model, tx)
+    shapes = jax.eval_shape(init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    workdir = tmp_path_factory.mktemp("saved") / "run"
+    workdir.mkdir()
+    write_json(workdir / "config.json", cfg.to_dict())
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt.save(5, state, {"config": cfg.to_dict()})
+    ckpt.close()
+    return workdir
+
+
+def test_export_refuses_an_existing_file_unless_forced(saved_run, tmp_path, capsys):
+    out = tmp_path / "w.npz"
+    out.write_text("keep me")
+    args = ["export", str(saved_run), "--format", "npz", "--out", str(out)]
+    assert cli.main(args) == cli.EXIT_BAD_INPUT
+    assert f"{out} exists; pass --force to replace it" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+    assert cli.main([*args, "--force"]) == cli.EXIT_OK
+    assert export.load_npz(out)[2] == 5
+    default = ["export", str(saved_run), "--format", "npz"]  # WORKDIR/export.npz
+    assert cli.main(default) == cli.EXIT_OK
+    written = (saved_run / "export.npz").read_bytes()
+    assert cli.main(default) == cli.EXIT_BAD_INPUT
+    assert "export.npz exists; pass --force" in capsys.readouterr().err
+    assert (saved_run / "export.npz").read_bytes() == written
+    assert [p.name for p in saved_run.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_export_never_writes_over_the_runs_own_files(saved_run, capsys):
+    from bnlab.training import run
+
+    own = {p: p.read_bytes() for p in saved_run.rglob("*") if p.is_file()}
+    for out in ("config.json", "checkpoints", "checkpoints/5/w.npz", "tensorboard/w.npz"):
+        for force in ([], ["--force"]):
+            args = ["export", str(saved_run), "--format", "npz", "--out", str(saved_run / out)]
+            assert cli.main([*args, *force]) == cli.EXIT_BAD_INPUT, out
+            assert "is among the run's own files" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in saved_run.rglob("*") if p.is_file()} == own
+    assert run.load_checkpoint(saved_run)[1].step == 5  # the run still reads back

@@ -14,11 +14,15 @@ before any checkpoint is redone from scratch. Either way nothing is lost or dupl
 
 `DIR` holds one variant of one sweep (`DIR/sweep.json` indexes its trials for reports): another
 experiment that lacks some of its trials, other `--smoke`/`--config` overrides, or a finished
-trial whose config has changed since is refused with a `ConfigError`.
+trial whose config has changed since is refused with a `ConfigError`. Shards share `DIR` and
+run different trials at once: a shard holds each unfinished trial's folder (its lock, as a run
+holds its workdir) from deciding about it to the shard's end, and `DIR` itself only while it
+writes sweep.json; a second command on a held trial stops with exit status 2, naming its holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -33,10 +37,11 @@ from typing import Any, NamedTuple
 from bnlab import config as config_lib
 from bnlab.data import DataError
 from bnlab.training.checkpoint import CHECKPOINT_DIR, CheckpointError
+from bnlab.training.workdir import FAILURE_FILE, LOCK_FILE, folder_path, hold
 from bnlab.training.writers import write_json
 
 ENGINES = ("vmap", "sequential")
-FAILURE_FILE = "failure.json"  # the last failed attempt of a trial that is being retried
+SWEEP_FILE = "sweep.json"  # the index of a sweep folder's trials
 # Bad input stops the sweep with its message (a missing dataset, a resume refused for a changed
 # config): every trial would fail alike, and recording them as failed would hide the fix.
 _USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError)
@@ -154,7 +159,7 @@ def run_sweep(
     trials = expand(module, smoke=smoke)
     extra = dict(overrides or {})
     configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
-    workdir = Path(workdir)
+    workdir = folder_path(workdir)
     spec = {
         "experiment": str(path),
         "experiment_path": os.path.abspath(path),
@@ -164,9 +169,7 @@ def run_sweep(
         # The override keys in the order sweep() yields them (JSON objects here are sorted).
         "keys": list(dict.fromkeys(k for t in trials for k in t.overrides)),
     }
-    _refuse_other_sweep(workdir, spec)
-    (workdir / "runs").mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "sweep.json", spec)
+    _index(workdir, spec)
     mine = shard(trials, *shard_spec)
     if not mine:
         index, count = shard_spec
@@ -176,30 +179,92 @@ def run_sweep(
         )
     counts: dict[str, int] = {}
     resume, todo = [], []
-    for trial in mine:
-        run_dir = workdir / "runs" / trial.trial_id
-        if is_finished(run_dir):
-            _refuse_changed_trial(run_dir, configs[trial.trial_id])
-            counts["skipped"] = counts.get("skipped", 0) + 1
-            log(f"{trial.trial_id}: finished before, skipped")
-        elif _has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
-            _set_failure_aside(run_dir)
-            resume.append(trial)
-        else:  # new, or interrupted before any checkpoint: from scratch
-            shutil.rmtree(run_dir, ignore_errors=True)
-            todo.append(trial)
-    groups = _groups(todo, configs) if engine == "vmap" else [[t] for t in todo]
-    for group in [[t] for t in resume] + groups:
-        dirs = [workdir / "runs" / t.trial_id for t in group]
-        cfgs = [configs[t.trial_id] for t in group]
-        if len(group) == 1:
-            statuses = [_run_trial(runner, cfgs[0], dirs[0])]
-        else:
-            statuses = _run_group(cfgs, dirs, max_chunk, log)
-        for trial, status in zip(group, statuses, strict=True):
-            counts[status] = counts.get(status, 0) + 1
-            log(f"{trial.trial_id}: {status}")
+    with contextlib.ExitStack() as claims:  # the unfinished trials' folders, till the shard ends
+        claimed = _claim(workdir, mine, claims)  # all of them before anything is changed
+        for trial in mine:
+            run_dir = workdir / "runs" / trial.trial_id
+            if is_finished(run_dir):
+                claimed[trial.trial_id].close()
+                _refuse_changed_trial(run_dir, configs[trial.trial_id])
+                counts["skipped"] = counts.get("skipped", 0) + 1
+                log(f"{trial.trial_id}: finished before, skipped")
+            elif _has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
+                _set_failure_aside(run_dir)
+                resume.append(trial)
+            else:  # new, or interrupted before any checkpoint: from scratch
+                _empty(run_dir)
+                todo.append(trial)
+        groups = _groups(todo, configs) if engine == "vmap" else [[t] for t in todo]
+        for group in [[t] for t in resume] + groups:
+            dirs = [workdir / "runs" / t.trial_id for t in group]
+            cfgs = [configs[t.trial_id] for t in group]
+            if len(group) == 1:
+                statuses = [_run_trial(runner, cfgs[0], dirs[0])]
+            else:
+                statuses = _run_group(cfgs, dirs, max_chunk, log)
+            for trial, status in zip(group, statuses, strict=True):
+                counts[status] = counts.get(status, 0) + 1
+                log(f"{trial.trial_id}: {status}")
     return counts
+
+
+def _claim(
+    workdir: Path, trials: list[Trial], claims: contextlib.ExitStack
+) -> dict[str, contextlib.ExitStack]:
+    """Holds the folders of `trials` (`claims` releases them) while the shard decides about
+    them and runs them: another shard or command on one stops this one (exit 2, naming it).
+    A trial without a folder yet is held by its runner."""
+    claimed = {}
+    for trial in trials:
+        run_dir = workdir / "runs" / trial.trial_id
+        claimed[trial.trial_id] = claim = claims.enter_context(contextlib.ExitStack())
+        if run_dir.is_dir():
+            claim.enter_context(hold(run_dir))
+    return claimed
+
+
+def _index(workdir: Path, spec: dict[str, Any]) -> None:
+    """Writes sweep.json (and runs/) after checking that `workdir` may hold this sweep; the
+    shards sharing the folder do this one at a time."""
+    _refuse_foreign_folder(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with hold(workdir, wait=True):
+        _refuse_other_sweep(workdir, spec)
+        (workdir / "runs").mkdir(exist_ok=True)
+        write_json(workdir / SWEEP_FILE, spec)
+
+
+def _refuse_foreign_folder(workdir: Path) -> None:
+    """A sweep folder is new, empty, or a sweep's (sweep.json, or only what a sweep writes
+    before it)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise config_lib.ConfigError(f"{workdir} is a file; pass a folder path to --workdir.")
+    if not workdir.is_dir() or (workdir / SWEEP_FILE).exists():
+        return
+    foreign = sorted(
+        p.name
+        for p in workdir.iterdir()
+        if p.name not in ("runs", LOCK_FILE) and not p.name.endswith(".tmp")
+    )
+    if foreign:
+        raise config_lib.ConfigError(
+            f"{workdir} holds files that are not a bnlab sweep's ({', '.join(foreign[:5])}); a "
+            "sweep folder is new, empty, or one sweep's. Choose another --workdir; nothing was "
+            "written."
+        )
+
+
+def _empty(run_dir: Path) -> None:
+    """Removes an interrupted trial's files, keeping the folder and the lock this shard holds."""
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _refuse_other_sweep(workdir: Path, spec: dict[str, Any]) -> None:
@@ -208,7 +273,7 @@ def _refuse_other_sweep(workdir: Path, spec: dict[str, Any]) -> None:
     may change its grid, and a copy elsewhere (a shard's machine) may add trials; another file
     that would drop trials from the index is refused."""
     try:
-        old = json.loads((workdir / "sweep.json").read_text())
+        old = json.loads((workdir / SWEEP_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return
     was = f"the sweep {old.get('experiment')} run with smoke={old.get('smoke')} and overrides "

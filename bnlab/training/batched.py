@@ -21,6 +21,7 @@ its latest checkpoint through `run.run`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,7 +40,7 @@ from bnlab.config import Config, ConfigError
 from bnlab.nn import norms
 from bnlab.training import loop
 from bnlab.training import train as train_lib
-from bnlab.training.records import Record, prepare_workdir
+from bnlab.training.records import Record
 from bnlab.training.run import (
     diagnose_program,
     evaluate_splits,
@@ -47,6 +48,7 @@ from bnlab.training.run import (
     plateau_program,
     speed_traps,
 )
+from bnlab.training.workdir import LOCK_FILE, hold_workdir
 
 MEMORY_FRACTION = 0.5  # share of the device memory a chunk of trials may plan to use
 MAX_CHUNK = 256  # trials per program at most: each keeps a metrics file and a TensorBoard writer
@@ -242,25 +244,26 @@ def run_group(
         warnings.warn(trap, stacklevel=2)
     splits = load_splits(cfg)
     train_set = splits.train
-    dirs = [_fresh_workdir(w) for w in workdirs]
-    sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
-    size = chunk_size(cfg, len(configs), sample)
-    size = min(size, max_chunk) if max_chunk else size
-    programs = make_batched_programs(cfg, train_set.size)
-    summaries: list[dict[str, Any]] = []
-    for start in range(0, len(configs), size):
-        part = slice(start, start + size)
-        if log is not None:
-            log(f"training trials {start + 1}-{start + len(configs[part])} of {len(configs)} "
-                "in one program")  # fmt: skip
-        summaries += _train_trials(programs, configs[part], dirs[part], splits)
-    return summaries
+    with contextlib.ExitStack() as held:  # every trial's folder, for the group's life
+        dirs = [_fresh_workdir(held.enter_context(hold_workdir(w))) for w in workdirs]
+        sample = data_lib.to_float(train_set.images[: cfg.train.batch_size])
+        size = chunk_size(cfg, len(configs), sample)
+        size = min(size, max_chunk) if max_chunk else size
+        programs = make_batched_programs(cfg, train_set.size)
+        summaries: list[dict[str, Any]] = []
+        for start in range(0, len(configs), size):
+            part = slice(start, start + size)
+            if log is not None:
+                log(f"training trials {start + 1}-{start + len(configs[part])} of "
+                    f"{len(configs)} in one program")  # fmt: skip
+            summaries += _train_trials(programs, configs[part], dirs[part], splits)
+        return summaries
 
 
-def _fresh_workdir(workdir: str | os.PathLike) -> Path:
-    """`prepare_workdir`, refusing any earlier attempt too: a vmapped group cannot resume one."""
-    path = prepare_workdir(workdir)
-    if any(path.iterdir()):
+def _fresh_workdir(path: Path) -> Path:
+    """A held workdir, refused if it holds an earlier attempt: a vmapped group cannot resume
+    one."""
+    if any(p.name != LOCK_FILE for p in path.iterdir()):
         raise ConfigError(
             f"workdir {path} holds an unfinished run; the vmapped engine starts trials from "
             "scratch, so remove it first (bnlab sweep does), or resume it with bnlab train."

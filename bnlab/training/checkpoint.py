@@ -2,20 +2,25 @@
 restores that fall back past a damaged checkpoint, never silently.
 
 A checkpoint `WORKDIR/checkpoints/<step>/` holds two items: `state` (the `TrainState` arrays)
-and `meta` (JSON: the resolved config, the run's progress, the state's tree signature and a
-SHA-256 digest of its bytes). orbax writes each checkpoint into a temporary folder and renames
-it when complete, so a kill mid-save leaves no checkpoint that looks complete; the digest
-catches damage that orbax's own reader would not.
+and `meta` (JSON: the resolved config, the run's progress, the state's tree signature, a
+SHA-256 digest of its bytes and one of the JSON itself). orbax writes each checkpoint into a
+temporary folder and renames it when complete, so a kill mid-save leaves no checkpoint that
+looks complete; the digests catch damage that orbax's own reader would not, in the arrays and
+in the progress alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import json
+import logging
 import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +34,7 @@ from bnlab.types import PyTree
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints.corrupt"  # damaged checkpoints moved aside on resume, for inspection
+META_DIGEST = "meta_digest"  # the metadata's entry holding the digest of the rest of it
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +67,12 @@ def digest(tree: PyTree) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
         h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of `meta` as JSON (keys sorted), leaving out its own `meta_digest` entry."""
+    rest = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _score(metrics: dict[str, float], best_metric: str) -> float:
@@ -107,23 +119,27 @@ class Checkpointer:
         `test` metrics rank it for `best_metric`. A failed write raises `CheckpointError` and
         leaves the earlier checkpoints as they were."""
         meta = {**meta, "step": int(step), "signature": signature(state), "digest": digest(state)}
+        meta[META_DIGEST] = meta_digest(meta)
         metrics = None
         if self.best_metric and test:
             metrics = {"score": _score(test, self.best_metric)}
         try:
-            self._manager.save(
-                int(step),
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                metrics=metrics,
-                force=True,
-            )
-            self._manager.wait_until_finished()
-        except OSError as err:
-            raise self._save_error(step, err) from err
-        except Exception as err:  # orbax/tensorstore wrap I/O errors in their own types
-            if "No space left" in str(err) or "ENOSPC" in str(err):
+            with _quiet(logging.getLogger("absl")):  # a failure is raised below, once
+                self._manager.save(
+                    int(step),
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                    ),
+                    metrics=metrics,
+                    force=True,
+                )
+                self._manager.wait_until_finished()
+        except Exception as err:
+            for tmp in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)  # the half-written checkpoint
+            if isinstance(err, OSError):
+                raise self._save_error(step, err) from err
+            if "No space left" in str(err) or "ENOSPC" in str(err):  # orbax/tensorstore's types
                 raise self._save_error(step, OSError(errno.ENOSPC, str(err))) from err
             raise
 
@@ -178,6 +194,8 @@ class Checkpointer:
             raise _Damaged(f"metadata unreadable: {_first_line(err)}") from err
         if not isinstance(meta, dict) or "signature" not in meta:
             raise _Damaged("metadata incomplete")
+        if META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):  # (older: no digest)
+            raise _Damaged("metadata differs from its saved digest")
         expected = signature(target)
         if meta["signature"] != expected:
             saved = {tuple(map(str, leaf)) for leaf in meta["signature"]}
@@ -215,6 +233,21 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Drops the errors `logger` logs in the block: orbax logs a failed write's traceback from
+    each of its threads before raising it."""
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    logger.addFilter(below_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(below_error)
 
 
 class _Damaged(Exception):

@@ -10,47 +10,20 @@ per-step train metrics of the epoch in progress, the last evaluations, status, t
 from __future__ import annotations
 
 import math
-import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnlab.config import Config, ConfigError
+from bnlab.config import Config
 from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer
+from bnlab.training.workdir import EXPERIMENT_FILE
 from bnlab.training.writers import MetricWriter, write_json
 
-RESULT_FILES = ("summary.json",)  # a finished run; never overwritten
-# The experiment file a run came from: `bnlab evaluate`/`export` import it again, so that the
-# normalizations and diagnostics it registers exist when the run's config is read back.
-EXPERIMENT_FILE = "experiment.json"
 EVAL_SPLITS = ("validation", "test")  # evaluated at every epoch end, in this order
 FINISHED = ("ok", "diverged", "early_stopped")  # statuses of a run that has its result
-
-
-def prepare_workdir(workdir: str | os.PathLike) -> Path:
-    """Creates `workdir`; refuses a file, an unwritable folder, or a finished run's folder (an
-    unfinished run's folder is resumed by `run.run`)."""
-    path = Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"workdir {path} is a file; pass a folder path to --workdir.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"workdir {path} is not writable ({err.strerror}); choose another --workdir."
-        ) from err
-    existing = [name for name in RESULT_FILES if (path / name).exists()]
-    if existing:
-        raise ConfigError(
-            f"workdir {path} already holds a finished run ({', '.join(existing)}); results are "
-            "never overwritten. Choose a new --workdir or move the old one away."
-        )
-    return path
 
 
 def window_records(metrics: dict[str, np.ndarray], first_step: int, every: int):
@@ -149,12 +122,20 @@ class Record:
             self.listener(step, split, values)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._ckpt is not None:
-            self._ckpt.close()
-            self._ckpt = None
+        """Closes the files; called in a `finally` while an error propagates (a full disk), a
+        failure to flush them leaves that error to be reported, not its echo."""
+        pending = sys.exc_info()[1]
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            if pending is None:
+                raise
+        finally:
+            if self._ckpt is not None:
+                self._ckpt.close()
+                self._ckpt = None
 
     # --- progress ----------------------------------------------------------------------------
 

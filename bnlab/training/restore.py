@@ -19,18 +19,18 @@ from bnlab import optim
 from bnlab.config import Config, ConfigError
 from bnlab.training import train as train_lib
 from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer
-from bnlab.training.records import EXPERIMENT_FILE
+from bnlab.training.workdir import CONFIG_FILE, EXPERIMENT_FILE, read_run_config
 
 
 def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
     """`(cfg, restored)`: a run's config and its latest good checkpoint (or `step`)."""
     workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
+    if not (workdir / CONFIG_FILE).is_file():
         raise ConfigError(f"{workdir} holds no run (no config.json); pass a training workdir.")
+    raw = read_run_config(workdir)  # a damaged file says so, whatever the experiment
     experiment = _import_experiment(workdir)
     try:
-        cfg = config_lib.from_dict(json.loads(config_path.read_text()))
+        cfg = config_lib.from_dict(raw)
     except ConfigError as err:
         if experiment is None:
             raise ConfigError(

@@ -32,8 +32,9 @@ from bnlab.training import train as train_lib
 from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, Restored
 from bnlab.training.loop import Interrupted, StopSignals
 from bnlab.training.progress import Progress
-from bnlab.training.records import Record, prepare_workdir
+from bnlab.training.records import Record
 from bnlab.training.restore import evaluate, load_checkpoint
+from bnlab.training.workdir import hold_workdir, prepare_workdir
 from bnlab.training.writers import truncate_jsonl
 
 # Bad input: a message that says how to fix it (the CLI exits 2), in every process alike.
@@ -103,8 +104,8 @@ def run(
     run's other files.
     """
     parallel.initialize(cfg.parallel)  # multi-host: join the other processes before any compute
-    with parallel.lost_process_errors():
-        return _run(cfg, workdir, progress=progress, experiment=experiment)
+    with parallel.lost_process_errors(), hold_workdir(workdir) as path:
+        return _run(cfg, path, progress=progress, experiment=experiment)
 
 
 def speed_traps(cfg: Config, backend: str) -> list[str]:
@@ -122,13 +123,7 @@ def speed_traps(cfg: Config, backend: str) -> list[str]:
 def _run(cfg: Config, workdir, *, progress: bool, experiment) -> dict[str, Any]:
     for trap in speed_traps(cfg, jax.default_backend()):
         warnings.warn(trap, stacklevel=3)
-    missing = _missing_folders(workdir)
-    workdir = parallel.agree(lambda: prepare_workdir(workdir), USER_ERRORS)
-    try:
-        splits = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
-    except USER_ERRORS:
-        _remove_empty(missing)  # a run that could not start leaves no folder behind
-        raise
+    splits = parallel.agree(lambda: load_splits(cfg), USER_ERRORS)
     train_set = splits.train
     programs = train_lib.make_programs(cfg, train_set.size)
     init_key, data_key = train_lib.run_keys(cfg.train.seed)
@@ -201,22 +196,6 @@ def _same_step_everywhere(step: int, workdir: Path, what: str) -> None:
             "sync, or one process pointed at another copy). Give every process the same "
             "workdir on one shared file system, then start them again."
         ) from None
-
-
-def _missing_folders(path: str | os.PathLike) -> list[Path]:
-    """`path` and those of its parents that do not exist yet, deepest first."""
-    path = Path(path).absolute()
-    return [p for p in (path, *path.parents) if not p.exists()]
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Removes `folders` (deepest first) while they are empty: nothing that holds a file, or
-    existed before, is touched."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _engine(cfg: Config, programs, data_key, splits: Splits) -> loop.Engine:

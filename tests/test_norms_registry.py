@@ -16,7 +16,7 @@ from conftest import ROOT
 from test_batched import BATCH, _assert_same_records
 from test_checkpoint import _assert_same_run
 
-from bnlab import cli, config, data, export, norms, schema
+from bnlab import cli, config, data, diagnostics, export, norms, schema
 from bnlab import norm as norm_lib
 from bnlab.training import batched, run, train
 
@@ -472,3 +472,47 @@ def test_a_taken_name_or_field_is_an_error_naming_both_places():
             "clash_test", norms.NormSpec(layer=spec.layer, fields={"epsilon": field["num_groups"]})
         )
     assert "clash_test" not in norms.NORMS
+
+
+def _register(registry, name, spec):
+    """Registers whatever it is given: every call has the same origin (this line)."""
+    return registry.register(name, spec)
+
+
+def _gn(n, axis, groups):
+    return functools.partial(norms.layers.GroupNorm, num_groups=groups)
+
+
+@pytest.mark.parametrize(
+    "registry, first, other",
+    [
+        (norms.NORMS, norms.NormSpec(layer=lambda n, axis: norms.layers.LayerNorm),
+         norms.NormSpec(layer=lambda n, axis: norms.layers.GroupNorm)),
+        (norms.NORMS, norms.NormSpec(layer=functools.partial(_gn, groups=2)),
+         norms.NormSpec(layer=functools.partial(_gn, groups=4))),
+        (norms.NORMS, norms.NormSpec(layer=_gn, fields={"helper_k": schema.field(2, "k")}),
+         norms.NormSpec(layer=_gn, fields={"helper_k": schema.field(3, "k")})),
+        (diagnostics.DIAGNOSTICS, diagnostics.DiagnosticSpec(fn=lambda ctx: {"a": 1.0}),
+         diagnostics.DiagnosticSpec(fn=lambda ctx: {"a": 2.0})),
+    ],
+)  # fmt: skip
+def test_a_helper_cannot_replace_another_piece_under_a_taken_name(registry, first, other):
+    """Both calls share the helper's origin: what is registered decides, not where from."""
+    registered = _register(registry, "helper_test", first)
+    assert _register(registry, "helper_test", dataclasses.replace(first)) is not registered
+    with pytest.raises(ValueError, match="'helper_test' is already registered") as err:
+        _register(registry, "helper_test", other)
+    assert registered.origin in str(err.value)
+    assert registry.get_spec("helper_test") == dataclasses.replace(first, origin=registered.origin)
+
+
+def test_an_experiment_file_loaded_twice_registers_once(rms_experiment):
+    """New functions, classes and fields of the same source: the same piece, replaced."""
+    first = config.load_module(rms_experiment)
+    spec = norms.get("rms_test")
+    second = config.load_module(rms_experiment)
+    assert first.RMSNorm is not second.RMSNorm and norms.get("rms_test") is not spec
+    changed = rms_experiment.with_name("rms_changed.py")
+    changed.write_text(rms_experiment.read_text().replace("1e-6, ", "1e-7, "))
+    with pytest.raises(config.ConfigError, match="'rms_test' is already registered"):
+        config.load_module(changed)

@@ -183,7 +183,7 @@ class _ExampleNorm(nnx.Module):
         """Normalizes `x` (its shape `[B, ..., num_features]`).
 
         Args:
-          x: the input, any float dtype.
+          x: the input, any float dtype (an integer or bool one gives float32, as in flax).
           mask: not supported (an error when given); flax's layers take it.
           rngs: ignored (no randomness), so that a model can pass it to any normalization.
 

@@ -24,7 +24,15 @@ from bnlab.ops.bn_core import (
     batch_norm,
     feature_axes_of,
 )
-from bnlab.ops.bn_math import _axis_size, _count, _moments, _psum, _train, check_values_per_feature
+from bnlab.ops.bn_math import (
+    _axis_size,
+    _count,
+    _float_input,
+    _moments,
+    _psum,
+    _train,
+    check_values_per_feature,
+)
 from bnlab.types import Array, Stats
 
 
@@ -76,6 +84,7 @@ def ghost_batch_norm(
       ValueError: if `virtual_batch_size` does not divide the batch, if `axis` names the batch
         axis, or on `batch_norm`'s bad arguments.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
     if not training:
         return _normalize_with(x, stats, lay, epsilon), stats
@@ -147,6 +156,7 @@ def batch_renorm(
     Raises:
       ValueError: on a concrete `r_max < 1` or `d_max < 0`, or `batch_norm`'s bad arguments.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
     for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
@@ -320,6 +330,7 @@ def population_batch_norm(
     Raises:
       ValueError: on `batch_norm`'s bad arguments.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, "autodiff")
     y = _normalize_with(x, lax.stop_gradient(stats), lay, epsilon)
     if not training:

@@ -138,6 +138,7 @@ class GhostBatchNorm(BatchNorm):
             bias,
             training=training,
             virtual_batch_size=self.virtual_batch_size,
+            allow_single_value=self.allow_single_value,
             **self._bn_args(axis_name),
         )
 

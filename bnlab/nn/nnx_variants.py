@@ -41,7 +41,10 @@ class GhostBatchNorm(BatchNorm):
         del rngs  # deterministic
         _refuse_mask(self, mask)
         size, args = self.virtual_batch_size, self._bn_args(training)
-        return norm.ghost_batch_norm(x, stats, scale, bias, virtual_batch_size=size, **args)
+        allow = self.allow_single_value
+        return norm.ghost_batch_norm(
+            x, stats, scale, bias, virtual_batch_size=size, allow_single_value=allow, **args
+        )
 
 
 class BatchRenorm(BatchNorm):

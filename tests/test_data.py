@@ -227,3 +227,39 @@ def test_reprepared_dataset_or_damaged_copy_is_rebuilt(tfds_dir, mnist_dir, tmp_
     assert mnist_arrays.read(data_dir, str(mnist_dir)) is not None
     (mnist_arrays.arrays_dir(data_dir) / "train_labels.npy").write_bytes(b"truncated")
     assert mnist_arrays.read(data_dir, str(mnist_dir)) is None
+
+
+PREPARE = """
+import sys
+from bnlab import config, data
+overrides = {"data.tfds_dir": sys.argv[1]}
+cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+print(data.load(cfg.data, "test").size)
+"""
+
+
+def _preparing(data_dir):
+    """A process that loads MNIST from `data_dir` (preparing it there if needed), its stderr a
+    pipe as in a log file."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-c", PREPARE, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_first_preparation_off_a_terminal_logs_one_line(tmp_path):
+    """No TFDS progress bars (control characters) and no absl warnings in a log file: one
+    bnlab line, on its own line."""
+    process = _preparing(tmp_path / "tfds")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-2000:]
+    assert out.split() == ["10000"]
+    assert "\x1b" not in err and "\r" not in err and "absl" not in err, err[-2000:]
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnlab: prepared MNIST once from "), err

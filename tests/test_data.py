@@ -298,3 +298,18 @@ def test_the_first_preparation_off_a_terminal_logs_one_line(tmp_path):
     assert "\x1b" not in err and "\r" not in err and "absl" not in err, err[-2000:]
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnlab: prepared MNIST once from "), err
+
+
+@pytest.mark.slow
+def test_two_processes_preparing_at_once_both_succeed(tmp_path):
+    """Multi-process runs and sweep shards start together on an empty TFDS folder: one
+    prepares, the other waits for it and reads the copy it wrote."""
+    processes = [_preparing(tmp_path / "tfds") for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["10000"]
+    said = [line for _, err in results for line in err.splitlines() if line.startswith("bnlab:")]
+    prepared = [line for line in said if "prepared MNIST once" in line]
+    assert len(prepared) == 1 and all("waiting for another process" in s for s in said
+                                      if s not in prepared), said  # fmt: skip

@@ -78,9 +78,12 @@ def _load_numpy(mnist_dir: str | None, tfds_dir: str | None, split: str):
     """`(images, labels)` of a split as numpy arrays, from the array copy of the TFDS dataset,
     or from TFDS (which then prepares it if needed) and written to the copy."""
     data_dir = mnist_arrays.tfds_data_dir(tfds_dir)
-    arrays, damage = mnist_arrays.read_checked(data_dir, mnist_dir, (split,))  # this split's
+    arrays = mnist_arrays.read(data_dir, mnist_dir, (split,))  # checks this split's files only
     if arrays is None:
-        arrays = _prepare(mnist_dir, data_dir, damage)
+        with mnist_arrays.preparing(data_dir):  # one process prepares, the others wait
+            arrays, damage = mnist_arrays.read_checked(data_dir, mnist_dir)  # theirs, if any
+            if arrays is None:
+                arrays = _prepare(mnist_dir, data_dir, damage)
     images, labels = arrays[split]
     return _read_only(images), _read_only(labels)
 

@@ -21,6 +21,10 @@ for the 55 MB of both splits from the page cache; `zlib.crc32`, as fast as adler
 from the TFDS dataset, saying so, instead of training or evaluating on wrong labels or
 pixels. Deleting the folder is safe: the next run writes it again.
 
+The first preparation in a TFDS data dir holds a lock (`preparing`): processes started
+together (the processes of a multi-host run, sweep shards) wait for the one that prepares,
+then read its copy.
+
 numpy only, so that a run with a valid copy imports neither TFDS nor its dependencies.
 """
 
@@ -29,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,7 @@ TFDS_VERSION = "1.0.0"  # its version: a new version is a new dataset and a new 
 ARRAYS_NAME = f"{TFDS_NAME}_arrays"
 FORMAT = 2  # of the files below; bump it to invalidate every copy (2: sizes and CRC-32s)
 TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
+LOCK_NAME = ".bnlab_mnist.lock"  # in the TFDS data dir, held while MNIST is prepared there
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (uint8[N,28,28,1], int32[N])
 
@@ -173,6 +179,34 @@ def _load(folder: Path, name: str, manifest: dict, shape: tuple, dtype) -> np.nd
 
 def _crc32(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array))
+
+
+@contextlib.contextmanager
+def preparing(data_dir: Path) -> Iterator[None]:
+    """Holds the lock on preparing MNIST in `data_dir` (an OS file lock, `LOCK_NAME`): one
+    process prepares it; the others wait here, then read what it wrote. Without a lock (a
+    folder this process cannot write, which it cannot prepare in either; no `fcntl`) the
+    caller goes on alone."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        fcntl = None
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_NAME, "a")  # noqa: SIM115 - held across the yield
+    except OSError:
+        lock = None
+    if lock is None or fcntl is None:
+        yield
+        return
+    with lock:  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"bnlab: waiting for another process preparing MNIST in {data_dir}.",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def check_sources(files: dict[str, list]) -> None:

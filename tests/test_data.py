@@ -227,3 +227,89 @@ def test_reprepared_dataset_or_damaged_copy_is_rebuilt(tfds_dir, mnist_dir, tmp_
     assert mnist_arrays.read(data_dir, str(mnist_dir)) is not None
     (mnist_arrays.arrays_dir(data_dir) / "train_labels.npy").write_bytes(b"truncated")
     assert mnist_arrays.read(data_dir, str(mnist_dir)) is None
+
+
+def _damage_labels(data_dir, split="train"):
+    """Overwrites the first half of a split's labels in the copy with 0, the header intact."""
+    labels = np.load(mnist_arrays.arrays_dir(data_dir) / f"{split}_labels.npy", mmap_mode="r+")
+    labels[: len(labels) // 2] = 0
+    labels.flush()
+
+
+def test_damaged_array_copy_is_copied_again_and_says_so(tfds_dir, mnist_dir, tmp_path, capfd):
+    data_dir = _data_dir(tfds_dir, tmp_path, with_copy=True)
+    _damage_labels(data_dir)
+    capfd.readouterr()
+    train = _load(data_dir, mnist_dir, "train")
+    assert np.bincount(np.asarray(train.labels)).tolist() == TRAIN_COUNTS
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("bnlab:")]
+    assert len(lines) == 1 and "damaged" in lines[0] and "train_labels.npy" in lines[0], lines
+    assert mnist_arrays.read_checked(data_dir, str(mnist_dir))[1] is None  # rewritten whole
+    _damage_labels(data_dir, "test")
+    arrays, damage = mnist_arrays.read_checked(data_dir, str(mnist_dir))
+    assert arrays is None and "test_labels.npy" in damage and "CRC-32" in damage
+    assert mnist_arrays.read(data_dir, str(mnist_dir), ("train",)) is not None  # intact split
+
+
+def test_a_copy_of_the_old_format_is_rewritten_with_checksums(tfds_dir, mnist_dir, tmp_path):
+    data_dir = _data_dir(tfds_dir, tmp_path, with_copy=True)
+    path = mnist_arrays.arrays_dir(data_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert sorted(manifest["files"]) == sorted(f"{s}_{k}.npy" for s in data.SPLITS
+                                               for k in ("images", "labels"))  # fmt: skip
+    old = {k: v for k, v in manifest.items() if k != "files"}
+    path.write_text(json.dumps({**old, "format": 1}))
+    assert mnist_arrays.read_checked(data_dir, str(mnist_dir)) == (None, None)  # stale, quietly
+    _load(data_dir, mnist_dir)
+    assert json.loads(path.read_text()) == manifest
+
+
+PREPARE = """
+import sys
+from bnlab import config, data
+overrides = {"data.tfds_dir": sys.argv[1]}
+cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+print(data.load(cfg.data, "test").size)
+"""
+
+
+def _preparing(data_dir):
+    """A process that loads MNIST from `data_dir` (preparing it there if needed), its stderr a
+    pipe as in a log file."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-c", PREPARE, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_first_preparation_off_a_terminal_logs_one_line(tmp_path):
+    """No TFDS progress bars (control characters) and no absl warnings in a log file: one
+    bnlab line, on its own line."""
+    process = _preparing(tmp_path / "tfds")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-2000:]
+    assert out.split() == ["10000"]
+    assert "\x1b" not in err and "\r" not in err and "absl" not in err, err[-2000:]
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnlab: prepared MNIST once from "), err
+
+
+@pytest.mark.slow
+def test_two_processes_preparing_at_once_both_succeed(tmp_path):
+    """Multi-process runs and sweep shards start together on an empty TFDS folder: one
+    prepares, the other waits for it and reads the copy it wrote."""
+    processes = [_preparing(tmp_path / "tfds") for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["10000"]
+    said = [line for _, err in results for line in err.splitlines() if line.startswith("bnlab:")]
+    prepared = [line for line in said if "prepared MNIST once" in line]
+    assert len(prepared) == 1 and all("waiting for another process" in s for s in said
+                                      if s not in prepared), said  # fmt: skip

@@ -331,3 +331,43 @@ def test_importing_the_registry_does_not_import_flax_nnx():
     code = "import sys, bnlab, bnlab.norms, bnlab.training.train; print('flax.nnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- integer inputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "none"])
+def test_integer_inputs_are_promoted_as_flax_promotes_them(name):
+    """Each NNX layer gives float32 for an int32 input (as `flax.nnx.BatchNorm` does), equal
+    to its output for the same input as float32, running statistics included."""
+    _, _, layer = _twins(name)
+    twin = nnx.clone(layer)
+    values = np.random.default_rng(9).integers(0, 200, SHAPE) * np.arange(1, 9)
+    x = jnp.asarray(values, jnp.int32)
+    y, y_float = layer(x, rngs=jax.random.key(3)), twin(x.astype(float), rngs=jax.random.key(3))
+    flax_y = nnx.BatchNorm(SHAPE[-1], use_running_average=False, rngs=nnx.Rngs(0))(x)
+    assert y.dtype == flax_y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, y_float)
+    _assert_close(nnx.to_pure_dict(nnx.state(layer)), nnx.to_pure_dict(nnx.state(twin)), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "ours_cls, theirs_cls, kw",
+    [
+        (bnx.BatchNorm, nnx.BatchNorm, {"use_running_average": False}),
+        (bnx.LayerNorm, nnx.LayerNorm, {"reduction_axes": (1, 2, 3)}),
+        (bnx.GroupNorm, nnx.GroupNorm, {"num_groups": 4}),
+    ],
+    ids=["batchnorm", "layernorm", "groupnorm"],
+)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8])
+def test_integer_inputs_give_flax_values(ours_cls, theirs_cls, kw, dtype):
+    ours_kw = {k: v for k, v in kw.items() if k != "reduction_axes"}  # bnlab: every non-batch
+    ours = ours_cls(8, **ours_kw, rngs=nnx.Rngs(0))
+    theirs = theirs_cls(8, **kw, epsilon=1e-5, use_fast_variance=False, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(10).integers(0, 250, SHAPE), dtype)
+    y, want = ours(x), theirs(x)
+    assert y.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    _assert_close(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)),
+                  rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnlab import layers, norm
+from bnlab import config, layers, norm, norms
 
 AXIS = "devices"
 
@@ -418,3 +418,103 @@ def test_variants_other_than_batchnorm_refuse_a_mask():
         layers.GhostBatchNorm(virtual_batch_size=2).init(
             jax.random.key(0), jnp.ones((4, 3)), use_running_average=False, mask=jnp.ones(4)
         )
+
+
+# --- integer inputs: promoted to float32, as flax's normalizations promote them ---------------
+
+INT_DTYPES = (np.int32, np.uint8, np.bool_)
+INT_SHAPE = (8, 2, 2, 4)
+
+
+def _int_input(dtype):
+    """Integers spread unlike N(0, 1) per feature: truncation back to them would show."""
+    values = np.random.default_rng(50).integers(0, 200, INT_SHAPE) * np.arange(1, 5)
+    return jnp.asarray(values % 256 if dtype == np.uint8 else values, dtype)
+
+
+def _flax_bn(x, stats, scale, bias, *, training=True):
+    """`(y, new_stats)` of `flax.linen.BatchNorm` with these variables."""
+    layer = fnn.BatchNorm(use_running_average=not training, use_fast_variance=False)
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
+    y, new = layer.apply(variables, x, mutable=["batch_stats"])
+    return y, new["batch_stats"]
+
+
+def _flax_example_norm(module):
+    return lambda x, stats, scale, bias: (_flax(module)(x, scale, bias), stats)
+
+
+def _no_stats(fn):
+    return lambda x, stats, scale, bias: (fn(x, scale, bias), stats)
+
+
+# Each function of bnlab.norm in a setting where flax has its exact equal.
+INT_CASES = {
+    "batch_norm": (functools.partial(norm.batch_norm, training=True), _flax_bn),
+    "batch_norm-eval": (
+        functools.partial(norm.batch_norm, training=False),
+        functools.partial(_flax_bn, training=False),
+    ),
+    "ghost_batch_norm": (
+        functools.partial(norm.ghost_batch_norm, training=True, virtual_batch_size=INT_SHAPE[0]),
+        _flax_bn,
+    ),
+    "batch_renorm": (
+        functools.partial(norm.batch_renorm, training=True, r_max=1.0, d_max=0.0),
+        _flax_bn,
+    ),
+    "noisy_batch_norm": (
+        functools.partial(
+            norm.noisy_batch_norm, training=True, key=jax.random.key(0), noise_mean=0, noise_std=0
+        ),
+        _flax_bn,
+    ),
+    "population_batch_norm": (
+        lambda x, stats, scale, bias: (
+            norm.population_batch_norm(x, stats, scale, bias, training=True)[0],
+            norm.population_batch_norm(x, stats, scale, bias, training=False)[1],
+        ),
+        functools.partial(_flax_bn, training=False),
+    ),
+    "layer_norm": (
+        _no_stats(norm.layer_norm),
+        _flax_example_norm(fnn.LayerNorm(reduction_axes=(1, 2, 3), use_fast_variance=False)),
+    ),
+    "group_norm": (
+        _no_stats(functools.partial(norm.group_norm, num_groups=2)),
+        _flax_example_norm(fnn.GroupNorm(num_groups=2, use_fast_variance=False)),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+@pytest.mark.parametrize("name", INT_CASES)
+def test_every_normalization_promotes_integer_inputs_as_flax(name, dtype):
+    ours, theirs = INT_CASES[name]
+    x = _int_input(dtype)
+    args = (_stats(51, 4), _normal(52, (4,), 1.0), _normal(53, (4,)))
+    y, new_stats = ours(x, *args)
+    want_y, want_stats = theirs(x, *args)
+    assert y.dtype == want_y.dtype == jnp.float32
+    _close((y, new_stats), (want_y, want_stats), rtol=1e-4, atol=1e-4)
+    float_y, _ = ours(x.astype(jnp.float32), *args)
+    np.testing.assert_array_equal(y, float_y)  # the same as for the float32 of the input
+
+
+@pytest.mark.parametrize("name", sorted(set(norms.NORMS) - {"none"}))
+def test_every_layer_promotes_integer_inputs_as_flax(name):
+    """Each registered linen layer: float32 out of an integer input, as `flax.linen.BatchNorm`
+    gives, with the values and statistics of the same input as float32."""
+    overrides = {"model.norm": name, "norm.virtual_batch_size": "4", "norm.num_groups": "2"}
+    cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+    layer, x = norms.build(cfg)(), _int_input(np.int32)
+    variables = layer.init(jax.random.key(0), x.astype(jnp.float32), use_running_average=True)
+
+    def train(x):
+        return layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"],
+                           rngs={"noise": jax.random.key(1)})  # fmt: skip
+
+    y, new = train(x)
+    flax_y = _flax_bn(x, _stats(51, 4), jnp.ones(4), jnp.zeros(4))[0]
+    assert y.dtype == flax_y.dtype == jnp.float32
+    _close((y, new), train(x.astype(jnp.float32)), 0, 0)

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import re
 import shutil
 import textwrap
 
@@ -16,7 +17,7 @@ from conftest import ROOT
 from test_batched import BATCH, _assert_same_records
 from test_checkpoint import _assert_same_run
 
-from bnlab import cli, config, data, export, norms, schema
+from bnlab import cli, config, data, diagnostics, export, norms, schema
 from bnlab import norm as norm_lib
 from bnlab.training import batched, run, train
 
@@ -299,6 +300,70 @@ def test_bad_variant_configs_exit_2_before_anything_runs(overrides, message, tmp
     assert not (workdir / "metrics.jsonl").exists()
 
 
+UNMEASURED = {"diagnostics.names": "''"}
+SINGLE_ALLOWED = {"norm.allow_single_value": "true"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message, fix",
+    [
+        ({"diagnostics.names": "activations", "diagnostics.batch_size": 50},
+         "norm.virtual_batch_size=20 does not divide the diagnostic batch of 50 examples "
+         "(diagnostics.batch_size); choose one of [1, 2, 5, 10]", UNMEASURED),
+        ({"diagnostics.names": "ics,landscape", "diagnostics.batch_size": 30,
+          "train.batch_size": 40},
+         "norm.virtual_batch_size=20 does not divide the diagnostic batch of 30 examples",
+         UNMEASURED),
+        ({"norm.virtual_batch_size": 1},
+         "norm.virtual_batch_size=1 gives ghost_batchnorm one example per statistic",
+         SINGLE_ALLOWED),
+        ({"model.norm": "batchnorm", "diagnostics.names": "activations",
+          "diagnostics.batch_size": 1},
+         "diagnostics.batch_size=1 gives model.norm='batchnorm' one example per statistic",
+         SINGLE_ALLOWED),
+    ],
+)  # fmt: skip
+def test_every_batch_the_run_normalizes_is_checked_before_it_runs(overrides, message, fix):
+    """The diagnostics normalize their fixed batch in training mode: a virtual batch size that
+    divides the training batch but not that one used to crash at the first measurement."""
+    overrides = {**SMALL, "model.norm": "ghost_batchnorm", **overrides}
+    raw = config.apply_overrides(config.default_config(), {k: str(v) for k, v in overrides.items()})
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.validate(raw)
+    config.validate(config.apply_overrides(raw, fix))  # the fix the message names
+
+
+@pytest.mark.parametrize("nnx", [False, True])
+def test_ghost_batchnorm_honours_allow_single_value(nnx):
+    """Virtual batches of one example in a dense layer: refused unless norm.allow_single_value,
+    as for batchnorm; allowed, the output is the bias and the statistics move as the paper's."""
+    x = np.random.default_rng(60).standard_normal((4, 3)).astype(np.float32)
+    allowed = config.validate(config.apply_overrides(config.default_config(), {
+        "model.norm": "ghost_batchnorm", "model.name": "mlp", "norm.virtual_batch_size": "1",
+        "norm.allow_single_value": "true", "norm.momentum": "0.5"}))  # fmt: skip
+
+    def train(allow):
+        cfg = dataclasses.replace(
+            allowed, norm=dataclasses.replace(allowed.norm, allow_single_value=allow)
+        )
+        if nnx:
+            from flax import nnx as flax_nnx
+
+            layer = norms.get("ghost_batchnorm").nnx(cfg.norm, 3, {}, flax_nnx.Rngs(0))
+            return layer(x), {"mean": layer.mean[...], "var": layer.var[...]}
+        layer = norms.build(cfg)()
+        variables = layer.init(jax.random.key(0), x, use_running_average=True)
+        y, new = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+        return y, new["batch_stats"]
+
+    with pytest.raises(ValueError, match="one value per feature"):
+        train(False)
+    y, stats = train(True)
+    np.testing.assert_array_equal(y, np.zeros_like(x))  # bias 0: each example is its own mean
+    np.testing.assert_allclose(stats["mean"], 0.5 * x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], np.full(3, 0.5), rtol=1e-6)  # 0.5 * 1 + 0.5 * 0
+
+
 def test_groupnorm_error_lists_the_group_counts_that_fit():
     with pytest.raises(
         config.ConfigError, match=r"choose one of \[1, 2, 4, 5, 10, 20, 25, 50, 100\]"
@@ -472,3 +537,47 @@ def test_a_taken_name_or_field_is_an_error_naming_both_places():
             "clash_test", norms.NormSpec(layer=spec.layer, fields={"epsilon": field["num_groups"]})
         )
     assert "clash_test" not in norms.NORMS
+
+
+def _register(registry, name, spec):
+    """Registers whatever it is given: every call has the same origin (this line)."""
+    return registry.register(name, spec)
+
+
+def _gn(n, axis, groups):
+    return functools.partial(norms.layers.GroupNorm, num_groups=groups)
+
+
+@pytest.mark.parametrize(
+    "registry, first, other",
+    [
+        (norms.NORMS, norms.NormSpec(layer=lambda n, axis: norms.layers.LayerNorm),
+         norms.NormSpec(layer=lambda n, axis: norms.layers.GroupNorm)),
+        (norms.NORMS, norms.NormSpec(layer=functools.partial(_gn, groups=2)),
+         norms.NormSpec(layer=functools.partial(_gn, groups=4))),
+        (norms.NORMS, norms.NormSpec(layer=_gn, fields={"helper_k": schema.field(2, "k")}),
+         norms.NormSpec(layer=_gn, fields={"helper_k": schema.field(3, "k")})),
+        (diagnostics.DIAGNOSTICS, diagnostics.DiagnosticSpec(fn=lambda ctx: {"a": 1.0}),
+         diagnostics.DiagnosticSpec(fn=lambda ctx: {"a": 2.0})),
+    ],
+)  # fmt: skip
+def test_a_helper_cannot_replace_another_piece_under_a_taken_name(registry, first, other):
+    """Both calls share the helper's origin: what is registered decides, not where from."""
+    registered = _register(registry, "helper_test", first)
+    assert _register(registry, "helper_test", dataclasses.replace(first)) is not registered
+    with pytest.raises(ValueError, match="'helper_test' is already registered") as err:
+        _register(registry, "helper_test", other)
+    assert registered.origin in str(err.value)
+    assert registry.get_spec("helper_test") == dataclasses.replace(first, origin=registered.origin)
+
+
+def test_an_experiment_file_loaded_twice_registers_once(rms_experiment):
+    """New functions, classes and fields of the same source: the same piece, replaced."""
+    first = config.load_module(rms_experiment)
+    spec = norms.get("rms_test")
+    second = config.load_module(rms_experiment)
+    assert first.RMSNorm is not second.RMSNorm and norms.get("rms_test") is not spec
+    changed = rms_experiment.with_name("rms_changed.py")
+    changed.write_text(rms_experiment.read_text().replace("1e-6, ", "1e-7, "))
+    with pytest.raises(config.ConfigError, match="'rms_test' is already registered"):
+        config.load_module(changed)

@@ -140,10 +140,12 @@ def _check_across(c: Config) -> list[str]:
             "validation split; set data.validation_size (e.g. 5000) or set the patience to 0"
         )
     devices = c.parallel.num_devices if c.parallel.mode != "none" else 1
+    measured = diagnostics.parse_names(c.diagnostics.names)
     p += norms.problems(
         c,
         widths=models.NORM_WIDTHS[c.model.name],
         per_device_batch=c.train.batch_size // max(devices, 1),
+        diagnostic_batch=c.diagnostics.batch_size if measured else None,
     )
     p += diagnostics.problems(c.diagnostics)
     last = models.NORM_WIDTHS[c.model.name][-1]

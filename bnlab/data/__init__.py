@@ -78,14 +78,17 @@ def _load_numpy(mnist_dir: str | None, tfds_dir: str | None, split: str):
     """`(images, labels)` of a split as numpy arrays, from the array copy of the TFDS dataset,
     or from TFDS (which then prepares it if needed) and written to the copy."""
     data_dir = mnist_arrays.tfds_data_dir(tfds_dir)
-    arrays = mnist_arrays.read(data_dir, mnist_dir)
+    arrays = mnist_arrays.read(data_dir, mnist_dir, (split,))  # checks this split's files only
     if arrays is None:
-        arrays = _prepare(mnist_dir, data_dir)
+        with mnist_arrays.preparing(data_dir):  # one process prepares, the others wait
+            arrays, damage = mnist_arrays.read_checked(data_dir, mnist_dir)  # theirs, if any
+            if arrays is None:
+                arrays = _prepare(mnist_dir, data_dir, damage)
     images, labels = arrays[split]
     return _read_only(images), _read_only(labels)
 
 
-def _prepare(mnist_dir: str | None, data_dir: Path) -> mnist_arrays.Arrays:
+def _prepare(mnist_dir: str | None, data_dir: Path, damage: str | None) -> mnist_arrays.Arrays:
     from bnlab.data.tfds_mnist import read_splits  # TFDS is imported only when the copy is missing
 
     if mnist_dir is not None and mnist_arrays.dataset_dir(data_dir).exists():
@@ -102,6 +105,8 @@ def _prepare(mnist_dir: str | None, data_dir: Path) -> mnist_arrays.Arrays:
         )
     else:
         what = f"copied MNIST from the TFDS dataset {where}"
+    if damage:
+        what = f"found the array copy damaged ({damage}) and {what}"
     copy = f"to whole arrays in {folder}, which runs read" if folder else "(no array copy)"
     print(f"bnlab: {what} {copy} (safe to delete).", file=sys.stderr, flush=True)
     return arrays

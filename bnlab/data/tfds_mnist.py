@@ -6,10 +6,15 @@ only when the whole-array copy (`bnlab.data.mnist_arrays`) is missing or stale.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from bnlab.data.idx import (
     IDX_FILES,
@@ -84,9 +89,12 @@ class BnlabMnist(tfds.core.GeneratorBasedBuilder):
 def read_splits(mnist_dir: str | None, data_dir: Path) -> tuple[Arrays, bool]:
     """Both splits of the TFDS dataset in `data_dir` (prepared first if needed) as whole
     arrays, in TFDS's record order; and whether it was prepared now."""
-    builder = BnlabMnist(mnist_dir=mnist_dir, data_dir=str(data_dir), file_format="array_record")
-    prepared = not builder.is_prepared()
-    builder.download_and_prepare()
+    with _quiet_off_a_terminal():
+        builder = BnlabMnist(
+            mnist_dir=mnist_dir, data_dir=str(data_dir), file_format="array_record"
+        )
+        prepared = not builder.is_prepared()
+        builder.download_and_prepare()
     arrays = {}
     for split in SPLITS:
         source = builder.as_data_source(split=split)
@@ -95,3 +103,23 @@ def read_splits(mnist_dir: str | None, data_dir: Path) -> tuple[Arrays, bool]:
         labels = np.asarray([r["label"] for r in records], np.int32)
         arrays[split] = (images, labels)
     return arrays, prepared
+
+
+@contextlib.contextmanager
+def _quiet_off_a_terminal() -> Iterator[None]:
+    """Off a terminal (a log file, a pipe, a notebook), TFDS's progress bars are a line of
+    control characters per update, and absl's warnings about the folders TFDS is creating
+    ("no dataset_info.json") are noise: both are off while TFDS prepares; `bnlab.data` says
+    in one line what was prepared where. On a terminal the bars show the progress."""
+    if sys.stderr.isatty():
+        yield
+        return
+    absl = logging.getLogger("absl")
+    level, bars = absl.level, getattr(tqdm_utils, "_active", True)
+    absl.setLevel(logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        tfds.display_progress_bar(bars)

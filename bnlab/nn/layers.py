@@ -26,7 +26,8 @@ class BatchNorm(nn.Module):
     variable dict moves between this module and flax's unchanged. Call it with
     `mutable=["batch_stats"]` when `use_running_average=False` (training). As in flax,
     `use_running_average` may be a field or a call argument (not both). The output has the
-    dtype of `x` unless `dtype` is set (flax instead promotes bf16 inputs with float32 params).
+    dtype of `x` unless `dtype` is set (flax instead promotes bf16 inputs with float32 params);
+    an integer or bool `x` gives float32, as in flax.
     `mask` (per-example weights, 0 for padding) is passed to `bnlab.norm.batch_norm`.
     `use_scale=use_bias=False` is BN without `gamma`, `beta` (`batchnorm_noaffine`).
     """
@@ -137,6 +138,7 @@ class GhostBatchNorm(BatchNorm):
             bias,
             training=training,
             virtual_batch_size=self.virtual_batch_size,
+            allow_single_value=self.allow_single_value,
             **self._bn_args(axis_name),
         )
 

@@ -39,8 +39,8 @@ class BatchNorm(nnx.Module):
     with `var_b = var`, or `var * n / (n - 1)` for `convention="torch"`. In evaluation it
     normalizes with `mean`/`var` and changes nothing. Statistics are float32; the output has
     the dtype of `x` unless `dtype` is set (flax instead promotes bf16 inputs with float32
-    parameters). The gradient is the closed form of the paper's Section 3 unless
-    `backward="autodiff"`.
+    parameters; an integer or bool `x` gives float32 in both). The gradient is the closed form
+    of the paper's Section 3 unless `backward="autodiff"`.
 
     Variables, as in flax (same names, shapes, dtypes, types), so `nnx.state` moves between the
     two unchanged: `scale`, `bias` (`nnx.Param`, absent when `use_scale`/`use_bias` is off) and
@@ -142,7 +142,8 @@ class BatchNorm(nnx.Module):
         """Normalizes `x`; in training also updates the running statistics in place.
 
         Args:
-          x: the input, any float dtype, with `num_features` on `axis`.
+          x: the input, any float dtype (an integer or bool one gives float32, as in flax),
+            with `num_features` on `axis`.
           use_running_average: overrides the attribute of that name for this call.
           mask: per-example weights (`f32[B]` or bool, 0 for padding) or an array broadcastable
             to `x` that is 1 on the feature axes; only the statistics use it (`BatchNorm` only).

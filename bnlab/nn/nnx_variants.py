@@ -41,7 +41,10 @@ class GhostBatchNorm(BatchNorm):
         del rngs  # deterministic
         _refuse_mask(self, mask)
         size, args = self.virtual_batch_size, self._bn_args(training)
-        return norm.ghost_batch_norm(x, stats, scale, bias, virtual_batch_size=size, **args)
+        allow = self.allow_single_value
+        return norm.ghost_batch_norm(
+            x, stats, scale, bias, virtual_batch_size=size, allow_single_value=allow, **args
+        )
 
 
 class BatchRenorm(BatchNorm):
@@ -183,7 +186,7 @@ class _ExampleNorm(nnx.Module):
         """Normalizes `x` (its shape `[B, ..., num_features]`).
 
         Args:
-          x: the input, any float dtype.
+          x: the input, any float dtype (an integer or bool one gives float32, as in flax).
           mask: not supported (an error when given); flax's layers take it.
           rngs: ignored (no randomness), so that a model can pass it to any normalization.
 

@@ -22,6 +22,7 @@ from typing import Any
 from bnlab import ops as norm
 from bnlab import schema
 from bnlab.nn import layers
+from bnlab.nn.norm_checks import batches_of, ghost_check, groupnorm_check
 from bnlab.nn.torch_state import torch_batchnorm, torch_groupnorm, torch_layernorm
 from bnlab.registry import Registry
 from bnlab.schema import field
@@ -46,7 +47,8 @@ class NormSpec:
     fields: Mapping[str, dataclasses.Field] = dataclasses.field(default_factory=dict)
     # Statistics over the batch: across devices through `axis_name` in pmap/sharded runs.
     batch_stats: bool = False
-    # Problems of the config when this normalization is selected (see `problems`).
+    # Problems of the config when this normalization is selected: `check(cfg.norm, widths=,
+    # batches=)` (see `problems`).
     check: Callable[..., list[str]] | None = None
     # PyTorch export: (module key, params, stats, cfg.norm, shape) -> state_dict entries; None
     # when PyTorch has no such layer (`bnlab export --format torch` then exits 2 saying so).
@@ -110,13 +112,44 @@ def norm_config_class() -> type:
     return NORMS.config_class("NormConfig")
 
 
-def problems(cfg: Any, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
+def problems(
+    cfg: Any,
+    *,
+    widths: tuple[int, ...],
+    per_device_batch: int,
+    diagnostic_batch: int | None = None,
+) -> list[str]:
     """What the selected normalization finds wrong with `cfg` (e.g. a group count that does not
-    divide a layer's width); `widths` are the features at each normalization site."""
+    divide a layer's width), before anything runs.
+
+    Args:
+      cfg: the config.
+      widths: the features at each normalization site.
+      per_device_batch: the examples of a training step on one device.
+      diagnostic_batch: the examples of the diagnostics' fixed batch, which they normalize
+        with its own statistics (None when the run measures no diagnostic).
+
+    Returns:
+      The messages of the selected normalization's `check`, given every batch the run
+      normalizes (`norm_checks.Batch`), and a diagnostic batch of one example for a
+      normalization with batch statistics (refused as in training, unless
+      `norm.allow_single_value`).
+    """
     spec = NORMS.get(cfg.model.norm)
-    if spec is None or spec.check is None:
+    if spec is None:
         return []
-    return spec.check(cfg.norm, widths=widths, per_device_batch=per_device_batch)
+    found = []
+    if spec.batch_stats and diagnostic_batch == 1 and not cfg.norm.allow_single_value:
+        found.append(
+            f"diagnostics.batch_size=1 gives model.norm={cfg.model.norm!r} one example per "
+            "statistic in the diagnostics' training-mode passes: every dense layer's variance "
+            "is 0 and its output the bias; use a larger diagnostics.batch_size or set "
+            "norm.allow_single_value=true"
+        )
+    if spec.check is not None:
+        batches = batches_of(per_device_batch, diagnostic_batch)
+        found += spec.check(cfg.norm, widths=widths, batches=batches)
+    return found
 
 
 def build(cfg: Any, axis: dict[str, Any] | None = None) -> ModuleDef:
@@ -154,37 +187,6 @@ def _nnx(layer: Callable[[Any, dict[str, Any], Any], Any]) -> NNXBuilder:
         return layer(n, axis, bnx)(num_features, rngs=rngs)
 
     return build
-
-
-def _divisors_of_all(widths: tuple[int, ...]) -> list[int]:
-    """Group counts that fit every width: a divisor of it, or more than it (clipped)."""
-    return [g for g in range(1, max(widths) + 1) if all(w < g or w % g == 0 for w in widths)]
-
-
-def _groupnorm_check(n, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
-    del per_device_batch  # each example is normalized on its own
-    bad = [w for w in widths if w >= n.num_groups and w % n.num_groups]
-    if not bad:
-        return []
-    return [
-        f"norm.num_groups={n.num_groups} does not divide the {bad[0]} channels of a normalized "
-        f"layer (this model normalizes {list(widths)} channels); choose one of "
-        f"{_divisors_of_all(widths)} (a layer with fewer channels than groups uses one group "
-        "per channel)"
-    ]
-
-
-def _ghost_check(n, *, widths: tuple[int, ...], per_device_batch: int) -> list[str]:
-    del widths  # any layer
-    v = n.virtual_batch_size
-    if per_device_batch % v == 0:
-        return []
-    divisors = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0]
-    return [
-        f"norm.virtual_batch_size={v} does not divide the per-device batch of "
-        f"{per_device_batch} examples (train.batch_size over the devices); choose one of "
-        f"{divisors}, or change train.batch_size"
-    ]
 
 
 def _renorm_schedule(n) -> dict[str, Any]:
@@ -255,7 +257,7 @@ register_norm(
             ),
         },
         batch_stats=True,
-        check=_ghost_check,
+        check=ghost_check,
         injected=("momentum",),
         nnx=_nnx(
             lambda n, axis, bnx: _batchnorm(
@@ -363,7 +365,7 @@ register_norm(
                 check=schema.positive,
             ),
         },
-        check=_groupnorm_check,
+        check=groupnorm_check,
         torch=torch_groupnorm,
         nnx=_nnx(
             lambda n, axis, bnx: functools.partial(

@@ -20,6 +20,7 @@ from jax import lax
 from bnlab.ops.bn_math import (
     _affine,
     _count,
+    _float_input,
     _train,
     _weights,
     _without_padding,
@@ -77,12 +78,13 @@ def batch_norm(
 
     Evaluation mode normalizes with `stats` and returns `stats` itself, unchanged.
 
-    The statistics are computed in float32 whatever the dtype of `x`; `y` has the dtype of `x`.
+    The statistics are computed in float32 whatever the dtype of `x`; `y` has the dtype of `x`,
+    except that an integer or bool `x` gives a float32 `y`, as in flax.
     With `backward="analytic"` (default) the gradient is the closed form of Section 3 of the
     paper, as a `jax.custom_vjp`; `backward="autodiff"` differentiates the forward pass instead.
 
     Args:
-      x: input, any float dtype.
+      x: input, any float dtype (an integer or bool one is promoted to float32).
       stats: `{"mean": f32[F], "var": f32[F]}` with `F` the shape of `x` on `axis`.
       scale: optional `gamma`, shape `F`; `None` means 1.
       bias: optional `beta`, shape `F`; `None` means 0.
@@ -107,6 +109,7 @@ def batch_norm(
         unknown `convention`/`backward`, or one value per feature in training.
       NameError: if `axis_name` is not bound by an enclosing transform.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
     if not training:
         return _normalize_with(x, stats, lay, epsilon), stats

@@ -15,6 +15,16 @@ from jax import lax
 from bnlab.types import Array
 
 
+def _float_input(x: Array) -> Array:
+    """`x` itself if it is floating, else promoted as flax's normalizations promote it: an
+    integer or bool input would otherwise be truncated back to its dtype (a normalized int32 is
+    -1, 0 or 1; a uint8 is 0 or 1). float32 with float32 statistics (`jnp.promote_types`)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    return x.astype(jnp.promote_types(jnp.float32, x.dtype))
+
+
 def _affine(x, mean, rstd, scale, bias):
     # Folding scale into rstd saves one multiply per element.
     y = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias

@@ -24,7 +24,15 @@ from bnlab.ops.bn_core import (
     batch_norm,
     feature_axes_of,
 )
-from bnlab.ops.bn_math import _axis_size, _count, _moments, _psum, _train, check_values_per_feature
+from bnlab.ops.bn_math import (
+    _axis_size,
+    _count,
+    _float_input,
+    _moments,
+    _psum,
+    _train,
+    check_values_per_feature,
+)
 from bnlab.types import Array, Stats
 
 
@@ -43,6 +51,7 @@ def ghost_batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     convention: Convention = "flax",
     backward: Backward = "analytic",
+    allow_single_value: bool = False,
 ) -> tuple[Array, Stats]:
     """Ghost batch normalization: `batch_norm` over consecutive virtual batches along axis 0.
 
@@ -68,14 +77,18 @@ def ghost_batch_norm(
         `batch_norm`; `axis` must not name axis 0.
       virtual_batch_size: examples per virtual batch; must divide `x.shape[0]`.
       axis_name, axis_index_groups: devices whose batch statistics are averaged.
+      allow_single_value: allow statistics over one value per feature in a virtual batch
+        (refused by default, as `batch_norm` refuses it).
 
     Returns:
       `(y, new_stats)` as `batch_norm`.
 
     Raises:
       ValueError: if `virtual_batch_size` does not divide the batch, if `axis` names the batch
-        axis, or on `batch_norm`'s bad arguments.
+        axis, on one value per feature in a virtual batch (unless allowed), or on
+        `batch_norm`'s bad arguments.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
     if not training:
         return _normalize_with(x, stats, lay, epsilon), stats
@@ -92,7 +105,8 @@ def ghost_batch_norm(
     xg = x.reshape((groups, virtual_batch_size) + x.shape[1:])
     scale, bias = lay.scale[None], lay.bias[None]  # shared by the groups
     reduce_axes = tuple(a + 1 for a in lay.reduce_axes)
-    check_values_per_feature(xg.shape, reduce_axes)
+    if not allow_single_value:
+        check_values_per_feature(xg.shape, reduce_axes)
     y, mean, var = _train(xg, scale, bias, None, None, epsilon, reduce_axes, None, None, backward)
     var = _stored_var(var, convention, lambda: _count(xg, None, reduce_axes, None, None))
     mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
@@ -147,6 +161,7 @@ def batch_renorm(
     Raises:
       ValueError: on a concrete `r_max < 1` or `d_max < 0`, or `batch_norm`'s bad arguments.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, backward)
     for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
@@ -320,6 +335,7 @@ def population_batch_norm(
     Raises:
       ValueError: on `batch_norm`'s bad arguments.
     """
+    x = _float_input(x)
     lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, "autodiff")
     y = _normalize_with(x, lax.stop_gradient(stats), lay, epsilon)
     if not training:

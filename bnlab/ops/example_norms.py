@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnlab.ops.bn_core import _check_shape, _params_or_identity
-from bnlab.ops.bn_math import _affine, _moments
+from bnlab.ops.bn_math import _affine, _float_input, _moments
 from bnlab.types import Array
 
 
@@ -36,7 +36,8 @@ def group_norm(
     evaluation are the same function.
 
     Args:
-      x: input `[B, ..., C, ...]`, any float dtype; axis 0 the batch.
+      x: input `[B, ..., C, ...]`, any float dtype (an integer or bool one is promoted to
+        float32, as in flax); axis 0 the batch.
       scale: optional per-channel `gamma`, shape `[C]`; `None` means 1.
       bias: optional per-channel `beta`, shape `[C]`; `None` means 0.
       num_groups: number of groups, a divisor of `C`.
@@ -50,6 +51,7 @@ def group_norm(
       ValueError: if `num_groups` does not divide `C`, `axis` is 0 or out of range, or
         `scale`/`bias` are not `[C]`.
     """
+    x = _float_input(x)
     if not -x.ndim < axis < x.ndim or axis % x.ndim == 0:
         raise ValueError(
             f"group_norm: axis {axis} must name a channel axis of the rank-{x.ndim} input, not "
@@ -129,7 +131,8 @@ def layer_norm(
     over the whole non-batch shape with `scale`/`bias` broadcast to it.
 
     Args:
-      x: input, any float dtype; axis 0 the batch.
+      x: input, any float dtype (an integer or bool one is promoted to float32); axis 0 the
+        batch.
       scale: optional `gamma`, shape `[x.shape[axis]]`; `None` means 1.
       bias: optional `beta`, shape `[x.shape[axis]]`; `None` means 0.
       epsilon: added to the variance; a Python number > 0.

@@ -1,6 +1,8 @@
 """Configs: dotted overrides keep types; bad values fail with the reason, before any compile."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +108,29 @@ def test_broken_experiment_files_give_config_errors(tmp_path):
     raising.write_text("def get_config():\n    raise KeyError('x')\n")
     with pytest.raises(config.ConfigError, match=r"get_config\(\) raised KeyError"):
         config.load_config(raising)
+
+
+@pytest.mark.slow  # a fresh process: the test session has JAX loaded
+def test_a_config_validates_without_jax_or_flax():
+    code = (
+        "import sys; from bnlab import config\n"
+        "config.validate(config.apply_overrides(config.default_config(), {'opt.lr': '0.1'}))\n"
+        "print([m for m in ('jax', 'flax', 'optax') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_light_declarations_name_what_the_code_has():
+    """The `model` group and norm.convention/backward name their choices without importing
+    Flax or JAX; the tables they name are the ones the code builds from."""
+    from bnlab import ops
+    from bnlab.nn import model_config, models, norms
+
+    assert tuple(models.MODELS) == model_config.MODEL_NAMES
+    assert tuple(models.ACTIVATIONS) == model_config.ACTIVATION_NAMES
+    assert tuple(models.INITS) == model_config.INIT_NAMES
+    assert model_config.NORM_WIDTHS["mlp"] == models.MLP.hidden
+    fields = norms.NORMS.shared
+    assert fields["convention"].metadata["choices"] == ops.CONVENTIONS
+    assert fields["backward"].metadata["choices"] == ops.BACKWARDS

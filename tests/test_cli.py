@@ -300,3 +300,46 @@ def test_a_refused_resume_exits_2_without_aborting(tmp_path, tfds_dir):
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "opt.lr: 0.5 -> 0.1" in refused.stderr
     assert "FATAL" not in refused.stderr and "terminate called" not in refused.stderr
+
+
+def _sweep_folder(path, trials):
+    (path / "runs").mkdir(parents=True)
+    (path / "sweep.json").write_text("{}")
+    for trial in trials:
+        (path / "runs" / trial).mkdir()
+        (path / "runs" / trial / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["export", "--format", "npz"]])
+def test_evaluate_and_export_point_a_sweep_folder_at_its_trials(tmp_path, capsys, command):
+    sweep_dir = _sweep_folder(tmp_path / "sweep", ["t-a", "t-b", "t-c", "t-d"])
+    assert cli.main([command[0], str(sweep_dir), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep_dir} is a sweep folder; pass one of its trials, {sweep_dir}/runs/<trial>" in err
+    runs = sweep_dir / "runs"
+    assert f"{runs / 't-a'}, {runs / 't-b'}, {runs / 't-c'} (4 in all)." in err, err
+    empty = _sweep_folder(tmp_path / "empty", [])
+    assert cli.main([command[0], str(empty), *command[1:]]) == 2
+    assert "none has started yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every, best", [(500, ""), (0, "accuracy")])
+def test_evaluate_before_the_first_checkpoint_says_when_it_comes(tmp_path, capsys, every, best):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    c = config.apply_overrides(
+        config.default_config(),
+        {"checkpoint.every_steps": str(every), "checkpoint.best_metric": repr(best)},
+    )
+    (workdir / "config.json").write_text(json.dumps(config.validate(c).to_dict()))
+    for command in (["evaluate"], ["export", "--format", "npz"]):
+        assert cli.main([command[0], str(workdir), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"{workdir} has no checkpoint yet: its run writes the first one " in err, err
+        assert ("at or after step 500 (checkpoint.every_steps)" in err) == bool(every)
+        assert ("at its first epoch end (checkpoint.best_metric)" in err) == bool(best)
+        assert "when its training ends" in err
+    (workdir / "checkpoints").mkdir()  # created by the run before its first save
+    assert cli.main(["evaluate", str(workdir)]) == 2
+    assert "has no checkpoint yet" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from bnlab.config.files import (
     config_of,
     load_config,
     load_module,
+    smoke_note,
     smoke_overrides,
 )
 from bnlab.config.spec import (
@@ -80,6 +81,7 @@ __all__ = [
     "load_module",
     "parse_value",
     "resume_differences",
+    "smoke_note",
     "smoke_overrides",
     "split_problems",
     "validate",

@@ -117,6 +117,87 @@ def test_help_lists_the_commands_and_exit_codes():
         assert word in " ".join(result.stdout.split()), word
 
 
+_BEFORE_JAX = """
+import json, sys
+from bnlab import cli
+
+HEAVY = ("jax", "flax", "optax", "orbax.checkpoint", "tensorboardX")
+out = {}
+try:
+    cli.main(["--help"])
+except SystemExit as exit:
+    out["help"] = (exit.code, [m for m in HEAVY if m in sys.modules])
+workdir = sys.argv[1]
+commands = {
+    "train": ["train", "--config", "experiments/mnist_cnn.py", "--workdir", workdir,
+              "--config.opt.lr=nan"],
+    "unknown key": ["train", "--config", "experiments/mnist_cnn.py", "--workdir", workdir,
+                    "--config.opt.lrr=0.1"],
+    "invalid": ["train", "--config", "experiments/mnist_cnn.py", "--workdir", workdir,
+                "--config.model.norm=layer", "--config.diagnostics.hessian_top_k=0"],
+    "sweep": ["sweep", "experiments/bn_momentum.py", "--workdir", workdir,
+              "--config.model.name=resnet"],
+    "evaluate": ["evaluate", workdir, "--config.opt.lr=1"],
+}
+for name, args in commands.items():
+    out[name] = (cli.main(args), [m for m in HEAVY if m in sys.modules])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a fresh process: the test session has JAX loaded
+def test_help_and_refused_input_come_before_jax_and_flax(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _BEFORE_JAX, str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out.pop("help") == [0, []]
+    assert out == {name: [2, []] for name in out}, (out, proc.stderr)
+    assert not (tmp_path / "run").exists()
+    assert "opt.lr (peak learning rate) must be a finite number" in proc.stderr
+    assert "model.norm='layer' is not one of" in proc.stderr
+    assert "diagnostics.hessian_top_k=0 must be >= 1" in proc.stderr
+    assert "model.name='resnet' is not one of" in proc.stderr
+
+
+_LEAVE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from bnlab import cli
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+
+def late():
+    time.sleep(0.5)
+    (out / "thread").write_text("finished")
+
+threading.Thread(target=late).start()
+sys.stdout.write("buffered")
+cli._leave(3)
+"""
+
+
+@pytest.mark.slow  # a subprocess
+def test_leaving_runs_the_exit_handlers_waits_for_threads_and_flushes(tmp_path):
+    """`bnlab` skips the interpreter's teardown, not what shutting down does that matters."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEAVE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "finished"
+    assert proc.stdout == "buffered"
+
+
 def test_evaluate_and_export_refuse_a_workdir_without_a_run(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -300,6 +381,37 @@ def test_a_refused_resume_exits_2_without_aborting(tmp_path, tfds_dir):
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "opt.lr: 0.5 -> 0.1" in refused.stderr
     assert "FATAL" not in refused.stderr and "terminate called" not in refused.stderr
+
+
+def test_the_same_override_twice_is_refused_naming_both(tmp_path, capsys):
+    with pytest.raises(config.ConfigError, match=r"--config.opt.lr is given twice \('0.1' and"):
+        cli.split_overrides(["--config.opt.lr=0.1", "--config.opt.lr", "0.2"])
+    args = ["train", "--config", str(ROOT / "experiments/mnist_cnn.py")]
+    args += ["--workdir", str(tmp_path / "run"), "--config.train.epochs=1"]
+    assert cli.main([*args, "--config.train.epochs=2"]) == 2
+    assert "given twice ('1' and '2')" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_smoke_says_which_defaults_it_uses(tmp_path, capsys):
+    experiment = tmp_path / "plain.py"
+    experiment.write_text(
+        "from bnlab.config import default_config\nget_config = default_config\n"
+        "def sweep():\n    yield {'train.seed': 0}\n    yield {'train.seed': 1}\n"
+    )
+    bad = "--config.opt.lr=nan"  # refused after the notes: nothing runs
+    train = ["train", "--config", str(experiment), "--workdir", str(tmp_path / "r"), "--smoke"]
+    assert cli.main([*train, bad]) == 2
+    err = capsys.readouterr().err
+    assert f"{experiment} defines no SMOKE: --smoke uses the defaults --config.data" in err
+    assert (
+        cli.main(["sweep", str(experiment), "--workdir", str(tmp_path / "s"), "--smoke", bad]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "defines no SMOKE" in err
+    assert "sweep() takes no smoke argument: --smoke runs its whole grid (2 trials)" in err
+    assert cli.main(["sweep", str(experiment), "--workdir", str(tmp_path / "s"), bad]) == 2
+    assert "SMOKE" not in capsys.readouterr().err  # no --smoke, no note
 
 
 def _sweep_folder(path, trials):

@@ -32,14 +32,19 @@ from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
 from bnlab.data import DataError
-from bnlab.training.checkpoint import CHECKPOINT_DIR, CheckpointError
 from bnlab.training.writers import write_json
 
 ENGINES = ("vmap", "sequential")
 FAILURE_FILE = "failure.json"  # the last failed attempt of a trial that is being retried
-# Bad input stops the sweep with its message (a missing dataset, a resume refused for a changed
-# config): every trial would fail alike, and recording them as failed would hide the fix.
-_USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Bad input stops the sweep with its message (a missing dataset, a resume refused for a
+    changed config): every trial would fail alike, and recording them as failed would hide the
+    fix. (Read once trials run: validating a sweep loads no JAX or orbax.)"""
+    from bnlab.training.checkpoint import CheckpointError
+
+    return config_lib.ConfigError, DataError, CheckpointError
 
 
 class Trial(NamedTuple):
@@ -66,10 +71,26 @@ def load_experiment(path: str | os.PathLike) -> ModuleType:
     return module
 
 
+def _takes_smoke(module: ModuleType) -> bool:
+    return "smoke" in inspect.signature(module.sweep).parameters
+
+
+def smoke_notes(module: ModuleType, path: str | os.PathLike) -> list[str]:
+    """What `--smoke` falls back to for an experiment that does not say: the default `SMOKE`
+    overrides, and the whole grid of a `sweep()` without a `smoke` argument."""
+    notes = [config_lib.smoke_note(module, path)]
+    if not _takes_smoke(module):
+        notes.append(
+            f"{path}'s sweep() takes no smoke argument: --smoke runs its whole grid ("
+            f"{len(expand(module))} trials), each shrunk (give it `def sweep(smoke=False)` to "
+            "yield a smaller grid)"
+        )
+    return [n for n in notes if n]
+
+
 def expand(module: ModuleType, *, smoke: bool = False) -> list[Trial]:
     """The trials of an experiment, in its order; duplicate grid points are an error."""
-    takes_smoke = "smoke" in inspect.signature(module.sweep).parameters
-    grid = module.sweep(smoke=smoke) if takes_smoke else module.sweep()
+    grid = module.sweep(smoke=smoke) if _takes_smoke(module) else module.sweep()
     trials, seen = [], {}
     for point in _as_dicts(grid):
         overrides = {k: _text(v) for k, v in point.items()}
@@ -118,6 +139,16 @@ def trial_config(
     return config_lib.validate(config_lib.apply_overrides(config_lib.config_of(module), overrides))
 
 
+def trial_configs(
+    module: ModuleType, *, smoke: bool = False, overrides: dict[str, str] | None = None
+) -> tuple[list[Trial], dict[str, config_lib.Config]]:
+    """Every trial of the experiment and its validated config (`ConfigError` on the first
+    trial that cannot run); `overrides` apply to all of them."""
+    trials = expand(module, smoke=smoke)
+    extra = dict(overrides or {})
+    return trials, {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
+
+
 def is_finished(run_dir: Path) -> bool:
     """A trial with a result (ok, diverged, early_stopped); a failed one is retried by the next
     run."""
@@ -148,12 +179,10 @@ def run_sweep(
     """
     if engine not in ENGINES:
         raise config_lib.ConfigError(f"engine {engine!r} is not one of {ENGINES}")
+    extra = dict(overrides or {})
+    trials, configs = trial_configs(load_experiment(path), smoke=smoke, overrides=extra)
     if runner is None:
         from bnlab.training.run import run as runner
-    module = load_experiment(path)
-    trials = expand(module, smoke=smoke)
-    extra = dict(overrides or {})
-    configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
     workdir = Path(workdir)
     spec = {
         "experiment": str(path),
@@ -258,6 +287,8 @@ def _set_failure_aside(run_dir: Path) -> None:
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
+    from bnlab.training.checkpoint import CHECKPOINT_DIR
+
     return any((run_dir / CHECKPOINT_DIR).glob("*"))
 
 
@@ -277,7 +308,7 @@ def _run_group(cfgs, dirs: list[Path], max_chunk: int | None, log) -> list[str]:
 
     try:
         return [s["status"] for s in run_group(cfgs, dirs, max_chunk=max_chunk, log=log)]
-    except (KeyboardInterrupt, SystemExit, *_USER_ERRORS):
+    except (KeyboardInterrupt, SystemExit, *_user_errors()):
         raise
     except Exception as err:  # noqa: BLE001 - one failed group must not stop the others
         for run_dir in dirs:  # earlier chunks of the group keep their results
@@ -293,7 +324,7 @@ def _status(run_dir: Path) -> str:
 def _run_trial(runner, cfg: config_lib.Config, run_dir: Path) -> str:
     try:
         return runner(cfg, run_dir)["status"]
-    except (KeyboardInterrupt, SystemExit, *_USER_ERRORS):
+    except (KeyboardInterrupt, SystemExit, *_user_errors()):
         raise
     except Exception as err:  # noqa: BLE001 - one failed trial must not stop its siblings
         _write_failure(run_dir, err)

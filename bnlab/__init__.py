@@ -18,54 +18,63 @@ the public paths of `bnlab.ops`, `bnlab.nn.*` and `bnlab.studies.results`. The f
 earlier versions (`bnlab.train`, `bnlab.run`, ...) still import, with a DeprecationWarning.
 """
 
+import importlib
+
 from bnlab import _moved
-from bnlab.nn.layers import (
-    BatchNorm,
-    BatchRenorm,
-    GhostBatchNorm,
-    GroupNorm,
-    Identity,
-    LayerNorm,
-    NoisyBatchNorm,
-    PopulationBatchNorm,
-)
-from bnlab.ops import (
-    batch_norm,
-    batch_renorm,
-    ghost_batch_norm,
-    group_norm,
-    init_stats,
-    layer_norm,
-    moving_average,
-    noisy_batch_norm,
-    population_batch_norm,
-    renorm_schedule,
-    stats_from_torch,
-    torch_momentum,
-)
+
+# Public name -> the module it comes from, imported on first use: `import bnlab.cli` (and so
+# `bnlab --help` and a refused override) loads neither JAX nor Flax.
+_PUBLIC = {
+    **dict.fromkeys(
+        (
+            "BatchNorm",
+            "BatchRenorm",
+            "GhostBatchNorm",
+            "GroupNorm",
+            "Identity",
+            "LayerNorm",
+            "NoisyBatchNorm",
+            "PopulationBatchNorm",
+        ),
+        "bnlab.nn.layers",
+    ),
+    **dict.fromkeys(
+        (
+            "batch_norm",
+            "batch_renorm",
+            "ghost_batch_norm",
+            "group_norm",
+            "init_stats",
+            "layer_norm",
+            "moving_average",
+            "noisy_batch_norm",
+            "population_batch_norm",
+            "renorm_schedule",
+            "stats_from_torch",
+            "torch_momentum",
+        ),
+        "bnlab.ops",
+    ),
+}
+# Subpackages read as attributes of `bnlab` (`bnlab.ops.batch_norm` after `import bnlab`).
+_SUBPACKAGES = ("config", "data", "diagnostics", "nn", "ops", "optim", "studies", "training")
 
 _moved.install()
 
-__all__ = [
-    "BatchNorm",
-    "BatchRenorm",
-    "GhostBatchNorm",
-    "GroupNorm",
-    "Identity",
-    "LayerNorm",
-    "NoisyBatchNorm",
-    "PopulationBatchNorm",
-    "batch_norm",
-    "batch_renorm",
-    "ghost_batch_norm",
-    "group_norm",
-    "init_stats",
-    "layer_norm",
-    "moving_average",
-    "noisy_batch_norm",
-    "population_batch_norm",
-    "renorm_schedule",
-    "stats_from_torch",
-    "torch_momentum",
-]
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES})

@@ -1,44 +1,45 @@
 """`bnlab` command line: parse, validate early, call the library.
 
-Exit status: 0 done, 1 some sweep trials failed (run it again to retry them), 2 bad input or a
-checkpoint error (the message says how to fix it), 3 a diverged run, 4 stopped by SIGTERM/SIGINT
-(run it again to resume), 5 a multi-process run lost one of its processes (start them all again).
+The command answers before JAX loads: `--help`, argument errors and config errors (the experiment
+file, its overrides, their validation) import nothing heavier than `bnlab.config`; JAX, Flax
+and orbax load once the input is valid (`_runtime`). Exit statuses: `EXIT_STATUSES`.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from bnlab.config import (
-    ConfigError,
-    apply_overrides,
-    config_of,
-    load_module,
-    parse_value,
-    smoke_overrides,
-    validate,
-)
-from bnlab.data import DataError
+from bnlab.schema import ConfigError
 
 OVERRIDE_PREFIX = "--config."
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 EXIT_LOST_PROCESS = 5  # == bnlab.training.parallel.EXIT_LOST_PROCESS
-EXIT_CODES = (
-    "exit status: 0 done, 1 some sweep trials failed (rerun to retry them), "
-    "2 bad input or checkpoint error, 3 diverged, "
-    "4 stopped by SIGTERM/SIGINT (run the same command to resume), "
-    "5 a multi-process run lost one of its processes (start them all again to resume)"
-)
+# Every exit status of the command and its meaning: the help, docs/cli.md and README's table.
+EXIT_STATUSES = {
+    EXIT_OK: "done (also when early stopping ended the run)",
+    EXIT_FAILED: "some sweep trials failed (rerun to retry them)",
+    EXIT_BAD_INPUT: "bad input or a checkpoint error (the message says how to fix it)",
+    EXIT_DIVERGED: "diverged",
+    EXIT_INTERRUPTED: "stopped by SIGTERM/SIGINT (run the same command to resume)",
+    EXIT_LOST_PROCESS: "a multi-process run lost one of its processes (start them all again to "
+    "resume)",
+}
+EXIT_CODES = "exit status: " + ", ".join(f"{k} {v}" for k, v in EXIT_STATUSES.items())
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments."""
+    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments; the
+    same key twice is refused, naming both values."""
     rest, overrides, i = [], {}, 0
     argv = list(argv)
     while i < len(argv):
@@ -49,6 +50,11 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
                 value, i = argv[i + 1], i + 1
+            if key in overrides:
+                raise ConfigError(
+                    f"--config.{key} is given twice ({overrides[key]!r} and {value!r}); give it "
+                    "once, with the value you mean."
+                )
             overrides[key] = value
         else:
             rest.append(arg)
@@ -143,8 +149,8 @@ def _parser() -> argparse.ArgumentParser:
         help="output file, or a folder for export.npz/export.pt (missing folders are created; "
         "default: WORKDIR/export.npz or export.pt)",
     )
-    export.add_argument("--step", type=int, help="this checkpoint instead of the latest")
     export.add_argument("--force", action="store_true", help="replace an existing --out file")
+    export.add_argument("--step", type=int, help="this checkpoint instead of the latest")
     return parser
 
 
@@ -156,22 +162,27 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.training.run import run  # heavy imports only once the input is valid
+    from bnlab import config
 
-    module = load_module(args.config)
-    smoke = smoke_overrides(module) if args.smoke else {}
-    cfg = validate(apply_overrides(config_of(module, args.config), {**smoke, **overrides}))
-    try:
-        summary = run(cfg, args.workdir, progress=not args.no_progress, experiment=args.config)
-    except KeyboardInterrupt as err:
-        if not getattr(err, "finished", False):
-            raise
-        summary = json.loads((Path(args.workdir) / "summary.json").read_text())
-        print(
-            f"bnlab: {signal.Signals(err.signum).name} arrived as the last steps ran: the run "
-            "finished (summary.json is written); there is nothing to resume.",
-            file=sys.stderr,
-        )
+    module = config.load_module(args.config)
+    if args.smoke:
+        _note(config.smoke_note(module, args.config))
+    smoke = config.smoke_overrides(module) if args.smoke else {}
+    raw = config.apply_overrides(config.config_of(module, args.config), {**smoke, **overrides})
+    cfg = config.validate(raw)
+    with _runtime(args.command):
+        from bnlab.training.run import run
+
+        try:
+            summary = run(cfg, args.workdir, progress=not args.no_progress, experiment=args.config)
+        except KeyboardInterrupt as err:
+            if not getattr(err, "finished", False):
+                raise
+            summary = json.loads((Path(args.workdir) / "summary.json").read_text())
+            _note(
+                f"{signal.Signals(err.signum).name} arrived as the last steps ran: the run "
+                "finished (summary.json is written); there is nothing to resume."
+            )
     print(
         f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
         f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={args.workdir}"
@@ -181,17 +192,24 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.studies.sweep import parse_shard, run_sweep
+    from bnlab.studies import sweep
 
-    counts = run_sweep(
-        args.experiment,
-        args.workdir,
-        smoke=args.smoke,
-        shard_spec=parse_shard(args.shard),
-        overrides=overrides,
-        engine=args.engine,
-        max_chunk=args.chunk,
-    )
+    shard_spec = sweep.parse_shard(args.shard)
+    module = sweep.load_experiment(args.experiment)
+    if args.smoke:
+        for note in sweep.smoke_notes(module, args.experiment):
+            _note(note)
+    sweep.trial_configs(module, smoke=args.smoke, overrides=overrides)  # bad input fails here
+    with _runtime(args.command):
+        counts = sweep.run_sweep(
+            args.experiment,
+            args.workdir,
+            smoke=args.smoke,
+            shard_spec=shard_spec,
+            overrides=overrides,
+            engine=args.engine,
+            max_chunk=args.chunk,
+        )
     done = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(f"sweep done: {done or f'nothing to run in shard {args.shard}'}")
     if counts.get("failed"):
@@ -205,23 +223,26 @@ def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.studies.report import write_report
-
     if overrides:
         raise ConfigError("bnlab report takes no --config.* overrides; pass only the sweep folder.")
+    from bnlab.studies.report import write_report
+
     print(write_report(args.dir))
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.training.run import evaluate
+    from bnlab.schema import parse_value
 
     folders = {}
     for key in ("mnist_dir", "tfds_dir"):  # resumable fields: --config.data.* names the flags
         value = parse_value(overrides.pop(f"data.{key}", "None"))
         folders[key] = getattr(args, key) or (None if value is None else str(value))
     _no_overrides(overrides)
-    result = evaluate(args.workdir, step=args.step, **folders)
+    with _runtime(args.command):
+        from bnlab.training.run import evaluate
+
+        result = evaluate(args.workdir, step=args.step, **folders)
     print(
         f"step={result['step']} test_accuracy={result['accuracy']:.4f} "
         f"test_loss={result['loss']:.4f} workdir={args.workdir}"
@@ -230,10 +251,11 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from bnlab.export import export
-
     _no_overrides(overrides)
-    path = export(args.workdir, args.format, args.out, step=args.step, force=args.force)
+    with _runtime(args.command):
+        from bnlab.export import export
+
+        path = export(args.workdir, args.format, args.out, step=args.step, force=args.force)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -247,6 +269,11 @@ def _no_overrides(overrides: dict[str, str]) -> None:
         )
 
 
+def _note(text: str | None) -> None:
+    if text:
+        print(f"bnlab: {text}", file=sys.stderr, flush=True)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sweep": cmd_sweep,
@@ -254,84 +281,86 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
 }
-
-
-def _lost_process() -> type[Exception]:
-    from bnlab.training.parallel import LostProcess
-
-    return LostProcess
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    # Evaluated only once an exception propagates: orbax loads only for commands that use it.
-    from bnlab.training.checkpoint import CheckpointError
-
-    return ConfigError, DataError, CheckpointError
-
-
-COMPILING = ("train", "sweep", "evaluate", "export")  # commands that run JAX programs
 COUNT_COMPILES_ENV = "BNLAB_COUNT_COMPILES"  # "1": print the programs a command compiled
 WRITING_EVENTS = ("train", "sweep")  # commands that write TensorBoard events
 TRAINING = ("train", "sweep")  # commands whose SIGINT/SIGTERM stop training loops cleanly
 
 
-def _start_compilation_cache():
-    """JAX's persistent compilation cache (`bnlab.training.compile_cache`), on before anything
-    compiles; with `$BNLAB_COUNT_COMPILES` set, a function that reports what compiled."""
+@contextlib.contextmanager
+def _runtime(command: str) -> Iterator[None]:
+    """What a command starts once its input is valid, before anything compiles: JAX's
+    persistent compilation cache (`bnlab.training.compile_cache`), TensorBoard's writer and,
+    with `$BNLAB_COUNT_COMPILES` set, a report of the programs compiled meanwhile."""
     from bnlab.training import compile_cache
 
     compile_cache.enable()
-    if os.environ.get(COUNT_COMPILES_ENV, "") in ("", "0"):
-        return None
-    start = compile_cache.counts()
-    return lambda: print(
-        f"bnlab: {(compile_cache.counts() - start).describe()}", file=sys.stderr, flush=True
+    if command in WRITING_EVENTS:
+        from bnlab.training.writers import summary_writer_class
+
+        # Now, while this process has one thread: it hides torch for a moment.
+        summary_writer_class()
+    counting = os.environ.get(COUNT_COMPILES_ENV, "") not in ("", "0")
+    start = compile_cache.counts() if counting else None
+    try:
+        with contextlib.ExitStack() as stack:
+            if command in TRAINING:
+                from bnlab.training.loop import StopSignals
+
+                # Held for the whole command: a signal outside a training loop (loading data,
+                # compiling, between trials) is a request that the next loop acts on before
+                # its first step, not a KeyboardInterrupt raised under XLA (exit 139) or
+                # inside a garbage collector's callback (where Python ignores it).
+                stack.enter_context(StopSignals())
+            yield
+    finally:
+        if start is not None:
+            report = (compile_cache.counts() - start).describe()
+            print(f"bnlab: {report}", file=sys.stderr, flush=True)
+
+
+def _loaded(module: str, name: str) -> tuple[type[BaseException], ...]:
+    """`module.name` if that module is loaded: an exception of a module that never loaded was
+    not raised, and looking for it must not load JAX."""
+    return (getattr(sys.modules[module], name),) if module in sys.modules else ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return (
+        ConfigError,
+        *_loaded("bnlab.data.idx", "DataError"),
+        *_loaded("bnlab.training.checkpoint", "CheckpointError"),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None  # the bnlab command itself, not a call from Python
-    argv = sys.argv[1:] if argv is None else argv
-    report = None
+    code = _main(sys.argv[1:] if argv is None else argv, from_command_line)
+    if from_command_line and "jax" in sys.modules:
+        _leave(code)
+    return code
+
+
+def _main(argv: Sequence[str], from_command_line: bool) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        if args.command in COMPILING:
-            report = _start_compilation_cache()
-        if args.command in WRITING_EVENTS:
-            from bnlab.training.writers import summary_writer_class
-
-            # Now, while this process has one thread: it hides torch for a moment.
-            summary_writer_class()
-        try:
-            if args.command not in TRAINING:
-                return COMMANDS[args.command](args, overrides)
-            from bnlab.training.loop import StopSignals
-
-            # Held for the whole command: a signal outside a training loop (loading data,
-            # compiling, between trials) is a request that the next loop acts on at once, not
-            # a KeyboardInterrupt raised under XLA or inside a garbage collector's callback.
-            with StopSignals():
-                return COMMANDS[args.command](args, overrides)
-        finally:
-            if report is not None:
-                report()
+        return COMMANDS[args.command](args, overrides)
     except _user_errors() as err:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except _lost_process() as err:
+    except _loaded("bnlab.training.parallel", "LostProcess") as err:
         print(f"bnlab: error: {err}", file=sys.stderr, flush=True)
         if from_command_line:  # JAX's exit handler would wait for the lost process, then abort
             sys.stdout.flush()
             os._exit(EXIT_LOST_PROCESS)
         return EXIT_LOST_PROCESS
     except KeyboardInterrupt as err:
-        from bnlab.training.loop import Abandoned, Interrupted
-
-        if isinstance(err, Interrupted):
+        interrupted = _loaded("bnlab.training.loop", "Interrupted")
+        abandoned = _loaded("bnlab.training.loop", "Abandoned")
+        if isinstance(err, interrupted):
             saved = "after saving a checkpoint" if err.saved else "before training went on"
             print(f"bnlab: {err}, {saved}; run the same command to resume.", file=sys.stderr)
-        elif isinstance(err, Abandoned):
+        elif isinstance(err, abandoned):
             print(f"bnlab: {err}. Run the same command to resume.", file=sys.stderr, flush=True)
             if from_command_line:
                 sys.stdout.flush()
@@ -342,14 +371,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bnlab: interrupted outside training; every finished result and checkpoint is "
                 "kept. Run the same command to continue.",
                 file=sys.stderr,
-                flush=True,
             )
-            if from_command_line:
-                # XLA may be compiling in a worker thread (the next group of a sweep): an
-                # interpreter that shuts down under it crashes (exit 139), so leave at once.
-                sys.stdout.flush()
-                os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
+
+
+def _leave(code: int) -> NoReturn:
+    """Ends the `bnlab` process as interpreter shutdown would where it matters (the other
+    threads finish, the exit handlers run: JAX's, logging's), without then tearing down its
+    ~1,400 modules one by one: 0.3-0.7 s after a training run (BENCHMARKS.md)."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a closed pipe (`bnlab ... | head`)
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,40 @@
 """Optimizer config to an optax chain: clipping, weight decay, optimizer, schedule.
 
 The numeric hyperparameters that sweeps vary sit in the optimizer state through
-`optax.inject_hyperparams`, so one compiled program serves many of their values.
+`optax.inject_hyperparams`, so one compiled program serves many of their values. JAX and optax
+load when a chain is first built: the `opt` config group validates without them.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 from collections.abc import Callable
-
-import jax
-import jax.numpy as jnp
-import optax
-import optax.contrib
-from jax.typing import ArrayLike
+from typing import TYPE_CHECKING, Any
 
 from bnlab import schema
 from bnlab.schema import field
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
+
+
+class _OnFirstUse:
+    """A module imported when one of its names is first read (this module's own, not in
+    `sys.modules` until then)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+jax = _OnFirstUse("jax")
+jnp = _OnFirstUse("jax.numpy")
+optax = _OnFirstUse("optax")
+optax_contrib = _OnFirstUse("optax.contrib")
 
 Schedule = Callable[[int], float]
 
@@ -189,7 +206,7 @@ INJECTED = ("lr", "momentum", "clip_value", "decay_rate", "weight_decay")
 
 
 def _plateau(c: OptConfig, factor: float) -> optax.GradientTransformationExtraArgs:
-    return optax.contrib.reduce_on_plateau(
+    return optax_contrib.reduce_on_plateau(
         factor=factor,
         patience=c.plateau_patience,
         rtol=c.plateau_threshold,
@@ -219,7 +236,7 @@ def _plateau_scaling() -> optax.GradientTransformation:
 
 
 def _is_plateau(x) -> bool:
-    return isinstance(x, optax.contrib.ReduceLROnPlateauState)
+    return isinstance(x, optax_contrib.ReduceLROnPlateauState)
 
 
 def plateau_step(opt_state: optax.OptState, value: ArrayLike, c: OptConfig) -> optax.OptState:

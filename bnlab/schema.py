@@ -98,6 +98,12 @@ def field_problems(prefix: str, group: Any) -> list[str]:
             continue
         check = f.metadata.get("check")
         requirement = check(value) if check is not None else None
+        if (
+            isinstance(value, float)
+            and not math.isfinite(value)
+            and "finite" not in str(requirement)
+        ):
+            requirement = "must be a finite number"
         if requirement:
             problems.append(f"{prefix}.{f.name}={_value_text(value)} {requirement}")
     return problems

@@ -118,6 +118,87 @@ def test_help_lists_the_commands_and_exit_codes():
         assert word in " ".join(result.stdout.split()), word
 
 
+_BEFORE_JAX = """
+import json, sys
+from bnlab import cli
+
+HEAVY = ("jax", "flax", "optax", "orbax.checkpoint", "tensorboardX")
+out = {}
+try:
+    cli.main(["--help"])
+except SystemExit as exit:
+    out["help"] = (exit.code, [m for m in HEAVY if m in sys.modules])
+workdir = sys.argv[1]
+commands = {
+    "train": ["train", "--config", "experiments/mnist_cnn.py", "--workdir", workdir,
+              "--config.opt.lr=nan"],
+    "unknown key": ["train", "--config", "experiments/mnist_cnn.py", "--workdir", workdir,
+                    "--config.opt.lrr=0.1"],
+    "invalid": ["train", "--config", "experiments/mnist_cnn.py", "--workdir", workdir,
+                "--config.model.norm=layer", "--config.diagnostics.hessian_top_k=0"],
+    "sweep": ["sweep", "experiments/bn_momentum.py", "--workdir", workdir,
+              "--config.model.name=resnet"],
+    "evaluate": ["evaluate", workdir, "--config.opt.lr=1"],
+}
+for name, args in commands.items():
+    out[name] = (cli.main(args), [m for m in HEAVY if m in sys.modules])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a fresh process: the test session has JAX loaded
+def test_help_and_refused_input_come_before_jax_and_flax(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _BEFORE_JAX, str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out.pop("help") == [0, []]
+    assert out == {name: [2, []] for name in out}, (out, proc.stderr)
+    assert not (tmp_path / "run").exists()
+    assert "opt.lr (peak learning rate) must be a finite number" in proc.stderr
+    assert "model.norm='layer' is not one of" in proc.stderr
+    assert "diagnostics.hessian_top_k=0 must be >= 1" in proc.stderr
+    assert "model.name='resnet' is not one of" in proc.stderr
+
+
+_LEAVE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from bnlab import cli
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+
+def late():
+    time.sleep(0.5)
+    (out / "thread").write_text("finished")
+
+threading.Thread(target=late).start()
+sys.stdout.write("buffered")
+cli._leave(3)
+"""
+
+
+@pytest.mark.slow  # a subprocess
+def test_leaving_runs_the_exit_handlers_waits_for_threads_and_flushes(tmp_path):
+    """`bnlab` skips the interpreter's teardown, not what shutting down does that matters."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEAVE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "finished"
+    assert proc.stdout == "buffered"
+
+
 def test_evaluate_and_export_refuse_a_workdir_without_a_run(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -359,3 +440,77 @@ def test_export_never_writes_over_the_runs_own_files(saved_run, capsys):
             assert "is among the run's own files" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in saved_run.rglob("*") if p.is_file()} == own
     assert run.load_checkpoint(saved_run)[1].step == 5  # the run still reads back
+
+
+def test_the_same_override_twice_is_refused_naming_both(tmp_path, capsys):
+    with pytest.raises(config.ConfigError, match=r"--config.opt.lr is given twice \('0.1' and"):
+        cli.split_overrides(["--config.opt.lr=0.1", "--config.opt.lr", "0.2"])
+    args = ["train", "--config", str(ROOT / "experiments/mnist_cnn.py")]
+    args += ["--workdir", str(tmp_path / "run"), "--config.train.epochs=1"]
+    assert cli.main([*args, "--config.train.epochs=2"]) == 2
+    assert "given twice ('1' and '2')" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_smoke_says_which_defaults_it_uses(tmp_path, capsys):
+    experiment = tmp_path / "plain.py"
+    experiment.write_text(
+        "from bnlab.config import default_config\nget_config = default_config\n"
+        "def sweep():\n    yield {'train.seed': 0}\n    yield {'train.seed': 1}\n"
+    )
+    bad = "--config.opt.lr=nan"  # refused after the notes: nothing runs
+    train = ["train", "--config", str(experiment), "--workdir", str(tmp_path / "r"), "--smoke"]
+    assert cli.main([*train, bad]) == 2
+    err = capsys.readouterr().err
+    assert f"{experiment} defines no SMOKE: --smoke uses the defaults --config.data" in err
+    assert (
+        cli.main(["sweep", str(experiment), "--workdir", str(tmp_path / "s"), "--smoke", bad]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "defines no SMOKE" in err
+    assert "sweep() takes no smoke argument: --smoke runs its whole grid (2 trials)" in err
+    assert cli.main(["sweep", str(experiment), "--workdir", str(tmp_path / "s"), bad]) == 2
+    assert "SMOKE" not in capsys.readouterr().err  # no --smoke, no note
+
+
+def _sweep_folder(path, trials):
+    (path / "runs").mkdir(parents=True)
+    (path / "sweep.json").write_text("{}")
+    for trial in trials:
+        (path / "runs" / trial).mkdir()
+        (path / "runs" / trial / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["export", "--format", "npz"]])
+def test_evaluate_and_export_point_a_sweep_folder_at_its_trials(tmp_path, capsys, command):
+    sweep_dir = _sweep_folder(tmp_path / "sweep", ["t-a", "t-b", "t-c", "t-d"])
+    assert cli.main([command[0], str(sweep_dir), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep_dir} is a sweep folder; pass one of its trials, {sweep_dir}/runs/<trial>" in err
+    runs = sweep_dir / "runs"
+    assert f"{runs / 't-a'}, {runs / 't-b'}, {runs / 't-c'} (4 in all)." in err, err
+    empty = _sweep_folder(tmp_path / "empty", [])
+    assert cli.main([command[0], str(empty), *command[1:]]) == 2
+    assert "none has started yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every, best", [(500, ""), (0, "accuracy")])
+def test_evaluate_before_the_first_checkpoint_says_when_it_comes(tmp_path, capsys, every, best):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    c = config.apply_overrides(
+        config.default_config(),
+        {"checkpoint.every_steps": str(every), "checkpoint.best_metric": repr(best)},
+    )
+    (workdir / "config.json").write_text(json.dumps(config.validate(c).to_dict()))
+    for command in (["evaluate"], ["export", "--format", "npz"]):
+        assert cli.main([command[0], str(workdir), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"{workdir} has no checkpoint yet: its run writes the first one " in err, err
+        assert ("at or after step 500 (checkpoint.every_steps)" in err) == bool(every)
+        assert ("at its first epoch end (checkpoint.best_metric)" in err) == bool(best)
+        assert "when its training ends" in err
+    (workdir / "checkpoints").mkdir()  # created by the run before its first save
+    assert cli.main(["evaluate", str(workdir)]) == 2
+    assert "has no checkpoint yet" in capsys.readouterr().err

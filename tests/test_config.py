@@ -1,6 +1,8 @@
 """Configs: dotted overrides keep types; bad values fail with the reason, before any compile."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +108,97 @@ def test_broken_experiment_files_give_config_errors(tmp_path):
     raising.write_text("def get_config():\n    raise KeyError('x')\n")
     with pytest.raises(config.ConfigError, match=r"get_config\(\) raised KeyError"):
         config.load_config(raising)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "+Infinity"])
+def test_a_non_finite_override_says_the_field_must_be_finite(text):
+    with pytest.raises(config.ConfigError) as err:
+        config.apply_overrides(config.default_config(), {"opt.lr": text})
+    message = str(err.value)
+    assert "opt.lr (peak learning rate) must be a finite number" in message, message
+    assert "--config.opt.lr=0.05" in message and "got str" not in message
+
+
+def test_a_non_finite_value_from_a_config_file_is_refused_by_every_float_field():
+    c = config.default_config()
+    c.opt.weight_decay = float("inf")  # `must be >= 0` alone would let it through
+    c.model.dropout = float("nan")
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(c)
+    assert "opt.weight_decay=inf must be a finite number" in str(err.value)
+    assert "model.dropout=nan must be a finite number" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, text, fix",
+    [
+        ("opt.lr", '"1e-3"', "drop the quotes, --config.opt.lr=1e-3"),
+        ("train.epochs", "'3'", "drop the quotes, --config.train.epochs=3"),
+        ("parallel.num_processes", '"2"', "drop the quotes, --config.parallel.num_processes=2"),
+    ],
+)
+def test_a_quoted_number_says_to_drop_the_quotes(key, text, fix):
+    with pytest.raises(config.ConfigError, match=re.escape(fix)):
+        config.apply_overrides(config.default_config(), {key: text})
+
+
+def test_a_quoted_string_field_keeps_its_quotes_off():
+    c = config.apply_overrides(config.default_config(), {"model.norm": '"none"'})
+    assert c.model.norm == "none"
+
+
+@pytest.mark.parametrize("text", ["yes", "1", "on"])
+def test_a_bool_field_says_to_write_true_or_false(text):
+    key = "norm.allow_single_value"
+    with pytest.raises(config.ConfigError) as err:
+        config.apply_overrides(config.default_config(), {key: text})
+    assert f"write --config.{key}=true or --config.{key}=false" in str(err.value)
+    c = config.apply_overrides(config.default_config(), {key: "True"})
+    assert c.norm.allow_single_value is True
+
+
+def test_a_folder_as_config_file_lists_its_experiment_files(tmp_path):
+    for name in ("b.py", "a.py", "_helper.py", "notes.txt"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(config.ConfigError) as err:
+        config.load_module(tmp_path)
+    message = str(err.value)
+    assert f"{str(tmp_path)!r} is a folder" in message
+    assert f"({tmp_path / 'a.py'}, {tmp_path / 'b.py'})" in message, message
+
+
+def test_smoke_note_names_the_defaults_only_without_smoke(tmp_path):
+    plain = tmp_path / "plain.py"
+    plain.write_text("from bnlab.config import default_config\nget_config = default_config\n")
+    note = config.smoke_note(config.load_module(plain), plain)
+    shown = " ".join(f"--config.{k}={v}" for k, v in config.DEFAULT_SMOKE.items())
+    assert note.startswith(f"{plain} defines no SMOKE: --smoke uses the defaults {shown}"), note
+    own = tmp_path / "own.py"
+    own.write_text(plain.read_text() + "SMOKE = {'train.epochs': 1}\n")
+    assert config.smoke_note(config.load_module(own), own) is None
+
+
+@pytest.mark.slow  # a fresh process: the test session has JAX loaded
+def test_a_config_validates_without_jax_or_flax():
+    code = (
+        "import sys; from bnlab import config\n"
+        "config.validate(config.apply_overrides(config.default_config(), {'opt.lr': '0.1'}))\n"
+        "print([m for m in ('jax', 'flax', 'optax') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_light_declarations_name_what_the_code_has():
+    """The `model` group and norm.convention/backward name their choices without importing
+    Flax or JAX; the tables they name are the ones the code builds from."""
+    from bnlab import ops
+    from bnlab.nn import model_config, models, norms
+
+    assert tuple(models.MODELS) == model_config.MODEL_NAMES
+    assert tuple(models.ACTIVATIONS) == model_config.ACTIVATION_NAMES
+    assert tuple(models.INITS) == model_config.INIT_NAMES
+    assert model_config.NORM_WIDTHS["mlp"] == models.MLP.hidden
+    fields = norms.NORMS.shared
+    assert fields["convention"].metadata["choices"] == ops.CONVENTIONS
+    assert fields["backward"].metadata["choices"] == ops.BACKWARDS

@@ -371,3 +371,30 @@ def test_integer_inputs_give_flax_values(ours_cls, theirs_cls, kw, dtype):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
     _assert_close(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)),
                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+LAYERS = (
+    bnx.BatchNorm,
+    bnx.GhostBatchNorm,
+    bnx.BatchRenorm,
+    bnx.NoisyBatchNorm,
+    bnx.PopulationBatchNorm,
+    bnx.LayerNorm,
+    bnx.GroupNorm,
+)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda c: c.__name__)
+def test_num_features_must_be_a_positive_int_and_the_error_says_so(layer):
+    for bad, error in [(6.0, TypeError), ("8", TypeError), (True, TypeError), (0, ValueError)]:
+        with pytest.raises(error, match=f"{layer.__name__}: num_features must be a positive int"):
+            layer(bad, rngs=nnx.Rngs(0))
+    assert layer(np.int64(8), rngs=nnx.Rngs(0)).scale[...].shape == (8,)  # any integer type
+    with pytest.raises(TypeError):  # flax's refuses a float too (without saying why)
+        nnx.BatchNorm(6.0, rngs=nnx.Rngs(0))
+
+
+def test_batchnorm_takes_a_tuple_of_feature_sizes_but_no_empty_axis():
+    assert bnx.BatchNorm((2, 4), axis=(-2, -1), rngs=nnx.Rngs(0)).num_features == (2, 4)
+    with pytest.raises(ValueError, match=r"one per feature axis\); got \(2, 0\)"):
+        bnx.BatchNorm((2, 0), axis=(-2, -1), rngs=nnx.Rngs(0))

@@ -743,3 +743,16 @@ def test_one_value_per_feature_in_training_is_refused_unless_allowed():
     assert np.all(np.isfinite(y))
     norm.batch_norm(jnp.ones((1, 3, 3, 4)), norm.init_stats(4), training=True)  # 9 values: fine
     norm.batch_norm(x, norm.init_stats(4), training=False)  # evaluation normalizes with the stats
+
+
+def test_init_stats_refuses_a_feature_size_that_is_not_a_positive_int():
+    for bad in (0, -3, (4, 0), ()):
+        with pytest.raises(
+            ValueError,
+            match="init_stats: feature_shape=.* every size must be >= 1|must be a positive int",
+        ):
+            norm.init_stats(bad)
+    with pytest.raises(ValueError, match=r"feature_shape=6.0 must be a positive int"):
+        norm.init_stats(6.0)
+    assert norm.init_stats(np.int64(3))["var"].shape == (3,)
+    assert norm.init_stats((2, 3))["mean"].shape == (2, 3)

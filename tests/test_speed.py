@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,26 @@ def test_compilation_cache_folder_and_switch(monkeypatch, tmp_path):
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
     finally:
         compile_cache.enable(session)
+
+
+def test_an_unwritable_compilation_cache_is_one_line_and_no_warnings(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")  # a folder cannot be made under it, whoever runs the test
+    session = jax.config.jax_compilation_cache_dir
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert compile_cache.enable(a_file / "cache") is None
+            for k in range(3):  # programs JAX would have tried to read and store
+                jax.jit(lambda x, k=k: x * k + 1.5)(jnp.ones(3)).block_until_ready()
+        assert [str(w.message) for w in caught] == []
+        err = capsys.readouterr().err
+        assert err.startswith(f"bnlab: the compilation cache {a_file / 'cache'} cannot be written")
+        assert err.count("\n") == 1 and "$BNLAB_COMPILATION_CACHE" in err
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        compile_cache.enable(session)
+    assert jax.config.jax_compilation_cache_dir == session
 
 
 # Whole commands, each in its own process as a user runs them.

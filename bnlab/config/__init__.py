@@ -2,12 +2,14 @@
 
 Every field is declared once, with its default, type, meaning and check (`bnlab.schema.field`),
 on the frozen dataclass of its group. The group belongs to the module that reads it: `model` to
-`bnlab.nn.models`, `norm` to the normalization registry `bnlab.nn.norms` (each registered
-normalization adds its own fields), `opt` to `bnlab.optim`, `data` to `bnlab.data`,
-`diagnostics` to the diagnostics registry; `train`, `checkpoint` and `parallel` are declared in
-`spec`. `default_config()` derives the `ml_collections.ConfigDict` that experiment files edit
-(`files`: loading them, their smoke variant, dotted overrides); `checks.validate` checks it and
-returns the typed, frozen `Config`.
+`bnlab.nn.models` (declared in `bnlab.nn.model_config`), `norm` to the normalization registry
+`bnlab.nn.norms` (each registered normalization adds its own fields), `opt` to `bnlab.optim`,
+`data` to `bnlab.data`, `diagnostics` to the diagnostics registry (the built-in ones' fields in
+`bnlab.diagnostics.fields`); `train`, `checkpoint` and `parallel` are declared in `spec`.
+`default_config()` derives the `ml_collections.ConfigDict` that experiment files edit (`files`:
+loading them, their smoke variant, dotted overrides); `checks.validate` checks it and returns
+the typed, frozen `Config`. None of this imports JAX or Flax: the CLI refuses a bad config
+before they load.
 
 May import: the base modules, `bnlab.ops`, `bnlab.nn`, `bnlab.data`, `bnlab.diagnostics`,
 `bnlab.optim`. Imported by: training, studies, `bnlab.export`, the CLI.
@@ -26,6 +28,7 @@ from bnlab.config.files import (
     config_of,
     load_config,
     load_module,
+    smoke_note,
     smoke_overrides,
 )
 from bnlab.config.spec import (
@@ -78,6 +81,7 @@ __all__ = [
     "load_module",
     "parse_value",
     "resume_differences",
+    "smoke_note",
     "smoke_overrides",
     "split_problems",
     "validate",

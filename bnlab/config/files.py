@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -14,6 +15,12 @@ from bnlab.schema import ConfigError, parse_value
 def load_module(path: str | os.PathLike):
     """Imports an experiment file as a module; any error in it becomes a `ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.py") if not p.name.startswith("_"))
+        listed = ", ".join(str(path / name) for name in found) or "none"
+        raise ConfigError(
+            f"--config {str(path)!r} is a folder; pass one experiment file in it ({listed})."
+        )
     if not path.is_file():
         raise ConfigError(
             f"config file {str(path)!r} does not exist; pass e.g. experiments/mnist_cnn.py"
@@ -40,6 +47,17 @@ def smoke_overrides(module) -> dict[str, str]:
     return {k: v if isinstance(v, str) else repr(v) for k, v in smoke.items()}
 
 
+def smoke_note(module, path: str | os.PathLike) -> str | None:
+    """What `--smoke` uses for an experiment without `SMOKE` (None when it has its own)."""
+    if hasattr(module, "SMOKE"):
+        return None
+    shown = " ".join(f"--config.{k}={v}" for k, v in smoke_overrides(module).items())
+    return (
+        f"{path} defines no SMOKE: --smoke uses the defaults {shown} (define SMOKE, a dict of "
+        "overrides, in it to choose others)"
+    )
+
+
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """Imports an experiment file and returns its `get_config()`."""
     module = load_module(path)
@@ -61,8 +79,8 @@ def apply_overrides(
     cfg = copy.deepcopy(cfg)
     for key, text in overrides.items():
         parent, leaf = _resolve(cfg, key)
-        value = parse_value(text)
         old = parent[leaf]
+        value = _parsed(key, text, parent.get_type(leaf), old)
         if isinstance(value, bool) and not isinstance(old, bool) and old is not None:
             raise ConfigError(f"--config.{key}={text}: expected {type(old).__name__}, got a bool.")
         if isinstance(old, tuple) and isinstance(value, list):
@@ -77,6 +95,38 @@ def apply_overrides(
                 f"got {type(value).__name__} ({value!r})."
             ) from err
     return cfg
+
+
+def _parsed(key: str, text: str, kind: type, old: Any) -> Any:
+    """`text` as a value of the field `key` of type `kind`, or a `ConfigError` that says how
+    to write one."""
+    value = parse_value(text)
+    flag = f"--config.{key}"
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(
+            f"{flag}={text}: {key} is true or false; write {flag}=true or {flag}=false."
+        )
+    if kind not in (int, float) or isinstance(value, bool):
+        return value
+    unquoted = text.strip()[1:-1] if text.strip()[:1] in "'\"" and len(text.strip()) > 1 else None
+    if isinstance(value, str) and unquoted is not None and _is_number(unquoted):
+        raise ConfigError(
+            f"{flag}={text}: drop the quotes, {flag}={unquoted}; quoted, the value is a string "
+            f"and {key} is a number."
+        )
+    word = value.strip().lower().lstrip("+-") if isinstance(value, str) else ""
+    if word in ("nan", "inf", "infinity"):  # (too large a number, 1e400, is inf: validated)
+        from bnlab.config.spec import describe
+
+        meaning = next((f" ({doc})" for name, _, doc in describe() if name == key), "")
+        example = f", e.g. {flag}={old}" if old is not None else ""
+        raise ConfigError(f"{flag}={text}: {key}{meaning} must be a finite number{example}.")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    value = parse_value(text)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _resolve(cfg, key):

@@ -10,7 +10,7 @@ from ml_collections import config_dict
 
 from bnlab import diagnostics, schema
 from bnlab.data import DataConfig
-from bnlab.nn import models, norms
+from bnlab.nn import model_config, norms
 from bnlab.optim import OptConfig, depends_on_length
 from bnlab.schema import field
 
@@ -142,7 +142,7 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: models.ModelConfig
+    model: model_config.ModelConfig
     norm: Any  # norms.norm_config_class(): shared fields + each normalization's own
     opt: OptConfig
     data: DataConfig
@@ -158,7 +158,7 @@ class Config:
 def groups() -> dict[str, type]:
     """Group name -> its dataclass, in config order (the `norm` group as registered now)."""
     return {
-        "model": models.ModelConfig,
+        "model": model_config.ModelConfig,
         "norm": norms.norm_config_class(),
         "opt": OptConfig,
         "data": DataConfig,

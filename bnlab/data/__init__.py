@@ -20,10 +20,8 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bnlab import schema
@@ -39,6 +37,9 @@ from bnlab.data.idx import (  # noqa: F401 - re-exported: the data API of earlie
     read_idx,
 )
 from bnlab.schema import ConfigError, field
+
+if TYPE_CHECKING:  # JAX loads with the first split: the `data` config group validates without it
+    import jax
 
 TASKS = {"mnist10": 10, "binary01": 2}  # task -> number of classes
 
@@ -120,6 +121,8 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 def load(cfg: DataConfig, split: str) -> Dataset:
     """Loads a split ("train" or "test") for `cfg.task` into device memory."""
+    import jax
+
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)}")
     mnist_dir = None if cfg.mnist_dir is None else str(Path(cfg.mnist_dir).expanduser())
@@ -151,4 +154,4 @@ def num_classes(task: str) -> int:
 
 def to_float(images: jax.Array) -> jax.Array:
     """uint8 pixels to float32 in [0, 1]."""
-    return images.astype(jnp.float32) / 255.0
+    return images.astype(np.float32) / 255.0

@@ -31,29 +31,45 @@ loop calls `measure`, not the reverse).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
-
-import flax.linen as nn
-import jax
-import optax
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bnlab import schema
-from bnlab.diagnostics import activations, hessian, ics, init_gradients, landscape, probe
-from bnlab.diagnostics.common import batch_loss, split_names
-from bnlab.diagnostics.hessian import (
-    gaussian_density,
-    hessian_eigenvalues,
-    hessian_matvec,
-    lanczos_quadrature,
-    spectral_density,
-)
-from bnlab.diagnostics.ics import internal_covariate_shift
-from bnlab.diagnostics.init_gradients import init_gradient_norms
-from bnlab.diagnostics.landscape import landscape_measures
+from bnlab.diagnostics import fields
+from bnlab.diagnostics.fields import split_names
 from bnlab.registry import Registry
 from bnlab.schema import ConfigError, field
-from bnlab.types import Array
+
+if TYPE_CHECKING:
+    import flax.linen as nn
+    import optax
+
+    from bnlab.types import Array
+
+# Names of the measurement modules, imported when first read (`bnlab.diagnostics.hessian_matvec`):
+# the registry and the `diagnostics` config group load without JAX.
+_MEASURES = {
+    "batch_loss": "common",
+    "gaussian_density": "hessian",
+    "hessian_eigenvalues": "hessian",
+    "hessian_matvec": "hessian",
+    "lanczos_quadrature": "hessian",
+    "spectral_density": "hessian",
+    "internal_covariate_shift": "ics",
+    "init_gradient_norms": "init_gradients",
+    "landscape_measures": "landscape",
+}
+_MODULES = ("activations", "common", "hessian", "ics", "init_gradients", "landscape", "probe")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MEASURES:
+        return getattr(importlib.import_module(f"{__name__}.{_MEASURES[name]}"), name)
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DIAGNOSTICS",
@@ -262,49 +278,62 @@ def names_at(diagnostics_cfg: Any, step: int) -> tuple[str, ...]:
 def measurement_key(rng: Array, step: Array | int) -> Array:
     """The key of the measurement at `step` from the run's rng (apart from the training
     steps' streams, which fold 0 and 1 into `fold_in(rng, step)`)."""
+    import jax
+
     return jax.random.fold_in(jax.random.fold_in(rng, step), 2)
 
 
 # --- the built-in diagnostics ----------------------------------------------------------------
+# Their fields and checks are in `fields`; each function is imported when first called.
+
+
+def _from(module: str, name: str) -> Callable[..., Any]:
+    """`bnlab.diagnostics.<module>.<name>`, imported at its first call."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
+
+    return call
+
 
 register_diagnostic(
     "activations",
     DiagnosticSpec(
-        fn=activations.measure,
+        fn=_from("activations", "measure"),
         doc="every block's nonlinearity input (training mode): mean, std, 15/50/85th pct.",
-        fields=activations.FIELDS,
+        fields=fields.ACTIVATIONS,
     ),
 )
 register_diagnostic(
     "ics",
     DiagnosticSpec(
-        fn=ics.measure,
+        fn=_from("ics", "measure"),
         doc="internal covariate shift per weight layer (Santurkar et al. 2018, Def. 2.1)",
     ),
 )
 register_diagnostic(
     "landscape",
     DiagnosticSpec(
-        fn=landscape.measure,
+        fn=_from("landscape", "measure"),
         doc="loss range, gradient predictiveness, beta-smoothness along the gradient",
-        fields=landscape.FIELDS,
+        fields=fields.LANDSCAPE,
     ),
 )
 register_diagnostic(
     "hessian",
     DiagnosticSpec(
-        fn=hessian.measure,
+        fn=_from("hessian", "measure"),
         doc="top Hessian eigenvalues (Lanczos) and spectral density (SLQ)",
-        fields=hessian.FIELDS,
-        check=hessian.check,
+        fields=fields.HESSIAN,
+        check=fields.hessian_check,
     ),
 )
 register_diagnostic(
     "init_gradients",
     DiagnosticSpec(
-        fn=init_gradients.measure,
+        fn=_from("init_gradients", "measure"),
         doc="per-layer gradient norms at initialization of MLPs vs depth (Yang et al. 2019)",
-        fields=init_gradients.FIELDS,
+        fields=fields.INIT_GRADIENTS,
         at_init_only=True,
     ),
 )
@@ -314,6 +343,8 @@ register_diagnostic(
         fn=None,
         doc="percentiles of one last-layer unit's nonlinearity input over each evaluated split "
         "(Ioffe & Szegedy 2015, Fig. 1b,c); on with train.probe_unit >= 0",
-        on_split=SplitMeasure(probe.selected, probe.collect, probe.reduce),
+        on_split=SplitMeasure(
+            _from("probe", "selected"), _from("probe", "collect"), _from("probe", "reduce")
+        ),
     ),
 )

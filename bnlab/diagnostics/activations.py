@@ -10,19 +10,10 @@ from flax import traverse_util
 
 from bnlab.diagnostics.common import measurement_rngs
 from bnlab.nn import models
-from bnlab.schema import ConfigError, field
+from bnlab.schema import ConfigError
 from bnlab.types import Array
 
 PERCENTILES = (15, 50, 85)
-
-FIELDS = {
-    "activations_unit": field(
-        -1,
-        "activations: -1 pools every unit of a block; >= 0 follows that unit only (its first "
-        "spatial position in conv blocks)",
-        check=lambda v: None if v >= -1 else "must be -1 (every unit) or a unit index >= 0",
-    ),
-}
 
 
 def nonlinearity_inputs(ctx: Any) -> dict[str, Array]:

@@ -9,12 +9,8 @@ import flax.linen as nn
 import jax
 import optax
 
+from bnlab.diagnostics.fields import split_names  # noqa: F401 - shared by the diagnostics
 from bnlab.types import Array, Params
-
-
-def split_names(text: str) -> tuple[str, ...]:
-    """The non-empty, stripped, comma-separated names of `text`, in order, without repeats."""
-    return tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
 
 
 def measurement_rngs(key: Array) -> dict[str, Array]:

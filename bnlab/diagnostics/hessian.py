@@ -23,44 +23,11 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from matfree import decomp
 
-from bnlab import schema
 from bnlab.diagnostics.common import batch_loss
-from bnlab.schema import ConfigError, field
+from bnlab.schema import ConfigError
 from bnlab.types import Array, Params
 
 Matvec = Callable[[Array], Array]  # f32[n] -> f32[n]
-STATISTICS = ("batch", "running")
-
-FIELDS = {
-    "hessian_top_k": field(5, "hessian: how many top eigenvalues", check=schema.at_least(1)),
-    "hessian_num_iters": field(
-        20,
-        "hessian: Lanczos iterations per probe (>= top_k; quadrature nodes of the density)",
-        check=schema.positive,
-    ),
-    "hessian_num_probes": field(
-        2,
-        "hessian: random start vectors; the first gives the top eigenvalues, all the density",
-        check=schema.at_least(1),
-    ),
-    "hessian_statistics": field(
-        "batch",
-        'hessian: BN normalizes with "batch" statistics (as in training) | "running" ones '
-        "(population statistics, as in Ghorbani et al. 2019)",
-        choices=STATISTICS,
-    ),
-}
-
-
-def check(d: Any) -> list[str]:
-    """Problems across the hessian fields of the `diagnostics` group."""
-    if d.hessian_top_k > d.hessian_num_iters:
-        return [
-            f"diagnostics.hessian_top_k={d.hessian_top_k} exceeds diagnostics.hessian_num_iters="
-            f"{d.hessian_num_iters}: Lanczos gives at most one eigenvalue per iteration; raise "
-            "num_iters or lower top_k"
-        ]
-    return []
 
 
 def hessian_matvec(loss_fn: Callable[[Params], Array], params: Params) -> tuple[Array, Matvec]:

@@ -10,42 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab import schema
 from bnlab.diagnostics.common import call_order, measurement_rngs, model_loss, split_names
 from bnlab.nn import models, norms
-from bnlab.schema import field
 from bnlab.types import Array
 
 ModuleDef = Any
 LECUN_NORMAL = nn.initializers.lecun_normal()
-
-
-def _norms_problem(text: str) -> str | None:
-    names = split_names(text)
-    unknown = [n for n in names if n not in norms.NORMS]
-    if not names or unknown:
-        return (
-            f"must name registered normalizations, comma-separated (unknown: {unknown}); "
-            f"registered: {sorted(norms.NORMS)}"
-        )
-    return None
-
-
-FIELDS = {
-    "init_gradients_max_depth": field(
-        10,
-        "init_gradients: the deepest MLP, in weight layers (depths 2 to N are measured)",
-        check=schema.at_least(2, "the shallowest MLP has 2 weight layers"),
-    ),
-    "init_gradients_width": field(
-        100, "init_gradients: hidden width (100: the Fig. 1 MLP's)", check=schema.positive
-    ),
-    "init_gradients_norms": field(
-        "batchnorm,none",
-        "init_gradients: normalizations to compare (bnlab.norms names, comma-separated)",
-        check=_norms_problem,
-    ),
-}
 
 
 def init_gradient_norms(

@@ -13,31 +13,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from bnlab.diagnostics.common import batch_loss, learning_rate
-from bnlab.schema import field
 from bnlab.types import Array, Params
-
-SCALES = ("lr", "absolute")
-
-
-def _step_sizes_problem(v: tuple) -> str | None:
-    ok = len(v) > 0 and all(isinstance(s, int | float) and s > 0 for s in v)
-    return None if ok else "must be a non-empty tuple of step sizes > 0"
-
-
-FIELDS = {
-    # Santurkar et al. (2018), App. A.2.2: steps of 1/2 to 4 times the training step size.
-    "landscape_step_sizes": field(
-        (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
-        "landscape: step sizes eta along -grad (default: Santurkar et al.'s 1/2 to 4 times the "
-        "learning rate)",
-        check=_step_sizes_problem,
-    ),
-    "landscape_scale": field(
-        "lr",
-        'landscape: "lr" (step sizes are multiples of the run\'s learning rate) | "absolute"',
-        choices=SCALES,
-    ),
-}
 
 
 def landscape_measures(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,9 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab import schema
 from bnlab.nn.layers import BatchNorm, Identity
-from bnlab.schema import field
+from bnlab.nn.model_config import (  # noqa: F401 - the model group, re-exported
+    CONV_IMPLS,
+    MLP_HIDDEN,
+    NORM_WIDTHS,
+    PLACEMENTS,
+    ModelConfig,
+)
 from bnlab.types import Array
 
 ModuleDef = Any
@@ -23,7 +27,6 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": nn.tanh,
     "linear": lambda x: x,  # deep linear networks (Yang et al. 2019 study them too)
 }
-PLACEMENTS = ("before", "after")
 PROBE = "act_input"  # name under which each block sows the input of its nonlinearity
 INITS: dict[str, Callable[[float], Callable]] = {  # name -> (std -> initializer)
     "lecun_normal": lambda std: nn.initializers.lecun_normal(),  # std unused: fan-in scaled
@@ -62,7 +65,7 @@ class MLP(nn.Module):
     """Ioffe & Szegedy (2015) Fig. 1 network: 784-100-100-100-10, sigmoid by default."""
 
     norm: ModuleDef = Identity
-    hidden: Sequence[int] = (100, 100, 100)
+    hidden: Sequence[int] = MLP_HIDDEN
     num_classes: int = 10
     act: Callable[[Array], Array] = nn.sigmoid
     placement: str = "before"
@@ -123,9 +126,6 @@ def _im2col_conv(x_BxHxWxC: Array, kernel: Array) -> Array:
     )
 
 
-CONV_IMPLS = ("im2col", "xla")
-
-
 class CNN(nn.Module):
     """Reference CNN: conv3x3(32)-N-relu-avgpool2, conv3x3(64)-N-relu-avgpool2,
     dense(256)-N-relu, dense(10)."""
@@ -168,40 +168,3 @@ def avg_pool2(x_BxHxWxC: Array) -> Array:
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
-# Features at each normalization site, in order: what a normalization's config check needs.
-NORM_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": MLP.hidden, "cnn": (32, 64, 256)}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The `model` group: architecture, normalization and initialization."""
-
-    name: str = field("cnn", '"cnn" (reference CNN) | "mlp" (Ioffe & Szegedy Fig. 1 MLP)',
-                      choices=MODELS)  # fmt: skip
-    norm: str = field(
-        "batchnorm",
-        "normalization layer: a name registered in bnlab.norms (its fields are under norm)",
-        choices="bnlab.norms:NORMS",
-    )
-    placement: str = field(
-        "before", 'normalization "before" | "after" the nonlinearity', choices=PLACEMENTS
-    )
-    activation: str = field("relu", '"relu" | "sigmoid" | "tanh" | "linear"', choices=ACTIVATIONS)
-    init: str = field(
-        "lecun_normal", 'kernel init: "lecun_normal" | "he_normal" | "normal"', choices=INITS
-    )
-    init_std: float = field(0.01, 'standard deviation of the "normal" init', check=schema.positive)
-    conv_impl: str = field(
-        "im2col",
-        'CNN convolutions: "im2col" (fast on CPU) | "xla" (cuDNN on GPU)',
-        choices=CONV_IMPLS,
-    )
-    dropout: float = field(
-        0.0,
-        "dropout rate after each hidden block of the MLP and the CNN's dense block (0: off; "
-        "training only)",
-        check=lambda v: None if 0.0 <= v < 1.0 else "must lie in [0, 1) (0 turns dropout off)",
-    )
-    dropout_conv: bool = field(
-        False, "CNN: dropout after the conv blocks too (model.dropout's rate)"
-    )

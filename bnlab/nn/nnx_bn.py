@@ -8,6 +8,7 @@ variables of its linen twin `bnlab.nn.layers.BatchNorm`. The variants are in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 import jax
@@ -78,6 +79,7 @@ class BatchNorm(nnx.Module):
       scale_metadata: metadata of the `scale` Param.
 
     Raises:
+      TypeError: `num_features` is not an int (or a tuple of ints); ValueError: one is < 1.
       ValueError: (when called) without a `use_running_average` anywhere, on an input whose
         feature shape differs from `num_features`, or on an unknown `convention`/`backward`.
       flax.errors.TraceContextError: when training inside a transform that captured the model
@@ -110,6 +112,7 @@ class BatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] | None = None,
         scale_metadata: Mapping[str, Any] | None = None,
     ):
+        _check_num_features(type(self).__name__, num_features, several=True)
         stats = norm.init_stats(num_features)
         self.mean = nnx.BatchStat(stats["mean"])
         self.var = nnx.BatchStat(stats["var"])
@@ -227,6 +230,19 @@ def linen_rng(key: Array, *path: str) -> Array:
       The derived key.
     """
     return linen_scope.LazyRng.create(key, *path, 1).as_jax_rng()
+
+
+def _check_num_features(layer: str, num_features: Any, *, several: bool = False) -> None:
+    """Refuses a `num_features` that is not a positive int (with `several`, or a non-empty tuple
+    of them), which flax's NNX layers refuse too, with an error that says what it must be."""
+    sizes = tuple(num_features) if several and isinstance(num_features, Sequence) else None
+    wanted = "a positive int, the size of the feature axis"
+    wanted += " (or a tuple of them, one per feature axis)" if several else ""
+    for n in sizes or (num_features,):
+        if not isinstance(n, Integral) or isinstance(n, bool):
+            raise TypeError(f"{layer}: num_features must be {wanted}; got {num_features!r}.")
+        if n < 1:
+            raise ValueError(f"{layer}: num_features must be {wanted}; got {num_features!r}.")
 
 
 def _affine(use, init, shape, param_dtype, rngs, metadata):

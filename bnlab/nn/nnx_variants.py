@@ -15,6 +15,7 @@ from bnlab.nn.nnx_bn import (
     Initializer,
     RngsLike,
     _affine,
+    _check_num_features,
     _refuse_mask,
     _value,
     noise_key,
@@ -172,6 +173,7 @@ class _ExampleNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] | None = None,
         scale_metadata: Mapping[str, Any] | None = None,
     ):
+        _check_num_features(type(self).__name__, num_features)
         shape = (num_features,)
         # Scale first, then bias: the order in which flax draws their keys.
         self.scale = _affine(use_scale, scale_init, shape, param_dtype, rngs, scale_metadata)
@@ -264,6 +266,7 @@ class GroupNorm(_ExampleNorm):
         group_size: int | None = None,
         **kwargs: Any,
     ):
+        _check_num_features("GroupNorm", num_features)
         if (num_groups is None) == (group_size is None):
             raise ValueError(
                 "GroupNorm: give num_groups or group_size, not both (GroupNorm(C, None, "

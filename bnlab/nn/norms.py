@@ -19,9 +19,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bnlab import ops as norm
 from bnlab import schema
-from bnlab.nn import layers
 from bnlab.nn.norm_checks import batches_of, ghost_check, groupnorm_check
 from bnlab.nn.torch_state import torch_batchnorm, torch_groupnorm, torch_layernorm
 from bnlab.registry import Registry
@@ -59,7 +57,7 @@ class NormSpec:
     # schedule's current value), or None.
     step_metrics: Callable[[Any, Any], dict[str, Any]] | None = None
     # Its Flax NNX layer, or None when it has none (`bnlab.nnx.norm_from_config` then raises a
-    # ConfigError saying so). Import flax.nnx inside the builder: `import bnlab` stays light.
+    # ConfigError saying so). Import Flax inside the builders: a config validates without it.
     nnx: NNXBuilder | None = None
     origin: str = ""  # where it was registered (file:line), set by `register_norm`
 
@@ -73,7 +71,9 @@ BASE_FIELDS: dict[str, dataclasses.Field] = {
     ),
     "epsilon": field(1e-5, "added to the variance", check=schema.positive),
     "convention": field(
-        "flax", 'running variance "flax" (biased) | "torch" (unbiased)', choices=norm.CONVENTIONS
+        "flax",
+        'running variance "flax" (biased) | "torch" (unbiased)',
+        choices=("flax", "torch"),  # bnlab.ops.CONVENTIONS, named here: no JAX to validate
     ),
     "allow_single_value": field(
         False,
@@ -83,7 +83,7 @@ BASE_FIELDS: dict[str, dataclasses.Field] = {
     "backward": field(
         "analytic",
         'BN gradient: "analytic" (closed-form custom VJP) | "autodiff"',
-        choices=norm.BACKWARDS,
+        choices=("analytic", "autodiff"),  # bnlab.ops.BACKWARDS
     ),
 }
 
@@ -160,10 +160,31 @@ def build(cfg: Any, axis: dict[str, Any] | None = None) -> ModuleDef:
 
 
 # --- the built-in normalizations -------------------------------------------------------------
+# Each builds its layer from a module of layers, `bnlab.nn.layers` (linen) or
+# `bnlab.nn.nnx_variants` (NNX), whose classes have the same names and options.
+
+LayerOf = Callable[[Any, dict[str, Any], Any], ModuleDef]  # (cfg.norm, axis, module) -> factory
 
 
-def _batchnorm(n, axis, layer: type = layers.BatchNorm, **extra) -> ModuleDef:
-    """A `layers.BatchNorm` (or a variant) with the shared fields of `n`."""
+def _built_by(layer: LayerOf) -> dict[str, Any]:
+    """`NormSpec`'s `layer` and `nnx` builders from one `layer(n, axis, module)`; Flax is
+    imported when a layer is first built, not when a config is validated."""
+
+    def linen(n, axis):
+        from bnlab.nn import layers
+
+        return layer(n, axis, layers)
+
+    def nnx(n, num_features, axis, rngs):
+        from bnlab.nn import nnx_variants
+
+        return layer(n, axis, nnx_variants)(num_features, rngs=rngs)
+
+    return {"layer": linen, "nnx": nnx}
+
+
+def _batchnorm(n, axis, layer: type, **extra) -> ModuleDef:
+    """A `BatchNorm` (or a variant) with the shared fields of `n`."""
     return functools.partial(
         layer,
         momentum=n.momentum,
@@ -174,19 +195,6 @@ def _batchnorm(n, axis, layer: type = layers.BatchNorm, **extra) -> ModuleDef:
         **axis,
         **extra,
     )
-
-
-def _nnx(layer: Callable[[Any, dict[str, Any], Any], Any]) -> NNXBuilder:
-    """The NNX builder of `layer(n, axis, bnx)`, which returns a factory of the module
-    `bnx = bnlab.nnx` as `layer=` does of `bnlab.layers` (the classes have the same names and
-    options), called as `factory(num_features, rngs=rngs)`."""
-
-    def build(n, num_features, axis, rngs):
-        from bnlab.nn import nnx_variants as bnx  # here, not at import: no flax.nnx until used
-
-        return layer(n, axis, bnx)(num_features, rngs=rngs)
-
-    return build
 
 
 def _renorm_schedule(n) -> dict[str, Any]:
@@ -201,7 +209,9 @@ def _renorm_schedule(n) -> dict[str, Any]:
 
 
 def _renorm_metrics(n, step) -> dict[str, Any]:
-    r_max, d_max = norm.renorm_schedule(step, **_renorm_schedule(n))
+    from bnlab.ops import renorm_schedule  # at run time: a config validates without JAX
+
+    r_max, d_max = renorm_schedule(step, **_renorm_schedule(n))
     return {"renorm_r_max": r_max, "renorm_d_max": d_max}
 
 
@@ -212,41 +222,40 @@ def _count_field(default: int, doc: str) -> dataclasses.Field:
 register_norm(
     "batchnorm",
     NormSpec(
-        layer=_batchnorm,
+        **_built_by(lambda n, axis, m: _batchnorm(n, axis, m.BatchNorm)),
         doc="batch normalization (Ioffe & Szegedy 2015)",
         batch_stats=True,
         torch=torch_batchnorm,
         injected=("momentum",),
-        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchNorm)),
     ),
 )
 register_norm(
     "none",
     NormSpec(
-        layer=lambda n, axis: layers.Identity,
+        **_built_by(lambda n, axis, m: m.Identity),
         doc="no normalization",
         torch=lambda *args, **kwargs: {},  # no layer, nothing to write
-        nnx=_nnx(lambda n, axis, bnx: bnx.Identity),
     ),
 )
 register_norm(
     "batchnorm_noaffine",
     NormSpec(
-        layer=lambda n, axis: _batchnorm(n, axis, use_scale=False, use_bias=False),
+        **_built_by(
+            lambda n, axis, m: _batchnorm(n, axis, m.BatchNorm, use_scale=False, use_bias=False)
+        ),
         doc="batch normalization without gamma and beta",
         batch_stats=True,
         torch=torch_batchnorm,
         injected=("momentum",),
-        nnx=_nnx(
-            lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchNorm, use_scale=False, use_bias=False)
-        ),
     ),
 )
 register_norm(
     "ghost_batchnorm",
     NormSpec(
-        layer=lambda n, axis: _batchnorm(
-            n, axis, layers.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
+        **_built_by(
+            lambda n, axis, m: _batchnorm(
+                n, axis, m.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
+            )
         ),
         doc="ghost batch normalization over virtual batches (Hoffer et al. 2017)",
         fields={
@@ -259,17 +268,12 @@ register_norm(
         batch_stats=True,
         check=ghost_check,
         injected=("momentum",),
-        nnx=_nnx(
-            lambda n, axis, bnx: _batchnorm(
-                n, axis, bnx.GhostBatchNorm, virtual_batch_size=n.virtual_batch_size
-            )
-        ),
     ),
 )
 register_norm(
     "batch_renorm",
     NormSpec(
-        layer=lambda n, axis: _batchnorm(n, axis, layers.BatchRenorm, **_renorm_schedule(n)),
+        **_built_by(lambda n, axis, m: _batchnorm(n, axis, m.BatchRenorm, **_renorm_schedule(n))),
         doc="batch renormalization (Ioffe 2017)",
         fields={
             "r_max": field(
@@ -283,7 +287,7 @@ register_norm(
                 check=schema.non_negative,
             ),
             # The paper's 5k / 40k / 25k steps divided by 50: a default run (2 epochs at batch
-            # 128, 937 steps) relaxes fully, r_max at step 800 and d_max at step 500.
+            # 128, 936 steps) relaxes fully, r_max at step 800 and d_max at step 500.
             "renorm_warmup_steps": _count_field(
                 100, "batch_renorm: steps of plain BN (r_max=1, d_max=0) first (paper: 5000)"
             ),
@@ -297,14 +301,15 @@ register_norm(
         batch_stats=True,
         injected=("momentum", "r_max", "d_max"),
         step_metrics=_renorm_metrics,
-        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.BatchRenorm, **_renorm_schedule(n))),
     ),
 )
 register_norm(
     "noisy_batchnorm",
     NormSpec(
-        layer=lambda n, axis: _batchnorm(
-            n, axis, layers.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
+        **_built_by(
+            lambda n, axis, m: _batchnorm(
+                n, axis, m.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
+            )
         ),
         doc='"noisy" BN: BN then noise of random mean and variance each step (Santurkar et al.)',
         fields={
@@ -324,37 +329,32 @@ register_norm(
         },
         batch_stats=True,
         injected=("momentum", "noise_mean", "noise_std"),
-        nnx=_nnx(
-            lambda n, axis, bnx: _batchnorm(
-                n, axis, bnx.NoisyBatchNorm, noise_mean=n.noise_mean, noise_std=n.noise_std
-            )
-        ),
     ),
 )
 register_norm(
     "population_batchnorm",
     NormSpec(
-        layer=lambda n, axis: _batchnorm(n, axis, layers.PopulationBatchNorm),
+        **_built_by(lambda n, axis, m: _batchnorm(n, axis, m.PopulationBatchNorm)),
         doc="BN normalizing with the running statistics in training too (Ghorbani et al. 2019)",
         batch_stats=True,
         injected=("momentum",),
-        nnx=_nnx(lambda n, axis, bnx: _batchnorm(n, axis, bnx.PopulationBatchNorm)),
     ),
 )
 register_norm(
     "layernorm",
     NormSpec(
-        layer=lambda n, axis: functools.partial(layers.LayerNorm, epsilon=n.epsilon),
+        **_built_by(lambda n, axis, m: functools.partial(m.LayerNorm, epsilon=n.epsilon)),
         doc="layer normalization over all non-batch axes (Ba et al. 2016)",
         torch=torch_layernorm,
-        nnx=_nnx(lambda n, axis, bnx: functools.partial(bnx.LayerNorm, epsilon=n.epsilon)),
     ),
 )
 register_norm(
     "groupnorm",
     NormSpec(
-        layer=lambda n, axis: functools.partial(
-            layers.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
+        **_built_by(
+            lambda n, axis, m: functools.partial(
+                m.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
+            )
         ),
         doc="group normalization (Wu & He 2018)",
         fields={
@@ -367,10 +367,5 @@ register_norm(
         },
         check=groupnorm_check,
         torch=torch_groupnorm,
-        nnx=_nnx(
-            lambda n, axis, bnx: functools.partial(
-                bnx.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
-            )
-        ),
     ),
 )

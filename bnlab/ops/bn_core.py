@@ -10,7 +10,8 @@ is in `bnlab.ops.bn_math`. Import the public names from `bnlab.ops` (or `bnlab.n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from numbers import Integral
 from typing import Literal, NamedTuple
 
 import jax
@@ -147,8 +148,21 @@ def stats_from_torch(running_mean, running_var) -> Stats:
 
 
 def init_stats(feature_shape: int | Sequence[int], dtype=jnp.float32) -> Stats:
-    """Initial statistics: mean 0, variance 1 (as flax and PyTorch)."""
-    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    """Initial statistics: mean 0, variance 1 (as flax and PyTorch).
+
+    Raises:
+      ValueError: a feature size that is not a positive int (no features hold no statistics).
+    """
+    shape = tuple(feature_shape) if isinstance(feature_shape, Iterable) else (feature_shape,)
+    if not shape or not all(isinstance(n, Integral) and not isinstance(n, bool) for n in shape):
+        raise ValueError(
+            f"init_stats: feature_shape={feature_shape!r} must be a positive int (the number of "
+            "features) or a tuple of them."
+        )
+    if min(shape) < 1:
+        raise ValueError(
+            f"init_stats: feature_shape={feature_shape!r} has no features; every size must be >= 1."
+        )
     return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 

@@ -27,7 +27,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,15 +35,21 @@ from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
 from bnlab.data import DataError
-from bnlab.training.checkpoint import CHECKPOINT_DIR, CheckpointError
-from bnlab.training.workdir import FAILURE_FILE, LOCK_FILE, folder_path, hold
+from bnlab.studies import sweep_folder as folder
+from bnlab.studies.sweep_folder import SWEEP_FILE  # noqa: F401 - part of this API
+from bnlab.training.run_files import FAILURE_FILE  # noqa: F401 - part of this API
 from bnlab.training.writers import write_json
 
 ENGINES = ("vmap", "sequential")
-SWEEP_FILE = "sweep.json"  # the index of a sweep folder's trials
-# Bad input stops the sweep with its message (a missing dataset, a resume refused for a changed
-# config): every trial would fail alike, and recording them as failed would hide the fix.
-_USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Bad input stops the sweep with its message (a missing dataset, a resume refused for a
+    changed config): every trial would fail alike, and recording them as failed would hide the
+    fix. (Read once trials run: validating a sweep loads no JAX or orbax.)"""
+    from bnlab.training.checkpoint import CheckpointError
+
+    return config_lib.ConfigError, DataError, CheckpointError
 
 
 class Trial(NamedTuple):
@@ -71,10 +76,26 @@ def load_experiment(path: str | os.PathLike) -> ModuleType:
     return module
 
 
+def _takes_smoke(module: ModuleType) -> bool:
+    return "smoke" in inspect.signature(module.sweep).parameters
+
+
+def smoke_notes(module: ModuleType, path: str | os.PathLike) -> list[str]:
+    """What `--smoke` falls back to for an experiment that does not say: the default `SMOKE`
+    overrides, and the whole grid of a `sweep()` without a `smoke` argument."""
+    notes = [config_lib.smoke_note(module, path)]
+    if not _takes_smoke(module):
+        notes.append(
+            f"{path}'s sweep() takes no smoke argument: --smoke runs its whole grid ("
+            f"{len(expand(module))} trials), each shrunk (give it `def sweep(smoke=False)` to "
+            "yield a smaller grid)"
+        )
+    return [n for n in notes if n]
+
+
 def expand(module: ModuleType, *, smoke: bool = False) -> list[Trial]:
     """The trials of an experiment, in its order; duplicate grid points are an error."""
-    takes_smoke = "smoke" in inspect.signature(module.sweep).parameters
-    grid = module.sweep(smoke=smoke) if takes_smoke else module.sweep()
+    grid = module.sweep(smoke=smoke) if _takes_smoke(module) else module.sweep()
     trials, seen = [], {}
     for point in _as_dicts(grid):
         overrides = {k: _text(v) for k, v in point.items()}
@@ -123,6 +144,16 @@ def trial_config(
     return config_lib.validate(config_lib.apply_overrides(config_lib.config_of(module), overrides))
 
 
+def trial_configs(
+    module: ModuleType, *, smoke: bool = False, overrides: dict[str, str] | None = None
+) -> tuple[list[Trial], dict[str, config_lib.Config]]:
+    """Every trial of the experiment and its validated config (`ConfigError` on the first
+    trial that cannot run); `overrides` apply to all of them."""
+    trials = expand(module, smoke=smoke)
+    extra = dict(overrides or {})
+    return trials, {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
+
+
 def is_finished(run_dir: Path) -> bool:
     """A trial with a result (ok, diverged, early_stopped); a failed one is retried by the next
     run."""
@@ -153,12 +184,12 @@ def run_sweep(
     """
     if engine not in ENGINES:
         raise config_lib.ConfigError(f"engine {engine!r} is not one of {ENGINES}")
+    extra = dict(overrides or {})
+    trials, configs = trial_configs(load_experiment(path), smoke=smoke, overrides=extra)
     if runner is None:
         from bnlab.training.run import run as runner
-    module = load_experiment(path)
-    trials = expand(module, smoke=smoke)
-    extra = dict(overrides or {})
-    configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
+    from bnlab.training.workdir import folder_path  # at run time: validating loads no JAX
+
     workdir = folder_path(workdir)
     spec = {
         "experiment": str(path),
@@ -169,7 +200,7 @@ def run_sweep(
         # The override keys in the order sweep() yields them (JSON objects here are sorted).
         "keys": list(dict.fromkeys(k for t in trials for k in t.overrides)),
     }
-    _index(workdir, spec)
+    folder.index(workdir, spec)
     mine = shard(trials, *shard_spec)
     if not mine:
         index, count = shard_spec
@@ -180,19 +211,20 @@ def run_sweep(
     counts: dict[str, int] = {}
     resume, todo = [], []
     with contextlib.ExitStack() as claims:  # the unfinished trials' folders, till the shard ends
-        claimed = _claim(workdir, mine, claims)  # all of them before anything is changed
+        # All of them before anything is changed.
+        claimed = folder.claim(workdir, [t.trial_id for t in mine], claims)
         for trial in mine:
             run_dir = workdir / "runs" / trial.trial_id
             if is_finished(run_dir):
                 claimed[trial.trial_id].close()
-                _refuse_changed_trial(run_dir, configs[trial.trial_id])
+                folder.refuse_changed_trial(run_dir, configs[trial.trial_id])
                 counts["skipped"] = counts.get("skipped", 0) + 1
                 log(f"{trial.trial_id}: finished before, skipped")
-            elif _has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
-                _set_failure_aside(run_dir)
+            elif folder.has_checkpoints(run_dir):  # the runner resumes it from its checkpoints
+                folder.set_failure_aside(run_dir)
                 resume.append(trial)
             else:  # new, or interrupted before any checkpoint: from scratch
-                _empty(run_dir)
+                folder.empty_trial(run_dir)
                 todo.append(trial)
         groups = _groups(todo, configs) if engine == "vmap" else [[t] for t in todo]
         for group in [[t] for t in resume] + groups:
@@ -206,124 +238,6 @@ def run_sweep(
                 counts[status] = counts.get(status, 0) + 1
                 log(f"{trial.trial_id}: {status}")
     return counts
-
-
-def _claim(
-    workdir: Path, trials: list[Trial], claims: contextlib.ExitStack
-) -> dict[str, contextlib.ExitStack]:
-    """Holds the folders of `trials` (`claims` releases them) while the shard decides about
-    them and runs them: another shard or command on one stops this one (exit 2, naming it).
-    A trial without a folder yet is held by its runner."""
-    claimed = {}
-    for trial in trials:
-        run_dir = workdir / "runs" / trial.trial_id
-        claimed[trial.trial_id] = claim = claims.enter_context(contextlib.ExitStack())
-        if run_dir.is_dir():
-            claim.enter_context(hold(run_dir))
-    return claimed
-
-
-def _index(workdir: Path, spec: dict[str, Any]) -> None:
-    """Writes sweep.json (and runs/) after checking that `workdir` may hold this sweep; the
-    shards sharing the folder do this one at a time."""
-    _refuse_foreign_folder(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with hold(workdir, wait=True):
-        _refuse_other_sweep(workdir, spec)
-        (workdir / "runs").mkdir(exist_ok=True)
-        write_json(workdir / SWEEP_FILE, spec)
-
-
-def _refuse_foreign_folder(workdir: Path) -> None:
-    """A sweep folder is new, empty, or a sweep's (sweep.json, or only what a sweep writes
-    before it)."""
-    if workdir.exists() and not workdir.is_dir():
-        raise config_lib.ConfigError(f"{workdir} is a file; pass a folder path to --workdir.")
-    if not workdir.is_dir() or (workdir / SWEEP_FILE).exists():
-        return
-    foreign = sorted(
-        p.name
-        for p in workdir.iterdir()
-        if p.name not in ("runs", LOCK_FILE) and not p.name.endswith(".tmp")
-    )
-    if foreign:
-        raise config_lib.ConfigError(
-            f"{workdir} holds files that are not a bnlab sweep's ({', '.join(foreign[:5])}); a "
-            "sweep folder is new, empty, or one sweep's. Choose another --workdir; nothing was "
-            "written."
-        )
-
-
-def _empty(run_dir: Path) -> None:
-    """Removes an interrupted trial's files, keeping the folder and the lock this shard holds."""
-    if not run_dir.is_dir():
-        return
-    for path in run_dir.iterdir():
-        if path.name == LOCK_FILE:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _refuse_other_sweep(workdir: Path, spec: dict[str, Any]) -> None:
-    """A folder holds one variant of one sweep: trial ids cover only the grid point, and
-    sweep.json (the index that reports read) lists one sweep's trials. Its own experiment file
-    may change its grid, and a copy elsewhere (a shard's machine) may add trials; another file
-    that would drop trials from the index is refused."""
-    try:
-        old = json.loads((workdir / SWEEP_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    was = f"the sweep {old.get('experiment')} run with smoke={old.get('smoke')} and overrides "
-    was += f"{old.get('overrides')}"
-    if old.get("smoke") != spec["smoke"] or old.get("overrides") != spec["overrides"]:
-        raise config_lib.ConfigError(
-            f"{workdir} holds {was}; this run has smoke={spec['smoke']} and overrides "
-            f"{spec['overrides']}. Use another --workdir for a different variant."
-        )
-    old_path = old.get("experiment_path") or os.path.abspath(old.get("experiment", ""))
-    old_ids = {t["trial_id"] for t in old.get("trials", [])}
-    dropped = old_ids - {t["trial_id"] for t in spec["trials"]}
-    if old_path != spec["experiment_path"] and dropped:
-        raise config_lib.ConfigError(
-            f"{workdir} holds {was}; {spec['experiment']} is another experiment, without "
-            f"{len(dropped)} of that sweep's {len(old_ids)} trials: running it here would drop "
-            "them from sweep.json and the report. Use another --workdir for it, or move that "
-            "folder away first."
-        )
-
-
-def _refuse_changed_trial(run_dir: Path, cfg: config_lib.Config) -> None:
-    """A finished trial is skipped only if it ran the config that the sweep gives it now (an
-    edited experiment, or another one with the same grid, must not mix with its results)."""
-    try:
-        old = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    try:
-        differences = config_lib.resume_differences(config_lib.from_dict(old), cfg)
-    except config_lib.ConfigError as err:  # a config.json of an older bnlab
-        differences = [f"its config.json no longer validates: {err}"]
-    if differences:
-        raise config_lib.ConfigError(
-            f"{run_dir} finished with another config than this sweep gives that trial now ("
-            + "; ".join(differences)
-            + "). Use another --workdir for the changed experiment, or move the folder away."
-        )
-
-
-def _set_failure_aside(run_dir: Path) -> None:
-    """A failed attempt's summary.json becomes failure.json: the retry may resume the trial's
-    checkpoints (a workdir with a summary is a finished run to the trainer)."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        os.replace(summary, run_dir / FAILURE_FILE)
-
-
-def _has_checkpoints(run_dir: Path) -> bool:
-    return any((run_dir / CHECKPOINT_DIR).glob("*"))
 
 
 def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[list[Trial]]:
@@ -342,7 +256,7 @@ def _run_group(cfgs, dirs: list[Path], max_chunk: int | None, log) -> list[str]:
 
     try:
         return [s["status"] for s in run_group(cfgs, dirs, max_chunk=max_chunk, log=log)]
-    except (KeyboardInterrupt, SystemExit, *_USER_ERRORS):
+    except (KeyboardInterrupt, SystemExit, *_user_errors()):
         raise
     except Exception as err:  # noqa: BLE001 - one failed group must not stop the others
         for run_dir in dirs:  # earlier chunks of the group keep their results
@@ -358,7 +272,7 @@ def _status(run_dir: Path) -> str:
 def _run_trial(runner, cfg: config_lib.Config, run_dir: Path) -> str:
     try:
         return runner(cfg, run_dir)["status"]
-    except (KeyboardInterrupt, SystemExit, *_USER_ERRORS):
+    except (KeyboardInterrupt, SystemExit, *_user_errors()):
         raise
     except Exception as err:  # noqa: BLE001 - one failed trial must not stop its siblings
         _write_failure(run_dir, err)

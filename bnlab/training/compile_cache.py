@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import NamedTuple
@@ -41,7 +43,8 @@ def default_dir() -> Path:
 
 def enable(path: str | os.PathLike | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache for this process, for every program
-    however fast it compiles; returns its folder (None: disabled by `$BNLAB_COMPILATION_CACHE`).
+    however fast it compiles; returns its folder (None: disabled by `$BNLAB_COMPILATION_CACHE`,
+    or a folder that cannot be written, which one line on stderr names).
 
     Call it before the first compile (the `bnlab` command does): a later call that changes
     the folder resets JAX's cache state so that the next compile uses the new folder.
@@ -51,7 +54,7 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
         already given (`$JAX_COMPILATION_CACHE_DIR`), else `default_dir()`.
 
     Returns:
-      The folder, or None when the environment turns the cache off.
+      The folder, or None when the environment turns the cache off or it cannot be written.
     """
     if path is None:
         setting = os.environ.get(CACHE_ENV, "").strip()
@@ -59,6 +62,18 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
             return None
         path = setting or jax.config.jax_compilation_cache_dir or default_dir()
     folder = Path(path).expanduser()
+    problem = _unwritable(folder)
+    if problem:  # else JAX warns once per program it cannot store, and goes on without it
+        print(
+            f"bnlab: the compilation cache {folder} cannot be written ({problem}); programs are "
+            f"compiled without it. Set ${CACHE_ENV} to a writable folder, or to off.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if jax.config.jax_compilation_cache_dir is not None:
+            compilation_cache.set_cache_dir(None)
+            compilation_cache.reset_cache()
+        return None
     if jax.config.jax_compilation_cache_dir != str(folder):
         compilation_cache.set_cache_dir(str(folder))
         compilation_cache.reset_cache()  # JAX decides once per process whether to use it
@@ -66,6 +81,16 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
     # programs (init, evaluation, the key derivations) add up to seconds too.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return folder
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (created if missing), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
 
 
 class Counts(NamedTuple):

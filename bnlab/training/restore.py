@@ -18,7 +18,7 @@ from bnlab import data as data_lib
 from bnlab import optim
 from bnlab.config import Config, ConfigError
 from bnlab.training import train as train_lib
-from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer
+from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError
 from bnlab.training.workdir import CONFIG_FILE, EXPERIMENT_FILE, read_run_config
 
 
@@ -26,7 +26,7 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
     """`(cfg, restored)`: a run's config and its latest good checkpoint (or `step`)."""
     workdir = Path(workdir)
     if not (workdir / CONFIG_FILE).is_file():
-        raise ConfigError(f"{workdir} holds no run (no config.json); pass a training workdir.")
+        raise ConfigError(_not_a_run(workdir))
     raw = read_run_config(workdir)  # a damaged file says so, whatever the experiment
     experiment = _import_experiment(workdir)
     try:
@@ -43,11 +43,42 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
     sample = jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32)
     key = jax.eval_shape(jax.random.key, 0)
     target = jax.eval_shape(functools.partial(train_lib.init_state, model, tx), key, sample)
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        raise CheckpointError(_no_checkpoint_yet(workdir, cfg))
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint, read_only=True)
     try:
+        if not ckpt.steps():
+            raise CheckpointError(_no_checkpoint_yet(workdir, cfg))
         return cfg, ckpt.restore(target, step=step)
     finally:
         ckpt.close()
+
+
+def _not_a_run(workdir: Path) -> str:
+    """Why `workdir` holds no run, and which runs a sweep folder holds."""
+    trials = sorted(p for p in (workdir / "runs").glob("*") if (p / "config.json").is_file())
+    if not trials and not (workdir / "sweep.json").is_file():
+        return f"{workdir} holds no run (no config.json); pass a training workdir."
+    shown = ", ".join(map(str, trials[:3])) + (f" ({len(trials)} in all)" if trials[3:] else "")
+    return (
+        f"{workdir} is a sweep folder; pass one of its trials, {workdir / 'runs'}/<trial>: "
+        + (shown or "none has started yet")
+        + "."
+    )
+
+
+def _no_checkpoint_yet(workdir: Path, cfg: Config) -> str:
+    """When the run in `workdir`, which has no checkpoint yet, writes its first."""
+    every, best = cfg.checkpoint.every_steps, cfg.checkpoint.best_metric
+    when = [f"at the first chunk end at or after step {every} (checkpoint.every_steps)"] * bool(
+        every
+    )
+    when += ["at its first epoch end (checkpoint.best_metric)"] * bool(best)
+    return (
+        f"{workdir} has no checkpoint yet: its run writes the first one "
+        + ", or ".join([*when, "when its training ends"])
+        + ". Run this again then (metrics.jsonl shows how far the run is)."
+    )
 
 
 def _import_experiment(workdir: Path) -> Path | None:

@@ -29,14 +29,14 @@ from bnlab import config as config_lib
 from bnlab.config import ConfigError
 from bnlab.training import parallel
 from bnlab.training.checkpoint import CHECKPOINT_DIR, CORRUPT_DIR
+from bnlab.training.run_files import (
+    CONFIG_FILE,
+    EXPERIMENT_FILE,
+    FAILURE_FILE,
+    LOCK_FILE,
+    SUMMARY_FILE,
+)
 
-LOCK_FILE = ".lock"
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"  # a finished run; never overwritten
-# The experiment file a run came from: `bnlab evaluate`/`export` import it again, so that the
-# normalizations and diagnostics it registers exist when the run's config is read back.
-EXPERIMENT_FILE = "experiment.json"
-FAILURE_FILE = "failure.json"  # the last failed attempt of a sweep trial that is being retried
 RUN_FILES = frozenset(
     {CONFIG_FILE, SUMMARY_FILE, EXPERIMENT_FILE, FAILURE_FILE, LOCK_FILE, "metrics.jsonl"}
 )

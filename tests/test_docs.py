@@ -45,6 +45,8 @@ def commands(code: str) -> list[list[str]]:
 def shrink(args: list[str], tfds_dir: str, extra=SHRINK) -> list[str]:
     if args[0] not in ("train", "sweep"):
         return args
+    shrunk = {a.partition("=")[0] for a in extra}  # the same override twice is refused
+    args = [a for a in args if not (a.startswith("--config.") and a.partition("=")[0] in shrunk)]
     return [*args, *(a for a in extra if a not in args), f"--config.data.tfds_dir={tfds_dir}"]
 
 

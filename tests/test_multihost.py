@@ -44,7 +44,9 @@ def _start(workdir, tfds_dir, *, port, extra=(), experiment=MLP, env_extra=None)
     cmd = [sys.executable, "-m", "bnlab.cli", "train", "--config", str(experiment)]
     cmd += ["--workdir", str(workdir)]
     cmd += ["--no-progress", f"--config.data.tfds_dir={tfds_dir}"]
-    cmd += [f"--config.{k}={v}" for k, v in SMALL.items()] + list(extra)
+    given = {e.partition("=")[0] for e in extra}  # the same override twice is refused
+    cmd += [f"--config.{k}={v}" for k, v in SMALL.items() if f"--config.{k}" not in given]
+    cmd += list(extra)
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

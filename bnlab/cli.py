@@ -352,6 +352,7 @@ def _main(argv: Sequence[str], from_command_line: bool) -> int:
         print(f"bnlab: error: {err}", file=sys.stderr, flush=True)
         if from_command_line:  # JAX's exit handler would wait for the lost process, then abort
             sys.stdout.flush()
+            sys.modules["bnlab.training.parallel"].coordinator_leaves_last()
             os._exit(EXIT_LOST_PROCESS)
         return EXIT_LOST_PROCESS
     except KeyboardInterrupt as err:

@@ -89,6 +89,17 @@ def lost_process_errors():
         raise
 
 
+LEADER_GRACE_S = 3.0  # seconds process 0 waits before it leaves a failed run
+
+
+def coordinator_leaves_last() -> None:
+    """In a multi-process run that stops, process 0 (JAX's coordinator) waits a moment before
+    it exits: a process whose coordinator is gone is aborted by JAX's agent (SIGABRT) instead
+    of exiting with its own status."""
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        time.sleep(LEADER_GRACE_S)
+
+
 def is_primary() -> bool:
     """True in the process that writes a run's files (process 0; the only one when alone)."""
     return jax.process_index() == 0

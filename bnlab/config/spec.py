@@ -40,7 +40,7 @@ class TrainConfig:
         50, "train metrics averaged over this many steps per record", check=schema.positive
     )
     progress_seconds: float = field(
-        3.0,
+        5.0,
         "a chunk of compiled steps lasts about this long (from the measured step time), so the "
         "progress display and log lines move every few seconds; 0: chunks of "
         "checkpoint.every_steps or a whole epoch (the results are the same bits either way)",

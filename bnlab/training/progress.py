@@ -2,7 +2,7 @@
 accuracy, examples/s and an ETA, redrawn after every chunk; elsewhere (a log file, a notebook
 without widgets, a terminal of unknown width), one line per log window and per evaluation.
 
-The loop ends a chunk about every `train.progress_seconds` (3 s by default), so the bar moves
+The loop ends a chunk about every `train.progress_seconds` (5 s by default), so the bar moves
 and each line is printed within a few seconds of its step, with the speed of the latest chunk
 and the ETA from that line's step.
 """

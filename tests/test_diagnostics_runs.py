@@ -94,14 +94,13 @@ def test_vmapped_trials_measure_what_single_runs_measure(make_config, tmp_path):
                    {k: v for k, v in w.items() if k not in density})  # fmt: skip
 
 
-def test_a_resumed_run_measures_each_step_once(make_config, tmp_path, monkeypatch):
+def _stopped_after_epoch_0(cfg, workdir, monkeypatch):
+    """Runs `cfg` in `workdir` until a SIGTERM at the end of epoch 0 stops it (saved)."""
     from bnlab.training.records import Record
 
-    cfg = make_config(MLP, **SMALL, **DIAG, **{"checkpoint.every_steps": 4})
-    run.run(cfg, tmp_path / "ref")
     end_epoch = Record.end_epoch
 
-    def stop_after_epoch_1(record, epoch, evals):
+    def stop_after_epoch_0(record, epoch, evals):
         end_epoch(record, epoch, evals)
         if epoch == 0:
             import os
@@ -109,10 +108,17 @@ def test_a_resumed_run_measures_each_step_once(make_config, tmp_path, monkeypatc
 
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(Record, "end_epoch", stop_after_epoch_1)
-    with pytest.raises(run.Interrupted):
-        run.run(cfg, tmp_path / "run")
-    monkeypatch.setattr(Record, "end_epoch", end_epoch)
+    with monkeypatch.context() as patch:
+        patch.setattr(Record, "end_epoch", stop_after_epoch_0)
+        with pytest.raises(run.Interrupted):
+            run.run(cfg, workdir)
+
+
+def test_a_resumed_run_measures_each_step_once(make_config, tmp_path, monkeypatch):
+
+    cfg = make_config(MLP, **SMALL, **DIAG, **{"checkpoint.every_steps": 4})
+    run.run(cfg, tmp_path / "ref")
+    _stopped_after_epoch_0(cfg, tmp_path / "run", monkeypatch)
     run.run(cfg, tmp_path / "run")
     got, want = (
         read_jsonl(tmp_path / "run" / "metrics.jsonl"),
@@ -125,26 +131,12 @@ def test_a_resumed_run_measures_each_step_once(make_config, tmp_path, monkeypatc
 def test_a_run_resumed_at_a_measurement_step_measures_it_once(make_config, tmp_path, monkeypatch):
     """Stopped after epoch 0 at step 10, a multiple of diagnostics.every_steps: the checkpoint
     of step 10 holds its measurement, so the resumed run does not measure step 10 again."""
-    from bnlab.training.records import Record
 
     light = {**DIAG, "diagnostics.names": "activations,ics", "diagnostics.every_steps": 5}
     cfg = make_config(MLP, **SMALL, **light)
     run.run(cfg, tmp_path / "ref")
-    end_epoch = Record.end_epoch
-
-    def stop_after_epoch_0(record, epoch, evals):
-        end_epoch(record, epoch, evals)
-        if epoch == 0:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Record, "end_epoch", stop_after_epoch_0)
-    with pytest.raises(run.Interrupted):
-        run.run(cfg, tmp_path / "run")
+    _stopped_after_epoch_0(cfg, tmp_path / "run", monkeypatch)
     assert run.load_checkpoint(tmp_path / "run")[1].step == 10
-    monkeypatch.setattr(Record, "end_epoch", end_epoch)
     run.run(cfg, tmp_path / "run")
     got = [
         r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "diag"

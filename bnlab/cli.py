@@ -119,7 +119,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Summarise a sweep folder (the --workdir of `bnlab sweep`): statistics over "
         "seeds per setting and figures, in DIR/report.md. Unfinished trials are listed as missing.",
     )
-    report.add_argument("dir", help="sweep folder holding sweep.json and runs/")
+    report.add_argument(
+        "dir", help="sweep folder holding sweep.json and runs/, or a study folder (study.json)"
+    )
+    report.add_argument(
+        "--data",
+        metavar="OUT",
+        help="also write the sweep's compact data to OUT/study.json (with selection.json) and "
+        "build the report there, from it alone: the folder to commit (e.g. docs/studies/NAME)",
+    )
     evaluate = sub.add_parser(
         "evaluate",
         help="evaluate a run's latest good checkpoint on the test split",
@@ -171,6 +179,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     raw = config.apply_overrides(config.config_of(module, args.config), {**smoke, **overrides})
     cfg = config.validate(raw)
     with _runtime(args.command):
+        from bnlab.training.records import result_line
         from bnlab.training.run import run
 
         try:
@@ -183,10 +192,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 f"{signal.Signals(err.signum).name} arrived as the last steps ran: the run "
                 "finished (summary.json is written); there is nothing to resume."
             )
-    print(
-        f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
-        f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={args.workdir}"
-    )
+    print(result_line(summary, args.workdir))
     # Early stopping is a normal end; only divergence is a failure of the run.
     return EXIT_DIVERGED if summary["status"] == "diverged" else EXIT_OK
 
@@ -227,7 +233,7 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise ConfigError("bnlab report takes no --config.* overrides; pass only the sweep folder.")
     from bnlab.studies.report import write_report
 
-    print(write_report(args.dir))
+    print(write_report(args.dir, args.data))
     return EXIT_OK
 
 

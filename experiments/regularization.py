@@ -1,48 +1,89 @@
-"""BN against dropout and weight decay, phase 2: the rates chosen on validation, 5 new seeds.
+"""BN against dropout and weight decay: rates chosen per arm on validation, 5 fresh seeds on test.
 
 Hypothesis (Ioffe & Szegedy 2015, Sec. 3.4): BN regularizes: a network with BN generalizes
 better than one with weight decay or dropout instead, and with BN these can be reduced or
-removed. Phase 1 (`experiments/regularization_select.py`) chose each regularizer's rate per
-model and normalization by the mean final validation accuracy over 2 seeds (the test split was
-not looked at); this sweep trains {none, BN} x {no regularizer, dropout, weight decay, both}
-at those rates with 5 seeds that phase 1 did not use (10-14), and reports test accuracy, the
-train-test gap and the curves. Same setups as phase 1: 10,000 training examples, the last
-10,000 of the training split as validation; the Fig.-1-size ReLU MLP (lr 0.05 constant, batch
-60, 20 epochs) and the reference CNN (lr 0.1 cosine, batch 128, 10 epochs).
+removed. Selection phase: for each model and normalization, the dropout rate (0.1, 0.3, 0.5)
+and the weight-decay rate (1e-5, 1e-4, 1e-3) are chosen separately, each by its mean final
+*validation* accuracy over seeds 0 and 1 (`SELECT`; the test split is not read for any choice).
+Confirmation: {none, BN} x {no regularizer, dropout, weight decay, both} at the chosen rates,
+with seeds 10-14, which selection did not use; test accuracy, the train-test gap and the
+curves. Small data, so that regularization matters: 10,000 training examples (the first), the
+last 10,000 of the training split held out as validation. MLP: 784-100x3-10 ReLU, He init,
+SGD momentum 0.9, lr 0.05 constant, batch 60, 20 epochs (3,320 steps). CNN: the reference CNN
+of `mnist_cnn.py` (lr 0.1 cosine, momentum 0.9, BN momentum 0.9), batch 128, 10 epochs (780
+steps). Dropout after each hidden block of the MLP and the CNN's dense block; weight decay is
+L2 added to the gradient.
 Command: bnlab sweep experiments/regularization.py --workdir runs/regularization
   && bnlab report runs/regularization
-Runtime: 60 minutes on the 2-core CPU (the CNN dominates; the MLP trials come first).
+Runtime: about 95 minutes on the 2-core CPU (selection 35, confirmation 60; the CNN dominates).
 Expected: BN alone at least as good on test as either regularizer alone without BN; adding
 dropout or weight decay to BN changes test accuracy within noise.
 """
 
-from pathlib import Path
+from bnlab.config import default_config
 
-from bnlab.config import load_module
-
-phase1 = load_module(Path(__file__).with_name("regularization_select.py"))
-
-SMOKE = phase1.SMOKE
-SEEDS = range(10, 15)
-# Phase 1's choices, by mean final validation accuracy (docs/studies/regularization_select).
-CHOSEN = {
-    ("mlp", "batchnorm"): {"model.dropout": 0.1, "opt.weight_decay": 1e-4},
-    ("mlp", "none"): {"model.dropout": 0.1, "opt.weight_decay": 1e-5},
-    ("cnn", "batchnorm"): {"model.dropout": 0.5, "opt.weight_decay": 1e-3},
-    ("cnn", "none"): {"model.dropout": 0.1, "opt.weight_decay": 1e-5},
+SMOKE = {"data.train_size": 600, "data.validation_size": 600, "train.epochs": 1}
+SELECT = {"split": "validation", "metric": "accuracy", "seeds": [0, 1]}
+SEEDS = range(10, 15)  # the confirmation's: fresh, selection used 0 and 1
+RATES = {"model.dropout": (0.1, 0.3, 0.5), "opt.weight_decay": (1e-5, 1e-4, 1e-3)}
+NORMS = ("batchnorm", "none")
+# The reference CNN's settings (experiments/mnist_cnn.py) over the MLP's base config.
+MODELS = {
+    "mlp": {"model.name": "mlp"},
+    "cnn": {
+        "model.name": "cnn",
+        "model.init": "lecun_normal",
+        "opt.lr": 0.1,
+        "opt.schedule": "cosine",
+        "norm.momentum": 0.9,
+        "train.batch_size": 128,
+        "train.epochs": 10,
+    },
 }
-get_config = phase1.get_config
 
 
-def regularizers(chosen: dict) -> dict[str, dict]:
-    dropout = {"model.dropout": chosen["model.dropout"]}
-    decay = {"opt.weight_decay": chosen["opt.weight_decay"]}
-    return {"none": {}, "dropout": dropout, "weight_decay": decay, "both": {**dropout, **decay}}
+def get_config():
+    c = default_config()
+    c.model.name = "mlp"
+    c.model.activation = "relu"
+    c.model.init = "he_normal"
+    c.opt.name = "momentum"
+    c.opt.lr = 0.05
+    c.opt.momentum = 0.9
+    c.opt.schedule = "constant"
+    c.train.batch_size = 60
+    c.train.epochs = 20
+    c.train.log_every_steps = 100
+    c.data.train_size = 10_000
+    c.data.validation_size = 10_000
+    c.checkpoint.every_steps = 0
+    return c
 
 
-def sweep(smoke=False):
-    for model, settings in phase1.MODELS.items():
-        for norm in ("batchnorm", "none"):
-            for reg in regularizers(CHOSEN[model, norm]).values():
+def arms():
+    """(arm name, model, norm, regularizer key) for each rate to choose."""
+    for model in MODELS:
+        for norm in NORMS:
+            for key in RATES:
+                yield f"{model}/{norm}/{key.rsplit('.', 1)[-1]}", model, norm, key
+
+
+def candidates(smoke=False):
+    return {
+        name: [
+            {**MODELS[model], "model.norm": norm, key: rate}
+            for rate in (RATES[key] if not smoke else RATES[key][:1])
+        ]
+        for name, model, norm, key in arms()
+    }
+
+
+def sweep(chosen, smoke=False):
+    for model, settings in MODELS.items():
+        for norm in NORMS:
+            dropout = {"model.dropout": chosen[f"{model}/{norm}/dropout"]["model.dropout"]}
+            decay = chosen[f"{model}/{norm}/weight_decay"]["opt.weight_decay"]
+            decay = {"opt.weight_decay": decay}
+            for reg in ({}, dropout, decay, {**dropout, **decay}):
                 for seed in SEEDS if not smoke else SEEDS[:1]:
                     yield {**settings, "model.norm": norm, **reg, "train.seed": seed}

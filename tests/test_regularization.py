@@ -50,6 +50,24 @@ def test_a_run_evaluates_validation_at_every_epoch_end(make_config, tmp_path):
     np.testing.assert_allclose(validation[-1]["loss"], direct["loss"], rtol=1e-6)
 
 
+def test_train_eval_measures_training_examples_in_evaluation_mode(make_config, tmp_path):
+    """`data.train_eval_size`: the first N training examples evaluated as test is (running
+    statistics, dropout off), not the training windows' batch statistics and active dropout."""
+    cfg = make_config(MLP, **SMALL, **{"train.epochs": 1, "model.dropout": 0.5,
+                                       "data.train_eval_size": 300})  # fmt: skip
+    summary = run.run(cfg, tmp_path / "run")
+    (record,) = _records(tmp_path / "run", "train_eval")
+    assert summary["train_eval_accuracy"] == record["accuracy"]
+    state = run.load_checkpoint(tmp_path / "run")[1].state
+    t = run.load_splits(cfg).train
+    programs = train.make_programs(cfg, 600)
+    direct = programs.evaluate(state.params, state.batch_stats, t.images[:300], t.labels[:300])
+    np.testing.assert_allclose(record["loss"], direct["loss"], rtol=1e-6)
+    np.testing.assert_allclose(record["accuracy"], direct["accuracy"], rtol=1e-6)
+    window = _records(tmp_path / "run", "train")[-1]  # dropout active: a different number
+    assert abs(window["loss"] - record["loss"]) > 1e-3
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -202,6 +220,7 @@ def test_early_stopping_stops_each_trial_at_its_own_epoch(make_config, tmp_path)
         assert (alone["status"], alone["epochs"]) == (summaries[i]["status"], stopped[i])
         if alone["status"] == "early_stopped":
             best = alone["best_epoch"]
+            assert alone["reported"] == "best"  # reports read the best validation epoch's
             validation = _records(tmp_path / f"alone{i}", "validation")
             losses = [r["loss"] for r in validation]
             assert best == int(np.argmin(losses)) and alone["epochs"] == best + 2  # patience 1

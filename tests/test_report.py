@@ -422,3 +422,42 @@ def test_a_declared_baseline_adds_welch_differences_holm_adjusted(tmp_path):
     assert p[0] < 0.05 <= p[1]  # at lr 0.1 BN wins; at lr 1.0 the arms are indistinguishable
     assert "indistinguishable" in rows[1] and "indistinguishable" not in rows[0]
     assert sum(line.endswith("| baseline |") for line in text.splitlines()) == 2
+
+
+def test_a_study_folder_rebuilds_the_report_from_its_compact_data_alone(swept, tmp_path):
+    """`bnlab report DIR --data OUT`: OUT/study.json holds what the report reads; a copy of
+    OUT alone rebuilds the same report.md, byte for byte, and one changed number shows."""
+    directory, path = swept
+    assert cli.main(["report", str(directory), "--data", str(tmp_path / "study")]) == 0
+    study = tmp_path / "study"
+    assert (study / "report.md").read_text() == path.read_text()  # as from the sweep folder
+    assert (study / "study.json").stat().st_size < 200_000
+    copy = tmp_path / "copy"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report.md", "figures"))
+    assert cli.main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_bytes() == (study / "report.md").read_bytes()
+    assert {p.name for p in (copy / "figures").iterdir()} == {
+        p.name for p in (study / "figures").iterdir()
+    }
+    data = json.loads((copy / "study.json").read_text())
+    ok = next(t for t in data["trials"] if t["status"] == "ok")
+    ok["summary"]["test_accuracy"] -= 0.001  # one number of one trial
+    (copy / "study.json").write_text(json.dumps(data))
+    assert cli.main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_bytes() != (study / "report.md").read_bytes()
+
+
+def test_a_run_that_reports_its_best_epoch_is_read_at_that_epoch():
+    summary = {"status": "early_stopped", "test_accuracy": 0.90, "best_test_accuracy": 0.95}
+    summary |= {"validation_accuracy": 0.89, "best_validation_accuracy": 0.96, "best_epoch": 3}
+    last = results.TrialResult("t", {}, "early_stopped", summary, {}, [])
+    best = results.TrialResult("t", {}, "early_stopped", {**summary, "reported": "best"}, {}, [])
+    assert (last.final("accuracy"), last.final("accuracy", "validation")) == (0.90, 0.89)
+    assert (best.final("accuracy"), best.final("accuracy", "validation")) == (0.95, 0.96)
+    from bnlab.training.records import result_line
+
+    summary |= {"best_test_loss": 0.2, "test_loss": 0.3, "steps": 50}
+    line = result_line({**summary, "reported": "best"}, "w")
+    assert "test_accuracy=0.9500" in line and "epoch 4, the best validation epoch" in line
+    assert "last epoch: test_accuracy=0.9000" in line
+    assert result_line(summary, "w").startswith("status=early_stopped test_accuracy=0.9000 ")

@@ -63,6 +63,13 @@ class DataConfig:
         "validation split, evaluated at every epoch end (0: none)",
         check=schema.non_negative,
     )
+    train_eval_size: int = field(
+        0,
+        "also evaluate the first N training examples at every epoch end as test is evaluated "
+        "(evaluation mode: running statistics, no dropout), split `train_eval`: the train-test "
+        "gap without training mode's effects (0: off)",
+        check=schema.non_negative,
+    )
 
 
 class Dataset(NamedTuple):

@@ -9,11 +9,9 @@ against no BN at that learning rate).
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 from typing import Any, NamedTuple
 
-from bnlab.studies.results import Group, Sweep
+from bnlab.studies.results import Group, Sweep, baseline_of  # noqa: F401 - part of this API
 from bnlab.studies.significance import Comparison, holm, welch
 
 
@@ -21,24 +19,6 @@ class VsBaseline(NamedTuple):
     baseline: str  # the baseline group's name
     comparison: Comparison | None  # None with fewer than 2 results in either arm
     p_holm: float | None  # adjusted over every comparison of the table
-
-
-def baseline_of(experiment: str | Path) -> dict[str, Any] | None:
-    """The experiment file's `BASELINE` literal (None when it declares none), read without
-    running the file."""
-    try:
-        tree = ast.parse(Path(experiment).read_text())
-    except (OSError, SyntaxError, ValueError):
-        return None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "BASELINE" for t in node.targets
-        ):
-            value = ast.literal_eval(node.value)
-            if not isinstance(value, dict):
-                raise ValueError(f"{experiment}: BASELINE must be a dict of dotted keys")
-            return value
-    return None
 
 
 def _finals(group: Group, metric: str) -> list[float]:

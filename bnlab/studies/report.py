@@ -11,12 +11,13 @@ In a notebook, the same pieces inline:
 
 from __future__ import annotations
 
-import ast
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from bnlab.studies.compare import against_baseline, baseline_of
+from bnlab.studies import study_data
+from bnlab.studies.compare import against_baseline
 from bnlab.studies.plots import FIGURES, Plot, all_figures
 from bnlab.studies.results import (
     RESULTS,
@@ -27,6 +28,7 @@ from bnlab.studies.results import (
     Sweep,
     format_value,
     load_sweep,
+    short_names,
     verdict,
 )
 
@@ -110,13 +112,6 @@ def _versus(v) -> str:
     return verdict(v.comparison, v.p_holm)
 
 
-def _docstring(experiment: str) -> str | None:
-    try:
-        return ast.get_docstring(ast.parse(Path(experiment).read_text()))
-    except (OSError, SyntaxError, ValueError):
-        return None
-
-
 def _overview(sweep: Sweep) -> list[str]:
     counts = sweep.counts()
     seeds = sorted({repr(t.overrides[SEED_KEY]) for t in sweep.trials if SEED_KEY in t.overrides})
@@ -196,20 +191,61 @@ def _baseline_note(baseline: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _selection(sweep: Sweep) -> list[str]:
+    """The selection phase (selection.json): every arm's candidates on its split, the choice."""
+    chosen = sweep.selection
+    if not chosen:
+        return []
+    seeds = ", ".join(map(str, chosen["seeds"]))
+    used = sorted({t.overrides.get(SEED_KEY) for t in sweep.trials} - {None}, key=str)
+    lines = [
+        "## Selection: chosen on the " + chosen["split"] + " split",
+        "",
+        f"Each arm's setting was chosen before any test metric was read: {chosen['rule']} "
+        f"(seeds {seeds}). The trials of the table above ran the chosen settings with seeds "
+        f"{', '.join(map(str, used))}, which selection did not use; their test metrics are "
+        f"the study's result. Every candidate ({chosen['split']} {chosen['metric']}, mean ± "
+        f"std and {chosen['confidence']:.0%} interval over the selection seeds):",
+        "",
+        f"| arm | candidate | {chosen['split']} {chosen['metric']}, mean ± std | "
+        f"{chosen['confidence']:.0%} CI | chosen |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arm, entry in chosen["arms"].items():
+        rows = entry["candidates"]
+        keys = [k for k in rows[0]["overrides"] if len({repr(r["overrides"][k]) for r in rows}) > 1]
+        names = short_names(keys)
+        for i, row in enumerate(rows):
+            shown = ", ".join(f"{names[k]}={format_value(row['overrides'][k])}" for k in keys)
+            stats = Stats(row["n"], *(_nan(row[k]) for k in ("mean", "std", "low", "high")))
+            note = "**chosen**" if i == entry["chosen_index"] else ""
+            if not row["eligible"]:
+                note = "not eligible: " + ", ".join(row["statuses"])
+            cells = [arm, shown or "(the only one)", _mean_std(stats), _interval(stats), note]
+            lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
 def render(sweep: Sweep, plots: list[Plot]) -> str:
     """report.md's text; figures are linked as `figures/<name>.png`."""
     title = Path(sweep.experiment).stem or sweep.path.name
     lines = [f"# Sweep report: {title}", ""]
-    doc = _docstring(sweep.experiment)
+    doc = sweep.doc
     if doc:
         lines += [*(f"> {line}".rstrip() for line in doc.splitlines()), ""]
     lines += [*_overview(sweep), "", "## Final test metrics per setting", ""]
-    baseline = baseline_of(sweep.experiment)
+    baseline = sweep.baseline
     level = f"{CONFIDENCE:.0%}"
     lines += [
         "Each row is one setting; its trials differ only in the seed. Final test accuracy and "
         "loss (and validation accuracy, where the runs hold a validation split out) are over "
-        "the seeds that finished *ok* or *early_stopped* (their last epoch's): mean ± sample "
+        "the seeds that finished *ok* or *early_stopped* (their last epoch's; for a run that "
+        "reports its best validation epoch, early-stopped or with `checkpoint.best_metric`, "
+        "that epoch's): mean ± sample "
         f"standard deviation, and the {level} confidence interval of the mean (Student t, "
         "seeds - 1 degrees of freedom). Diverged, failed and missing trials are left out of "
         "these statistics and counted in their own columns.",
@@ -217,6 +253,7 @@ def render(sweep: Sweep, plots: list[Plot]) -> str:
         *_baseline_note(baseline),
         table_markdown(sweep, baseline),
         "",
+        *_selection(sweep),
         "## Trials that did not finish ok",
         "",
         *_not_ok(sweep),
@@ -230,9 +267,16 @@ def render(sweep: Sweep, plots: list[Plot]) -> str:
     return "\n".join(lines)
 
 
-def write_report(directory: str | os.PathLike) -> Path:
-    """Writes `DIR/report.md` and its PNG figures under `DIR/figures/`; returns report.md's path."""
+def write_report(directory: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
+    """Writes `DIR/report.md` and its PNG figures under `DIR/figures/`; returns report.md's path.
+
+    `DIR` is a sweep folder or a study folder (`study.json`). With `data`, the sweep's compact
+    data goes to `data/study.json` (`study_data`) and the report is built there, from it alone.
+    """
     sweep = load_sweep(directory)
+    if data is not None:
+        study_data.write(sweep, data)
+        sweep = load_sweep(data)
     figure_dir = sweep.path / FIGURE_DIR
     figure_dir.mkdir(exist_ok=True)
     for name, *_ in FIGURES:  # a figure that no longer applies must not linger

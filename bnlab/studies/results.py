@@ -7,6 +7,7 @@ confidence interval of the mean.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 import scipy.stats
 
 from bnlab.config import ConfigError, parse_value
+from bnlab.studies import study_data
 from bnlab.studies.significance import (  # noqa: F401 - part of this API
     ALPHA,
     Comparison,
@@ -32,7 +34,8 @@ STATUSES = ("ok", "early_stopped", "diverged", "failed", "missing")
 # Trials with a result: their final metrics enter the statistics (an early-stopped trial's
 # are those of the epoch where it stopped; summary.json also holds its best epoch's).
 RESULTS = ("ok", "early_stopped")
-SPLITS = ("test", "validation", "diag")  # the records a report reads (train windows are not)
+# The records a report reads (train windows are not; train_eval: `data.train_eval_size`).
+SPLITS = ("test", "validation", "diag", "train_eval")
 UNSET = "(default)"  # a key some trials of a heterogeneous grid do not override
 
 
@@ -77,12 +80,14 @@ class TrialResult:
     test_records: list[dict[str, Any]]  # the "test" records of metrics.jsonl; null -> None
     validation_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     diag_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    train_eval_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    override_text: dict[str, str] = dataclasses.field(default_factory=dict)  # as in sweep.json
 
     def records(self, split: str) -> list[dict[str, Any]]:
-        """The records of `split` ("test", "validation" or "diag")."""
-        return {"test": self.test_records, "validation": self.validation_records}.get(
-            split, self.diag_records
-        )
+        """The records of `split` (one of SPLITS)."""
+        if split not in SPLITS:
+            raise ValueError(f"no records of split {split!r}; one of {SPLITS}")
+        return getattr(self, f"{split}_records")
 
     def value(self, key: str) -> Any:
         """The trial's value of a dotted key: its override, else its resolved config."""
@@ -96,8 +101,11 @@ class TrialResult:
         return node
 
     def final(self, metric: str, split: str = "test") -> float | None:
-        """`summary.json`'s `<split>_<metric>` when it is a finite number."""
-        value = self.summary.get(f"{split}_{metric}")
+        """`summary.json`'s `<split>_<metric>` when it is a finite number; for a run that
+        reports its best validation epoch (`"reported": "best"`: early-stopped, or with
+        `checkpoint.best_metric`), that epoch's `best_<split>_<metric>`."""
+        best = self.summary.get("reported") == "best"
+        value = self.summary.get(f"best_{split}_{metric}" if best else f"{split}_{metric}")
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
@@ -133,6 +141,10 @@ class Sweep:
     # Varying keys that an earlier varying key determines -> that key (not a setting of their
     # own: e.g. the learning rate each `model.name` trains with).
     follows: dict[str, str] = dataclasses.field(default_factory=dict)
+    keys: list[str] = dataclasses.field(default_factory=list)  # override keys, sweep() order
+    doc: str | None = None  # the experiment file's docstring
+    baseline: dict[str, Any] | None = None  # its BASELINE (studies.compare)
+    selection: dict[str, Any] | None = None  # selection.json of a selection phase
 
     def counts(self) -> dict[str, int]:
         """Trials per status, every status of STATUSES included."""
@@ -150,23 +162,33 @@ class Sweep:
 
 
 def load_sweep(directory: str | os.PathLike) -> Sweep:
-    """Reads `DIR/sweep.json` and every trial's files; unfinished trials are "missing"."""
+    """Reads a sweep folder (`DIR/sweep.json` and every trial's files; unfinished trials are
+    "missing") or a study folder (`DIR/study.json`, its compact data: `study_data`)."""
     path = Path(directory)
     if not path.is_dir():
         raise ConfigError(
             f"{path} is not a folder; pass the --workdir of a `bnlab sweep` run to `bnlab report`."
         )
-    if not (path / "sweep.json").is_file():
+    if (path / "sweep.json").is_file():
+        spec = json.loads((path / "sweep.json").read_text())
+        trials = [
+            _load_trial(path / "runs" / t["trial_id"], t["trial_id"], t["overrides"])
+            for t in spec["trials"]
+        ]
+        spec["doc"] = _docstring(spec.get("experiment", ""))
+        spec["baseline"] = baseline_of(spec.get("experiment", ""))
+        spec["selection"] = _read_json(path / "selection.json")
+    elif (path / study_data.STUDY_FILE).is_file():
+        spec = study_data.read(path)
+        trials = [_stored_trial(t) for t in spec["trials"]]
+    else:
         raise ConfigError(
             f"{path} has no sweep.json; pass the --workdir of a `bnlab sweep` run "
-            "(run `bnlab sweep EXPERIMENT --workdir DIR` first)."
+            "(run `bnlab sweep EXPERIMENT --workdir DIR` first), or a study folder with "
+            f"{study_data.STUDY_FILE}."
         )
-    spec = json.loads((path / "sweep.json").read_text())
-    trials = [
-        _load_trial(path / "runs" / t["trial_id"], t["trial_id"], t["overrides"])
-        for t in spec["trials"]
-    ]
-    varying, follows = _split_dependent(trials, _varying_keys(trials, spec.get("keys")))
+    keys = spec.get("keys") or []
+    varying, follows = _split_dependent(trials, _varying_keys(trials, keys))
     return Sweep(
         path=path,
         experiment=spec.get("experiment", ""),
@@ -176,7 +198,36 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         varying=varying,
         groups=_group(trials, varying),
         follows=follows,
+        keys=list(keys),
+        doc=spec.get("doc"),
+        baseline=spec.get("baseline"),
+        selection=spec.get("selection"),
     )
+
+
+def _docstring(experiment: str) -> str | None:
+    try:
+        return ast.get_docstring(ast.parse(Path(experiment).read_text()))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def baseline_of(experiment: str | Path) -> dict[str, Any] | None:
+    """The experiment file's `BASELINE` literal (None when it declares none), read without
+    running the file."""
+    try:
+        tree = ast.parse(Path(experiment).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "BASELINE" for t in node.targets
+        ):
+            value = ast.literal_eval(node.value)
+            if not isinstance(value, dict):
+                raise ValueError(f"{experiment}: BASELINE must be a dict of dotted keys")
+            return value
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -191,7 +242,7 @@ def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResu
     config = _read_json(run_dir / "config.json") or {}
     summary = _read_json(run_dir / "summary.json")
     if summary is None:  # not run yet, or interrupted before its summary (written last)
-        return TrialResult(tid, parsed, "missing", {}, config, [])
+        return TrialResult(tid, parsed, "missing", {}, config, [], override_text=overrides)
     metrics = run_dir / "metrics.jsonl"
     records = read_jsonl(metrics) if metrics.is_file() else []
     by_split = {split: [r for r in records if r.get("split") == split] for split in SPLITS}
@@ -204,6 +255,22 @@ def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResu
         by_split["test"],
         by_split["validation"],
         by_split["diag"],
+        by_split["train_eval"],
+        override_text=overrides,
+    )
+
+
+def _stored_trial(t: dict[str, Any]) -> TrialResult:
+    """A trial of a study folder's compact data."""
+    records = t.get("records", {})
+    return TrialResult(
+        t["trial_id"],
+        {k: parse_value(v) for k, v in t["overrides"].items()},
+        t["status"],
+        t["summary"],
+        t["config"],
+        *(records.get(split, []) for split in ("test", "validation", "diag", "train_eval")),
+        override_text=t["overrides"],
     )
 
 

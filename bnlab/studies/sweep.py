@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from bnlab import config as config_lib
 from bnlab.data import DataError
+from bnlab.studies import selection
 from bnlab.studies import sweep_folder as folder
 from bnlab.studies.sweep_folder import SWEEP_FILE  # noqa: F401 - part of this API
 from bnlab.training.run_files import FAILURE_FILE  # noqa: F401 - part of this API
@@ -93,9 +94,24 @@ def smoke_notes(module: ModuleType, path: str | os.PathLike) -> list[str]:
     return [n for n in notes if n]
 
 
-def expand(module: ModuleType, *, smoke: bool = False) -> list[Trial]:
-    """The trials of an experiment, in its order; duplicate grid points are an error."""
-    grid = module.sweep(smoke=smoke) if _takes_smoke(module) else module.sweep()
+def expand(
+    module: ModuleType, *, smoke: bool = False, chosen: dict[str, dict] | None = None
+) -> list[Trial]:
+    """The trials of an experiment, in its order; duplicate grid points are an error. For a
+    study with a selection phase, the confirmation trials for `chosen` (each arm's choice;
+    default: its first candidate, to validate them before the selection has run)."""
+    kwargs: dict[str, Any] = {"smoke": smoke} if _takes_smoke(module) else {}
+    if selection.declares(module):
+        if "chosen" not in inspect.signature(module.sweep).parameters:
+            raise config_lib.ConfigError(
+                "an experiment with candidates() (a selection phase) defines sweep(chosen, "
+                "smoke=False): the confirmation trials for each arm's chosen overrides."
+            )
+        kwargs["chosen"] = chosen or selection.placeholder(selection.plan(module, smoke=smoke))
+    return _trials(module.sweep(**kwargs))
+
+
+def _trials(grid: Iterable) -> list[Trial]:
     trials, seen = [], {}
     for point in _as_dicts(grid):
         overrides = {k: _text(v) for k, v in point.items()}
@@ -145,13 +161,38 @@ def trial_config(
 
 
 def trial_configs(
-    module: ModuleType, *, smoke: bool = False, overrides: dict[str, str] | None = None
+    module: ModuleType,
+    *,
+    smoke: bool = False,
+    overrides: dict[str, str] | None = None,
+    chosen: dict[str, dict] | None = None,
 ) -> tuple[list[Trial], dict[str, config_lib.Config]]:
     """Every trial of the experiment and its validated config (`ConfigError` on the first
-    trial that cannot run); `overrides` apply to all of them."""
-    trials = expand(module, smoke=smoke)
+    trial that cannot run); `overrides` apply to all of them. For a study with a selection
+    phase, the confirmation trials for `chosen`; the selection trials are checked too."""
     extra = dict(overrides or {})
-    return trials, {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
+    trials = expand(module, smoke=smoke, chosen=chosen)
+    configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
+    if selection.declares(module):
+        plan, _, _ = selection_trials(module, smoke=smoke, overrides=extra)
+        selection.check_fresh_seeds(configs, plan, _name(module))
+    return trials, configs
+
+
+def selection_trials(
+    module: ModuleType, *, smoke: bool = False, overrides: dict[str, str] | None = None
+) -> tuple[selection.Plan, list[Trial], dict[str, config_lib.Config]]:
+    """A selection study's plan and its selection trials with their validated configs."""
+    plan = selection.plan(module, smoke=smoke, path=_name(module))
+    trials = _trials(selection.trial_points(plan))
+    extra = dict(overrides or {})
+    configs = {t.trial_id: trial_config(module, t, smoke=smoke, extra=extra) for t in trials}
+    selection.check_selection_configs(configs, _name(module))
+    return plan, trials, configs
+
+
+def _name(module: ModuleType) -> str:
+    return getattr(module, "__file__", None) or module.__name__
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -181,34 +222,88 @@ def run_sweep(
     With `engine="vmap"`, trials that share a structure train together in one compiled
     program (`bnlab.training.batched`, at most `max_chunk` at a time); a lone trial, or every trial
     with `engine="sequential"`, runs through `runner` (default: the single-run trainer).
+    A study with a selection phase (`bnlab.studies.selection`) runs its selection trials into
+    `DIR/selection/` first, writes `DIR/selection.json`, then the confirmation trials into `DIR`.
     """
     if engine not in ENGINES:
         raise config_lib.ConfigError(f"engine {engine!r} is not one of {ENGINES}")
     extra = dict(overrides or {})
-    trials, configs = trial_configs(load_experiment(path), smoke=smoke, overrides=extra)
+    module = load_experiment(path)
+    trials, configs = trial_configs(module, smoke=smoke, overrides=extra)  # all checked first
     if runner is None:
         from bnlab.training.run import run as runner
     from bnlab.training.workdir import folder_path  # at run time: validating loads no JAX
 
     workdir = folder_path(workdir)
-    spec = {
-        "experiment": str(path),
-        "experiment_path": os.path.abspath(path),
-        "smoke": smoke,
-        "overrides": extra,
-        "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
-        # The override keys in the order sweep() yields them (JSON objects here are sorted).
-        "keys": list(dict.fromkeys(k for t in trials for k in t.overrides)),
-    }
-    folder.index(workdir, spec)
-    mine = shard(trials, *shard_spec)
+    spec = {"experiment": str(path), "experiment_path": os.path.abspath(path), "smoke": smoke}
+    spec["overrides"] = extra
+    phase = _Phase(spec, shard_spec, runner, engine, max_chunk, log)
+    counts: dict[str, int] = {}
+    if selection.declares(module):
+        folder.check_folder(workdir)
+        chosen_by = _select(module, workdir, phase, counts, extra, smoke)
+        if chosen_by is None:
+            return counts
+        trials, configs = trial_configs(module, smoke=smoke, overrides=extra, chosen=chosen_by)
+    phase.run(trials, configs, workdir, counts)
+    return counts
+
+
+def _select(module, workdir: Path, phase: _Phase, counts, extra, smoke):
+    """The selection phase: its trials into DIR/selection, then the choice (None while another
+    shard still runs some of them)."""
+    from bnlab.studies.results import load_sweep
+
+    plan, trials, configs = selection_trials(module, smoke=smoke, overrides=extra)
+    phase.log(f"selection phase: {len(trials)} trials into {workdir / selection.SELECTION_DIR}")
+    phase.run(trials, configs, workdir / selection.SELECTION_DIR, counts, kind="selection")
+    result = selection.choose(plan, load_sweep(workdir / selection.SELECTION_DIR), trial_id)
+    if result is None:
+        phase.log(
+            "selection phase unfinished: other shards still run some of its trials; run this "
+            "command again once they finish, to choose and run the confirmation trials."
+        )
+        return None
+    write_json(workdir / selection.SELECTION_FILE, result)
+    for arm, entry in result["arms"].items():
+        row = entry["candidates"][entry["chosen_index"]]
+        phase.log(
+            f"selection: arm {arm}: chose {entry['chosen']} (mean {plan.split} {plan.metric} "
+            f"{row['mean']:.4f} over seeds {plan.seeds})"
+        )
+    return selection.chosen(result)
+
+
+class _Phase(NamedTuple):
+    spec: dict[str, Any]  # what every phase's sweep.json shares
+    shard_spec: tuple[int, int]
+    runner: Callable[..., dict[str, Any]]
+    engine: str
+    max_chunk: int | None
+    log: Callable[[str], None]
+
+    def run(self, trials, configs, workdir: Path, counts: dict[str, int], kind: str = "") -> None:
+        """Indexes `workdir` for `trials` and runs this shard's unfinished ones."""
+        spec = {
+            **self.spec,
+            **({"phase": kind} if kind else {}),
+            "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
+            # The override keys in the order sweep() yields them (JSON objects are sorted).
+            "keys": list(dict.fromkeys(k for t in trials for k in t.overrides)),
+        }
+        folder.index(workdir, spec)
+        _run_trials(trials, configs, workdir, counts, self)
+
+
+def _run_trials(trials, configs, workdir: Path, counts: dict[str, int], phase: _Phase) -> None:
+    log = phase.log
+    mine = shard(trials, *phase.shard_spec)
     if not mine:
-        index, count = shard_spec
+        index, count = phase.shard_spec
         log(
             f"shard {index}/{count} holds none of the sweep's {len(trials)} trials (trials go to "
             "shards by a hash of their id); the other shards run them."
         )
-    counts: dict[str, int] = {}
     resume, todo = [], []
     with contextlib.ExitStack() as claims:  # the unfinished trials' folders, till the shard ends
         # All of them before anything is changed.
@@ -226,18 +321,17 @@ def run_sweep(
             else:  # new, or interrupted before any checkpoint: from scratch
                 folder.empty_trial(run_dir)
                 todo.append(trial)
-        groups = _groups(todo, configs) if engine == "vmap" else [[t] for t in todo]
+        groups = _groups(todo, configs) if phase.engine == "vmap" else [[t] for t in todo]
         for group in [[t] for t in resume] + groups:
             dirs = [workdir / "runs" / t.trial_id for t in group]
             cfgs = [configs[t.trial_id] for t in group]
             if len(group) == 1:
-                statuses = [_run_trial(runner, cfgs[0], dirs[0])]
+                statuses = [_run_trial(phase.runner, cfgs[0], dirs[0])]
             else:
-                statuses = _run_group(cfgs, dirs, max_chunk, log)
+                statuses = _run_group(cfgs, dirs, phase.max_chunk, log)
             for trial, status in zip(group, statuses, strict=True):
                 counts[status] = counts.get(status, 0) + 1
                 log(f"{trial.trial_id}: {status}")
-    return counts
 
 
 def _groups(trials: list[Trial], configs: dict[str, config_lib.Config]) -> list[list[Trial]]:

@@ -19,6 +19,7 @@ from bnlab.training.run_files import FAILURE_FILE, LOCK_FILE
 from bnlab.training.writers import write_json
 
 SWEEP_FILE = "sweep.json"  # the index of a sweep folder's trials
+SELECTION_FILES = ("selection", "selection.json")  # a selection phase's (studies.selection)
 
 
 def claim(
@@ -43,7 +44,7 @@ def index(workdir: Path, spec: dict[str, Any]) -> None:
     shards sharing the folder do this one at a time."""
     from bnlab.training.workdir import hold
 
-    _refuse_foreign_folder(workdir)
+    check_folder(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with hold(workdir, wait=True):
         _refuse_other_sweep(workdir, spec)
@@ -51,9 +52,9 @@ def index(workdir: Path, spec: dict[str, Any]) -> None:
         write_json(workdir / SWEEP_FILE, spec)
 
 
-def _refuse_foreign_folder(workdir: Path) -> None:
+def check_folder(workdir: Path) -> None:
     """A sweep folder is new, empty, or a sweep's (sweep.json, or only what a sweep writes
-    before it)."""
+    before it: runs/, and a selection phase's selection/ and selection.json)."""
     if workdir.exists() and not workdir.is_dir():
         raise config_lib.ConfigError(f"{workdir} is a file; pass a folder path to --workdir.")
     if not workdir.is_dir() or (workdir / SWEEP_FILE).exists():
@@ -61,7 +62,7 @@ def _refuse_foreign_folder(workdir: Path) -> None:
     foreign = sorted(
         p.name
         for p in workdir.iterdir()
-        if p.name not in ("runs", LOCK_FILE) and not p.name.endswith(".tmp")
+        if p.name not in ("runs", LOCK_FILE, *SELECTION_FILES) and not p.name.endswith(".tmp")
     )
     if foreign:
         raise config_lib.ConfigError(

@@ -22,7 +22,8 @@ from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer
 from bnlab.training.workdir import EXPERIMENT_FILE
 from bnlab.training.writers import MetricWriter, write_json
 
-EVAL_SPLITS = ("validation", "test")  # evaluated at every epoch end, in this order
+# Evaluated at every epoch end, in this order (train_eval and validation when configured).
+EVAL_SPLITS = ("train_eval", "validation", "test")
 FINISHED = ("ok", "diverged", "early_stopped")  # statuses of a run that has its result
 
 
@@ -258,18 +259,37 @@ class Record:
             "wall_time_s": self.wall_time_s,
             "train_examples_per_s": self.examples_per_s(),
         }
-        if "validation" in self.evals:
-            summary["validation_accuracy"] = float(self.evals["validation"]["accuracy"])
-            summary["validation_loss"] = float(self.evals["validation"]["loss"])
+        for split in ("train_eval", "validation"):
+            if split in self.evals:
+                summary[f"{split}_accuracy"] = float(self.evals[split]["accuracy"])
+                summary[f"{split}_loss"] = float(self.evals[split]["loss"])
         if self.best is not None:
             summary["best_epoch"] = self.best["epoch"]
             summary["best_step"] = self.best["step"]
             for split, metrics in self.best["evals"].items():
                 for key in ("accuracy", "loss"):
                     summary[f"best_{split}_{key}"] = float(metrics[key])
+            if self.status == "early_stopped" or self.cfg.checkpoint.best_metric:
+                # Reports (a sweep's table, the CLI) read the best validation epoch's metrics.
+                summary["reported"] = "best"
         if self.engine is not None:
             summary["engine"] = self.engine
         if self.writes:
             write_json(self.workdir / "summary.json", summary)
         self.summary = summary
         return summary
+
+
+def result_line(summary: dict, workdir: str) -> str:
+    """The run's outcome; a run that reports its best validation epoch says which it was."""
+    if summary.get("reported") == "best":
+        return (
+            f"status={summary['status']} test_accuracy={summary['best_test_accuracy']:.4f} "
+            f"test_loss={summary['best_test_loss']:.4f} (epoch {summary['best_epoch'] + 1}, the "
+            f"best validation epoch; last epoch: test_accuracy={summary['test_accuracy']:.4f}) "
+            f"steps={summary['steps']} workdir={workdir}"
+        )
+    return (
+        f"status={summary['status']} test_accuracy={summary['test_accuracy']:.4f} "
+        f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} workdir={workdir}"
+    )

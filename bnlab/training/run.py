@@ -46,6 +46,7 @@ class Splits(NamedTuple):
     train: data_lib.Dataset
     test: data_lib.Dataset
     validation: data_lib.Dataset | None  # the last data.validation_size training examples
+    train_eval: data_lib.Dataset | None = None  # the first data.train_eval_size of `train`
 
 
 def load_splits(cfg: Config) -> Splits:
@@ -77,7 +78,9 @@ def load_splits(cfg: Config) -> Splits:
             f"examples of task {cfg.data.task!r}; lower train.batch_size."
         )
     validation = _rows(full, pool, full.size) if held_out else None
-    return Splits(train_set, data_lib.load(cfg.data, "test"), validation)
+    n_eval = min(cfg.data.train_eval_size, train_set.size)
+    train_eval = _rows(train_set, 0, n_eval) if n_eval else None
+    return Splits(train_set, data_lib.load(cfg.data, "test"), validation, train_eval)
 
 
 def _rows(ds: data_lib.Dataset, start: int, stop: int) -> data_lib.Dataset:
@@ -231,8 +234,12 @@ def _engine(cfg: Config, programs, data_key, splits: Splits) -> loop.Engine:
 
 
 def evaluate_splits(evaluate, state, splits: Splits) -> dict[str, Any]:
-    """`{split: metrics}` of the evaluation splits (validation when held out, test)."""
+    """`{split: metrics}` of the evaluation splits (train_eval and validation when asked for,
+    test)."""
     out = {}
+    if splits.train_eval is not None:
+        t = splits.train_eval
+        out["train_eval"] = evaluate(state.params, state.batch_stats, t.images, t.labels)
     if splits.validation is not None:
         v = splits.validation
         out["validation"] = evaluate(state.params, state.batch_stats, v.images, v.labels)

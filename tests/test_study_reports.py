@@ -1,0 +1,39 @@
+"""Every committed study report is rebuilt from the study's committed data, byte for byte."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from bnlab import cli
+
+STUDIES = ROOT / "docs" / "studies"
+# Reports written before studies committed their data (issue 20): their numbers cannot be
+# traced yet. Each leaves this list when its study is re-run and its study.json committed;
+# docs/results.md marks their verdicts as not yet traceable.
+UNTRACEABLE = frozenset({
+    "bn_paper_fig1", "depth_gradients", "norm_zoo", "optimizers", "plateau",
+    "santurkar_ics", "schedules_and_clipping", "seed_cnn_binary", "small_batch",
+})  # fmt: skip
+
+
+def _reports() -> list[Path]:
+    return sorted(p.parent for p in STUDIES.glob("*/report.md"))
+
+
+def test_every_report_has_its_data_or_is_listed_as_untraceable():
+    without = {p.name for p in _reports() if not (p / "study.json").is_file()}
+    assert without == UNTRACEABLE, "update UNTRACEABLE (and docs/results.md) to match"
+
+
+@pytest.mark.parametrize(
+    "study",
+    [p for p in _reports() if (p / "study.json").is_file()],
+    ids=lambda p: p.name,
+)
+def test_the_report_is_rebuilt_byte_for_byte_from_the_folder_alone(study, tmp_path):
+    copy = tmp_path / study.name
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report.md", "figures"))
+    assert cli.main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_bytes() == (study / "report.md").read_bytes()

@@ -19,9 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from bnlab.schema import ConfigError
+from bnlab.schema import OVERRIDE_PREFIX, ConfigError, split_overrides  # noqa: F401
 
-OVERRIDE_PREFIX = "--config."
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 EXIT_LOST_PROCESS = 5  # == bnlab.training.parallel.EXIT_LOST_PROCESS
 # Every exit status of the command and its meaning: the help, docs/cli.md and README's table.
@@ -35,31 +34,6 @@ EXIT_STATUSES = {
     "resume)",
 }
 EXIT_CODES = "exit status: " + ", ".join(f"{k} {v}" for k, v in EXIT_STATUSES.items())
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments; the
-    same key twice is refused, naming both values."""
-    rest, overrides, i = [], {}, 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(OVERRIDE_PREFIX):
-            key, eq, value = arg[len(OVERRIDE_PREFIX) :].partition("=")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
-                value, i = argv[i + 1], i + 1
-            if key in overrides:
-                raise ConfigError(
-                    f"--config.{key} is given twice ({overrides[key]!r} and {value!r}); give it "
-                    "once, with the value you mean."
-                )
-            overrides[key] = value
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("workdir", help="a training workdir (with checkpoints/)")
     evaluate.add_argument("--step", type=int, help="this checkpoint instead of the latest")
+    evaluate.add_argument(
+        "--recalibrate",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="also evaluate with BN's running statistics re-estimated from the first N "
+        "training examples (both results in WORKDIR/evaluate.json)",
+    )
     evaluate.add_argument(
         "--mnist-dir", metavar="DIR", help="folder with the four MNIST IDX files (*-ubyte.gz)"
     )
@@ -248,11 +230,14 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     with _runtime(args.command):
         from bnlab.training.run import evaluate
 
-        result = evaluate(args.workdir, step=args.step, **folders)
-    print(
-        f"step={result['step']} test_accuracy={result['accuracy']:.4f} "
-        f"test_loss={result['loss']:.4f} workdir={args.workdir}"
-    )
+        result = evaluate(args.workdir, step=args.step, recalibrate=args.recalibrate, **folders)
+    line = f"step={result['step']} test_accuracy={result['accuracy']:.4f} "
+    line += f"test_loss={result['loss']:.4f} "
+    if "recalibrated" in result:
+        r = result["recalibrated"]
+        line += f"recalibrated({r['examples']}): test_accuracy={r['accuracy']:.4f} "
+        line += f"test_loss={r['loss']:.4f} "
+    print(line + f"workdir={args.workdir}")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import importlib
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -152,3 +152,31 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+OVERRIDE_PREFIX = "--config."  # a dotted override on the command line
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments; the
+    same key twice is refused, naming both values."""
+    rest, overrides, i = [], {}, 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            key, eq, value = arg[len(OVERRIDE_PREFIX) :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+                value, i = argv[i + 1], i + 1
+            if key in overrides:
+                raise ConfigError(
+                    f"--config.{key} is given twice ({overrides[key]!r} and {value!r}); give it "
+                    "once, with the value you mean."
+                )
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides

@@ -4,7 +4,7 @@ Hypothesis: after 1,000 steps, a BN momentum of 0.999 (a memory of ~1,000 steps,
 0/1 statistics still weigh exp(-1) ~ 37%) evaluates with running statistics that lag the
 weights, and its test accuracy falls below that of 0.9 and 0.99; the training loss, which uses
 batch statistics, barely depends on the momentum.
-Grid: norm.momentum {0.9, 0.99, 0.999} x SGD lr {0.1, 0.5} x 3 seeds; the 784-100x3-10 ReLU
+Grid: norm.momentum {0.9, 0.99, 0.999} x SGD lr {0.1, 0.5} x 5 seeds; the 784-100x3-10 ReLU
 MLP with BN, 1 epoch of full MNIST at batch 60 (1,000 steps).
 Command: bnlab sweep experiments/bn_momentum.py --workdir runs/bn_momentum &&
   bnlab report runs/bn_momentum
@@ -18,7 +18,8 @@ from bnlab.config import default_config
 SMOKE = {"data.train_size": 1200, "train.epochs": 1}  # `--smoke`: 20 steps per trial
 MOMENTA = (0.9, 0.99, 0.999)
 LRS = (0.1, 0.5)
-SEEDS = range(3)
+SEEDS = range(5)
+BASELINE = {"norm.momentum": 0.99}  # each momentum against 0.99 at the same lr
 
 
 def get_config():

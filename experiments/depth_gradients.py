@@ -4,9 +4,9 @@ Hypothesis (Yang, Pennington, Rao, Sohl-Dickstein & Schoenholz 2019, "A Mean Fie
 Batch Normalization"): in a fully connected network with BN, the gradients at initialization
 explode exponentially with depth: the first layer's weight-gradient norm grows like
 lambda^depth, lambda > 1 (for ReLU about sqrt(pi / (pi - 1)) ~ 1.21 per layer in their
-large-batch mean-field limit), whatever the activation, and more slowly for smaller batches;
-without BN, with a variance-preserving init, it stays roughly flat for linear and ReLU
-networks.
+large-batch mean-field limit), whatever the activation, at a rate that depends on the batch
+size and tends to 1 as the network nears the linear regime; without BN, with a
+variance-preserving init, it stays roughly flat for linear and ReLU networks.
 Grid: activation {relu (He init), linear (LeCun init), sigmoid (LeCun init)} x diagnostic batch
 {16, 512} x 5 seeds; each trial measures `init_gradients` at step 0: MLPs of width 100 and 2 to
 25 weight layers, each with BN before every nonlinearity and without normalization, the

@@ -23,6 +23,7 @@ from bnlab.config import load_config
 
 SMOKE = {"data.train_size": 1200, "train.epochs": 1, "diagnostics.every_steps": 10}
 SEEDS = range(3)
+BASELINE = {"model.norm": "batchnorm"}
 
 
 def get_config():

@@ -81,12 +81,13 @@ def test_readme_lists_every_file_a_run_writes_and_every_kind_of_record(tmp_path,
         "train", "--config", str(ROOT / "experiments" / "bn_paper_mlp.py"), "--smoke",
         "--workdir", str(workdir), "--no-progress", f"--config.data.tfds_dir={tfds_dir}",
         "--config.data.validation_size=120", "--config.diagnostics.names=ics",
-        "--config.diagnostics.every_steps=9",
+        "--config.diagnostics.every_steps=9", "--config.data.train_eval_size=60",
     ]  # fmt: skip
     assert cli.main(args) == 0
+    assert cli.main(["evaluate", str(workdir), "--recalibrate", "60"]) == 0  # evaluate.json
     table = _run_files_table()
     assert set(table) == {p.name for p in workdir.iterdir()}
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     splits = {r["split"] for r in records}
-    assert splits == {"train", "test", "validation", "diag"}
+    assert splits == {"train", "test", "validation", "diag", "train_eval"}
     assert splits <= set(_names(table["metrics.jsonl"]))

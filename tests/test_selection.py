@@ -57,7 +57,7 @@ def _study(tmp_path, split="validation", validation=600, confirm_seeds=(10, 11),
 def _validation_accuracy(cfg):
     """A made-up response: BN best at lr 0.3, none at 0.03; test accuracy deliberately the
     opposite ranking, so that a choice made on test would differ."""
-    best = 0.3 if cfg.model.norm == "batchnorm" else 0.03
+    best = 0.3 if cfg.model.norm == "batchnorm" else 0.1 if cfg.opt.clip == "adaptive" else 0.03
     distance = abs(math.log10(cfg.opt.lr / best))
     return 0.98 - 0.05 * distance + 0.001 * cfg.train.seed
 
@@ -195,3 +195,53 @@ def test_the_regularization_study_declares_its_selection():
     assert all(len(options) == 3 for options in plan.arms.values())
     trials, configs = sweep.trial_configs(module)
     assert len(trials) == 80 and {c.train.seed for c in configs.values()} == set(range(10, 15))
+
+
+THREE_ARMS = """
+def candidates(smoke=False):
+    arms = {norm: [{"model.norm": norm, "opt.lr": lr} for lr in LRS]
+            for norm in ("batchnorm", "none")}
+    arms["none_clip"] = [{"model.norm": "none", "opt.clip": "adaptive", "opt.lr": lr}
+                         for lr in LRS]
+    return arms
+
+
+def sweep(chosen, smoke=False):
+    for arm in ("batchnorm", "none", "none_clip"):
+        for seed in (10, 11, 12):
+            yield {**chosen[arm], "train.seed": seed}
+
+
+BASELINE = {"model.norm": "batchnorm", "opt.clip": "(default)"}
+"""
+
+
+def test_the_report_names_the_split_that_chose_and_compares_each_arm_at_its_choice(tmp_path):
+    """Three arms, two of them without normalization (one with adaptive clipping): the learning
+    rate is then a varying key of the table, and each arm is still compared with the baseline
+    arm at its own chosen rate."""
+    text = _study(tmp_path, confirm_seeds=(10, 11, 12)).read_text()
+    text = text[: text.index("def candidates")] + THREE_ARMS
+    path = tmp_path / "three.py"
+    path.write_text(text)
+    out = tmp_path / "out"
+    sweep.run_sweep(path, out, runner=_runner([]), engine="sequential", log=print)
+    from bnlab.studies import report
+    from bnlab.studies.results import holm, load_sweep, verdict, welch
+
+    text = report.write_report(out).read_text()
+    assert "## Selection: chosen on the validation split" in text
+    assert text.count("**chosen**") == 3
+    section = text[text.index("## Selection") :]
+    assert section.count("| batchnorm | lr=") == 5 and section.count("| none_clip | lr=") == 5
+    loaded = load_sweep(out)
+    assert "opt.lr" in loaded.varying  # not a follower of model.norm: two arms share "none"
+    finals = {g.name: [t.final("accuracy") for t in g.trials] for g in loaded.groups}
+    base = next(name for name in finals if "norm=batchnorm" in name)
+    tests = {n: welch(v, finals[base]) for n, v in finals.items() if n != base}
+    adjusted = dict(zip(tests, holm([c.p for c in tests.values()]), strict=True))
+    for name, c in tests.items():
+        norm, lr = name.split(", ")[0].split("=")[1], name.split("lr=")[1].split(",")[0]
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {norm} | {lr} |")
+                  and ("adaptive" in line) == ("clip=adaptive" in name)]  # fmt: skip
+        assert row.endswith(f"| {verdict(c, adjusted[name])} |"), row

@@ -22,8 +22,9 @@ def _train_record(step, accuracy):
     return {"step": step, "split": "train", "accuracy": accuracy, "loss": 1.0}
 
 
-def test_gap_is_the_last_training_window_minus_test_over_ok_and_early_stopped_trials(
-    tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("windows", [False, True])
+def test_gap_is_train_minus_test_over_ok_and_early_stopped_trials(
+    tmp_path, monkeypatch, capsys, windows
 ):
     trials = []
     for lr, (train0, train1), (test0, test1) in (
@@ -32,18 +33,22 @@ def test_gap_is_the_last_training_window_minus_test_over_ok_and_early_stopped_tr
     ):
         seeds = ((0, "ok", train0, test0), (1, "early_stopped", train1, test1))
         for seed, status, train, test in seeds:
-            records = [_train_record(5, 0.5), _train_record(10, train)]
+            # The training windows (training mode) and train_eval (evaluation mode) differ.
+            records = [_train_record(5, 0.5), _train_record(10, train if windows else 0.1)]
             summary = {"status": status, "test_accuracy": test}
+            summary["train_eval_accuracy"] = 0.2 if windows else train
             trials.append(({"opt.lr": lr, "train.seed": seed}, summary, records))
     # A diverged trial does not count.
     trials.append(
         ({"opt.lr": 0.1, "train.seed": 2}, {"status": "diverged"}, [_train_record(1, 0.1)])
     )
     _written_sweep(tmp_path, trials)
+    flags = ["--windows"] if windows else []
     header, rows = _run(
-        "gap.py", tmp_path, "--keys", "opt.lr", monkeypatch=monkeypatch, capsys=capsys
+        "gap.py", tmp_path, "--keys", "opt.lr", *flags, monkeypatch=monkeypatch, capsys=capsys
     )
-    assert header == ["opt.lr", "seeds", "train acc (last window)", "test acc", "gap"]
+    source = "last window" if windows else "evaluation mode"
+    assert header == ["opt.lr", "seeds", f"train acc ({source})", "test acc", "gap"]
     assert rows == [
         ["0.1", "2", "0.9200", "0.8900", "+0.0300"],
         ["0.2", "2", "0.9800", "0.9550", "+0.0250"],

@@ -4,14 +4,16 @@ Holm-adjusted over the table.
 An experiment file names its baseline arm with a module-level literal, e.g.
 `BASELINE = {"model.norm": "none"}`: a setting is compared with the setting that has the same
 values of the other varying keys and the baseline's values of these (at each learning rate, BN
-against no BN at that learning rate).
+against no BN at that learning rate). In a study with a selection phase, the keys it chose
+per arm (each arm's own learning rate) are not matched: each arm at its choice against the
+baseline arm at its own.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from bnlab.studies.results import Group, Sweep, baseline_of  # noqa: F401 - part of this API
+from bnlab.studies.results import UNSET, Group, Sweep, baseline_of  # noqa: F401 - part of this API
 from bnlab.studies.significance import Comparison, holm, welch
 
 
@@ -19,6 +21,23 @@ class VsBaseline(NamedTuple):
     baseline: str  # the baseline group's name
     comparison: Comparison | None  # None with fewer than 2 results in either arm
     p_holm: float | None  # adjusted over every comparison of the table
+
+
+def tuned_keys(selection: dict[str, Any] | None) -> set[str]:
+    """The keys a selection phase chose per arm (those its candidates vary): each arm runs its
+    own value, so a setting is compared with its baseline whatever their values."""
+    keys: set[str] = set()
+    for entry in (selection or {}).get("arms", {}).values():
+        rows = [row["overrides"] for row in entry["candidates"]]
+        keys |= {k for k in rows[0] if len({repr(r.get(k)) for r in rows}) > 1}
+    return keys
+
+
+def _setting(group: Group, sweep: Sweep) -> dict[str, Any]:
+    """A group's varying keys and the keys that follow them (a chosen clipping that follows
+    the chosen learning rate, say)."""
+    first = group.trials[0].overrides
+    return {**group.setting, **{k: first.get(k, UNSET) for k in sweep.follows}}
 
 
 def _finals(group: Group, metric: str) -> list[float]:
@@ -30,17 +49,22 @@ def against_baseline(
     sweep: Sweep, baseline: dict[str, Any], metric: str = "accuracy"
 ) -> dict[str, VsBaseline]:
     """`group name -> VsBaseline` for every group that is not a baseline and has one."""
-    unknown = sorted(set(baseline) - set(sweep.varying))
+    unknown = sorted(set(baseline) - set(sweep.varying) - set(sweep.follows))
     if unknown:
         raise ValueError(f"BASELINE names {unknown}, which the sweep does not vary")
-    by_setting = {tuple(sorted(map(repr, g.setting.items()))): g for g in sweep.groups}
+    tuned = tuned_keys(sweep.selection)
+    settings = {g.name: _setting(g, sweep) for g in sweep.groups}
+
+    def key(setting: dict[str, Any]) -> tuple:
+        return tuple(sorted(repr(kv) for kv in setting.items() if kv[0] not in tuned))
+
+    bases = [g for g in sweep.groups if all(settings[g.name][k] == v for k, v in baseline.items())]
+    by_setting = {key(settings[g.name]): g for g in bases}
     pairs = []
     for group in sweep.groups:
-        if all(group.setting[k] == v for k, v in baseline.items()):
-            continue
-        key = tuple(sorted(map(repr, {**group.setting, **baseline}.items())))
-        if key in by_setting:
-            pairs.append((group, by_setting[key]))
+        base = by_setting.get(key({**settings[group.name], **baseline}))
+        if base is not None and base is not group:
+            pairs.append((group, base))
     comparisons = {}
     for group, base in pairs:
         a, b = _finals(group, metric), _finals(base, metric)

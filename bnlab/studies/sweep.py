@@ -107,7 +107,8 @@ def expand(
                 "an experiment with candidates() (a selection phase) defines sweep(chosen, "
                 "smoke=False): the confirmation trials for each arm's chosen overrides."
             )
-        kwargs["chosen"] = chosen or selection.placeholder(selection.plan(module, smoke=smoke))
+        plan = selection.plan(module, smoke=smoke, path=_name(module))
+        kwargs["chosen"] = chosen or selection.placeholder(plan)
     return _trials(module.sweep(**kwargs))
 
 

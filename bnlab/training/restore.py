@@ -19,7 +19,9 @@ from bnlab import optim
 from bnlab.config import Config, ConfigError
 from bnlab.training import train as train_lib
 from bnlab.training.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError
+from bnlab.training.run_files import EVALUATE_FILE
 from bnlab.training.workdir import CONFIG_FILE, EXPERIMENT_FILE, read_run_config
+from bnlab.training.writers import write_json
 
 
 def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None):
@@ -109,16 +111,51 @@ def evaluate(
     step: int | None = None,
     mnist_dir: str | None = None,
     tfds_dir: str | None = None,
+    recalibrate: int = 0,
 ) -> dict[str, Any]:
     """Test loss and accuracy of a run's latest good checkpoint (or `step`), on MNIST from
-    `mnist_dir`, else `$BNLAB_MNIST_DIR`, else the run's own folders (`config.data_now`)."""
+    `mnist_dir`, else `$BNLAB_MNIST_DIR`, else the run's own folders (`config.data_now`).
+
+    With `recalibrate=N`, also with the running statistics re-estimated from the run's first N
+    training examples on the checkpoint's weights (`bnlab.nn.recalibrate`): the result's
+    `"recalibrated"` entry; both are written to WORKDIR/evaluate.json.
+    """
     cfg, restored = load_checkpoint(workdir, step=step)
     data = config_lib.data_now(cfg.data, mnist_dir=mnist_dir, tfds_dir=tfds_dir)
     test_set = data_lib.load(data, "test")
     model = train_lib.build_model(_one_device(cfg))
-    metrics = jax.jit(
+    program = jax.jit(
         lambda p, s, x, y: train_lib.evaluate(
             p, s, x, y, model=model, batch_size=cfg.train.eval_batch_size
         )
-    )(restored.state.params, restored.state.batch_stats, test_set.images, test_set.labels)
-    return {"step": restored.step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    )
+    state = restored.state
+    metrics = program(state.params, state.batch_stats, test_set.images, test_set.labels)
+    result = {"step": restored.step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    if recalibrate:
+        stats = _recalibrated(cfg, data, model, state, recalibrate)
+        metrics = program(state.params, stats, test_set.images, test_set.labels)
+        result["recalibrated"] = {
+            "examples": recalibrate,
+            **{k: float(v) for k, v in jax.device_get(metrics).items()},
+        }
+        write_json(Path(workdir) / EVALUATE_FILE, result)
+    return result
+
+
+def _recalibrated(cfg: Config, data: Any, model: Any, state: Any, n: int) -> Any:
+    """The checkpoint's running statistics re-estimated from the first `n` of the examples the
+    run trained on (never the validation split's, which the run holds out)."""
+    from bnlab.nn.recalibrate import recalibrate
+
+    full = data_lib.load(dataclasses.replace(data, train_size=0), "train")
+    pool = cfg.data.train_size or full.size - cfg.data.validation_size
+    if not 0 < n <= pool:
+        raise ConfigError(
+            f"--recalibrate {n}: give 1 to {pool} training examples (the examples the run "
+            "trained on; its validation split is held out)."
+        )
+    chunk = next(c for c in range(min(500, n), 0, -1) if n % c == 0)
+    images = data_lib.to_float(full.images[:n])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return jax.jit(lambda v, x: recalibrate(model, v, x, batch_size=chunk))(variables, images)

@@ -7,3 +7,4 @@ SUMMARY_FILE = "summary.json"  # a finished run; never overwritten
 # normalizations and diagnostics it registers exist when the run's config is read back.
 EXPERIMENT_FILE = "experiment.json"
 FAILURE_FILE = "failure.json"  # the last failed attempt of a sweep trial that is being retried
+EVALUATE_FILE = "evaluate.json"  # `bnlab evaluate --recalibrate N`: both accuracies

@@ -31,6 +31,7 @@ from bnlab.training import parallel
 from bnlab.training.checkpoint import CHECKPOINT_DIR, CORRUPT_DIR
 from bnlab.training.run_files import (
     CONFIG_FILE,
+    EVALUATE_FILE,
     EXPERIMENT_FILE,
     FAILURE_FILE,
     LOCK_FILE,
@@ -38,7 +39,8 @@ from bnlab.training.run_files import (
 )
 
 RUN_FILES = frozenset(
-    {CONFIG_FILE, SUMMARY_FILE, EXPERIMENT_FILE, FAILURE_FILE, LOCK_FILE, "metrics.jsonl"}
+    {CONFIG_FILE, SUMMARY_FILE, EXPERIMENT_FILE, FAILURE_FILE, LOCK_FILE, EVALUATE_FILE}
+    | {"metrics.jsonl"}
 )
 RUN_FOLDERS = frozenset({CHECKPOINT_DIR, CORRUPT_DIR, "tensorboard"})
 EXPORT_SUFFIXES = (".npz", ".pt")  # `bnlab export` may write a run's weights beside its files

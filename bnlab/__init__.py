@@ -28,6 +28,7 @@ _PUBLIC = {
     **dict.fromkeys(
         (
             "BatchNorm",
+            "BatchNormStopGrad",
             "BatchRenorm",
             "GhostBatchNorm",
             "GroupNorm",
@@ -41,6 +42,7 @@ _PUBLIC = {
     **dict.fromkeys(
         (
             "batch_norm",
+            "batch_norm_stopgrad",
             "batch_renorm",
             "ghost_batch_norm",
             "group_norm",

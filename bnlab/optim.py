@@ -1,4 +1,5 @@
-"""Optimizer config to an optax chain: clipping, weight decay, optimizer, schedule.
+"""Optimizer config to an optax chain: clipping, weight decay, optimizer, schedule, and which
+parameters it trains (`opt.trainable`).
 
 The numeric hyperparameters that sweeps vary sit in the optimizer state through
 `optax.inject_hyperparams`, so one compiled program serves many of their values. JAX and optax
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bnlab import schema
-from bnlab.schema import field
+from bnlab.nn.model_config import NORM_MODULE
+from bnlab.schema import ConfigError, field
 
 if TYPE_CHECKING:
     from jax.typing import ArrayLike
@@ -106,6 +109,13 @@ class OptConfig:
         'max global norm ("global_norm"), max |g| ("value"), or max unit-wise gradient/weight '
         'norm ratio ("adaptive")',
         check=schema.positive,
+    )
+    trainable: str = field(
+        "all",
+        'parameters the optimizer moves: "all" | "norm" (only the normalization layers\' own, '
+        "e.g. BN's gamma and beta; every other parameter keeps its initial value, Frankle et "
+        "al. 2021)",
+        choices=lambda: TRAINABLE,
     )
 
 
@@ -259,6 +269,39 @@ def lr_scale(opt_state: optax.OptState) -> jax.Array:
     return jnp.asarray(scales[0] if scales else 1.0, jnp.float32)
 
 
+# `opt.trainable` -> whether a parameter, named by the module names on its path, is trained.
+TRAINABLE: dict[str, Callable[[tuple[str, ...]], bool]] = {
+    "all": lambda names: True,
+    # The models name every normalization layer NORM_MODULE, whatever the registered norm.
+    "norm": lambda names: NORM_MODULE in names,
+}
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """The module and variable names of a pytree path (dict keys, NNX attributes)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def trainable_labels(c: OptConfig, params: Any) -> Any:
+    """`params`' tree with "train" at each leaf that `c.trainable` trains, "frozen" elsewhere.
+
+    Raises:
+      ConfigError: if no leaf is trained (e.g. `opt.trainable=norm` with `model.norm=none`).
+    """
+    trains = _lookup(TRAINABLE, "opt.trainable", c.trainable)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if trains(_path_names(path)) else "frozen", params
+    )
+    if "train" not in jax.tree.leaves(labels):
+        raise ConfigError(
+            f"opt.trainable={c.trainable!r}: the model has no parameter it trains (no "
+            f"normalization layer, module {NORM_MODULE!r}, owns one, as with model.norm=none "
+            "or batchnorm_noaffine), so nothing would train; set opt.trainable=all, or a "
+            "model.norm with a scale and bias (e.g. batchnorm)."
+        )
+    return labels
+
+
 def _lookup(table: dict, kind: str, name: str):
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; known: {sorted(table)}")
@@ -302,7 +345,10 @@ def make_optimizer(
     its state, and the schedule for logging.
 
     `values` (default: those of `c`) sets the injected hyperparameters; they may be traced,
-    e.g. one per trial under `vmap`. The chain's shape comes from `c` alone.
+    e.g. one per trial under `vmap`. The chain's shape comes from `c` alone. With
+    `c.trainable` other than "all", the whole chain sees only the trained parameters
+    (`optax.multi_transform`), and the others get zero updates (`optax.set_to_zero`): no
+    clipping, weight decay or momentum moves them.
     """
     values = hyperparams(c) if values is None else values
     make_clip = _lookup(CLIPS, "clip", c.clip)
@@ -325,7 +371,12 @@ def make_optimizer(
         parts = [clip, decay, make_opt(ch, make_schedule(ch, total_steps))]
         if c.schedule == "plateau":
             parts.append(_plateau_scaling())
-        return optax.chain(*parts)
+        if c.trainable == "all":
+            return optax.chain(*parts)
+        return optax.multi_transform(
+            {"train": optax.chain(*parts), "frozen": optax.set_to_zero()},
+            functools.partial(trainable_labels, c),
+        )
 
     tx = optax.inject_hyperparams(chain)(**values)
     schedule = make_schedule(dataclasses.replace(c, **values), total_steps)

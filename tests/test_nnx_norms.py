@@ -117,7 +117,8 @@ def _nnx_step(layer, x, ct, noise):
 
 def test_every_builtin_normalization_has_an_nnx_layer():
     builtin = {"batchnorm", "none", "batchnorm_noaffine", "ghost_batchnorm", "batch_renorm",
-               "noisy_batchnorm", "population_batchnorm", "layernorm", "groupnorm"}  # fmt: skip
+               "noisy_batchnorm", "population_batchnorm", "batchnorm_stopgrad", "layernorm",
+               "groupnorm"}  # fmt: skip
     assert set(NAMES) == builtin
     assert all(norms.get(name).nnx is not None for name in NAMES)
 
@@ -379,6 +380,7 @@ LAYERS = (
     bnx.BatchRenorm,
     bnx.NoisyBatchNorm,
     bnx.PopulationBatchNorm,
+    bnx.BatchNormStopGrad,
     bnx.LayerNorm,
     bnx.GroupNorm,
 )

@@ -271,6 +271,7 @@ BATCH_VARIANTS = {
         norm.noisy_batch_norm, key=jax.random.key(3), noise_mean=0.5, noise_std=1.0
     ),
     "population": norm.population_batch_norm,
+    "stopgrad": norm.batch_norm_stopgrad,
 }
 
 
@@ -476,6 +477,7 @@ INT_CASES = {
         ),
         functools.partial(_flax_bn, training=False),
     ),
+    "batch_norm_stopgrad": (functools.partial(norm.batch_norm_stopgrad, training=True), _flax_bn),
     "layer_norm": (
         _no_stats(norm.layer_norm),
         _flax_example_norm(fnn.LayerNorm(reduction_axes=(1, 2, 3), use_fast_variance=False)),

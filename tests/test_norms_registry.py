@@ -27,10 +27,12 @@ VARIANTS = (
     "batch_renorm",
     "noisy_batchnorm",
     "population_batchnorm",
+    "batchnorm_stopgrad",
     "layernorm",
     "groupnorm",
 )
-TORCH = {"layernorm", "groupnorm", "batchnorm_noaffine"}  # the variants PyTorch has
+# The variants PyTorch has (BN's values without its gradient evaluate as BN).
+TORCH = {"layernorm", "groupnorm", "batchnorm_noaffine", "batchnorm_stopgrad"}
 # The ReLU MLP at batch 60 on 240 examples: 4 steps per epoch, records every 2 steps. Fields
 # chosen so that every variant does something: 3 virtual batches, 10 groups of 10 units, the
 # renorm schedule relaxing within the run.
@@ -165,7 +167,7 @@ def _torch_norm(torch, norm, cfg, shape):
     if norm == "groupnorm":
         return nn.GroupNorm(min(cfg.norm.num_groups, channels), channels, eps=eps)
     bn = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-    return bn(channels, eps=eps, affine=False)
+    return bn(channels, eps=eps, affine=norm != "batchnorm_noaffine")
 
 
 def _torch_model(torch, norm, cfg, shapes):

@@ -235,6 +235,21 @@ class PopulationBatchNorm(BatchNorm):
         return norm.population_batch_norm(x, stats, scale, bias, training=training, **args)
 
 
+class BatchNormStopGrad(BatchNorm):
+    """BN without gradient through the batch statistics (`bnlab.norm.batch_norm_stopgrad`):
+    `BatchNorm`'s values and variables; `backward` is unused."""
+
+    @nn.nowrap
+    def _normalize(self, x, stats, scale, bias, *, training, axis_name, mask):
+        self._refuse_mask(mask)
+        args = self._bn_args(axis_name)
+        del args["backward"]  # no gradient through batch statistics
+        allow = self.allow_single_value
+        return norm.batch_norm_stopgrad(
+            x, stats, scale, bias, training=training, allow_single_value=allow, **args
+        )
+
+
 class _ExampleNorm(nn.Module):
     """A normalization of each example on its own: no state, training equals evaluation.
 

@@ -15,6 +15,7 @@ INIT_NAMES = ("lecun_normal", "he_normal", "normal")
 PLACEMENTS = ("before", "after")
 CONV_IMPLS = ("im2col", "xla")
 MLP_HIDDEN = (100, 100, 100)  # Ioffe & Szegedy's Fig. 1 MLP: 784-100-100-100-10
+NORM_MODULE = "norm"  # every model's name for its normalization layers (opt.trainable reads it)
 # Features at each normalization site, in order: what a normalization's config check needs.
 NORM_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": MLP_HIDDEN, "cnn": (32, 64, 256)}
 

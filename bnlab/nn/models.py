@@ -13,6 +13,7 @@ from bnlab.nn.layers import BatchNorm, Identity
 from bnlab.nn.model_config import (  # noqa: F401 - the model group, re-exported
     CONV_IMPLS,
     MLP_HIDDEN,
+    NORM_MODULE,
     NORM_WIDTHS,
     PLACEMENTS,
     ModelConfig,
@@ -46,7 +47,7 @@ class _NormAct(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; known: {PLACEMENTS}")
-        layer = self.norm(name="norm")
+        layer = self.norm(name=NORM_MODULE)
         if self.placement == "before":
             x = layer(x, use_running_average=not train)
         # The nonlinearity's input, kept only when "intermediates" is mutable (a probe).

@@ -23,6 +23,7 @@ from bnlab.nn.nnx_state import (
     to_linen,
 )
 from bnlab.nn.nnx_variants import (
+    BatchNormStopGrad,
     BatchRenorm,
     GhostBatchNorm,
     GroupNorm,
@@ -35,6 +36,7 @@ from bnlab.schema import ConfigError
 
 __all__ = [
     "BatchNorm",
+    "BatchNormStopGrad",
     "BatchRenorm",
     "GhostBatchNorm",
     "GroupNorm",

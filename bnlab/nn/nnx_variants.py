@@ -1,4 +1,4 @@
-"""The NNX variants of BN (ghost, renorm, noisy, population) and the per-example
+"""The NNX variants of BN (ghost, renorm, noisy, population, stop-gradient) and the per-example
 normalizations (LayerNorm, GroupNorm) and `Identity`, each over its `bnlab.ops` function."""
 
 from __future__ import annotations
@@ -151,6 +151,18 @@ class PopulationBatchNorm(BatchNorm):
         args = self._bn_args(training)
         del args["backward"]  # no gradient through batch statistics
         return norm.population_batch_norm(x, stats, scale, bias, **args)
+
+
+class BatchNormStopGrad(BatchNorm):
+    """BN without gradient through the batch statistics (`bnlab.norm.batch_norm_stopgrad`).
+    Arguments, variables and call as `BatchNorm` (no `mask`); `backward` is unused."""
+
+    def _normalize(self, x, stats, scale, bias, *, training, mask, rngs):
+        del rngs  # deterministic
+        _refuse_mask(self, mask)
+        args, allow = self._bn_args(training), self.allow_single_value
+        del args["backward"]  # no gradient through batch statistics
+        return norm.batch_norm_stopgrad(x, stats, scale, bias, allow_single_value=allow, **args)
 
 
 class _ExampleNorm(nnx.Module):

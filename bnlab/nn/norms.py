@@ -341,6 +341,16 @@ register_norm(
     ),
 )
 register_norm(
+    "batchnorm_stopgrad",
+    NormSpec(
+        **_built_by(lambda n, axis, m: _batchnorm(n, axis, m.BatchNormStopGrad)),
+        doc="BN without gradient through the batch statistics (an ablation of BN's backward)",
+        batch_stats=True,
+        torch=torch_batchnorm,  # BN's values: PyTorch's BatchNorm evaluates it exactly
+        injected=("momentum",),
+    ),
+)
+register_norm(
     "layernorm",
     NormSpec(
         **_built_by(lambda n, axis, m: functools.partial(m.LayerNorm, epsilon=n.epsilon)),

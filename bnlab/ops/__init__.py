@@ -6,7 +6,8 @@ wrappers live in `bnlab.nn.layers`, the config and registry in `bnlab.nn.norms`.
 `batch_norm` follows Ioffe & Szegedy (2015), Algorithm 1 and Section 3 (`bnlab.ops.bn_core`). Its
 variants reuse its one-pass moments and closed-form backward (`bnlab.ops.bn_variants`):
 `ghost_batch_norm` (Hoffer et al. 2017), `batch_renorm` (Ioffe 2017), `noisy_batch_norm`
-(Santurkar et al. 2018, Sec. 2) and `population_batch_norm` (Ghorbani et al. 2019).
+(Santurkar et al. 2018, Sec. 2), `population_batch_norm` (Ghorbani et al. 2019) and
+`batch_norm_stopgrad` (BN without gradient through the batch statistics).
 `group_norm` (Wu & He 2018) and `layer_norm` (Ba et al. 2016) normalize each example on its own
 (`bnlab.ops.example_norms`). This module is where they are imported from.
 
@@ -30,6 +31,7 @@ from bnlab.ops.bn_core import (
 from bnlab.ops.bn_math import check_values_per_feature
 from bnlab.ops.bn_variants import (
     activation_noise,
+    batch_norm_stopgrad,
     batch_renorm,
     ghost_batch_norm,
     noise_moments,
@@ -47,6 +49,7 @@ __all__ = [
     "Convention",
     "activation_noise",
     "batch_norm",
+    "batch_norm_stopgrad",
     "batch_renorm",
     "check_values_per_feature",
     "feature_axes_of",

@@ -1,7 +1,7 @@
 """BN's variants, each `batch_norm`'s math with one change: `ghost_batch_norm` (Hoffer et al.
 2017), `batch_renorm` with `renorm_schedule` (Ioffe 2017), `noisy_batch_norm` (Santurkar et al.
-2018, Sec. 2) and `population_batch_norm` (Ghorbani et al. 2019). Pure functions, re-exported
-by `bnlab.norm`.
+2018, Sec. 2), `population_batch_norm` (Ghorbani et al. 2019) and `batch_norm_stopgrad` (BN
+without gradient through the batch statistics). Pure functions, re-exported by `bnlab.norm`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from bnlab.ops.bn_core import (
     feature_axes_of,
 )
 from bnlab.ops.bn_math import (
+    _affine,
     _axis_size,
     _count,
     _float_input,
@@ -342,4 +343,51 @@ def population_batch_norm(
         return y, stats
     axes = (lay.reduce_axes, axis_name, _freeze_groups(axis_index_groups))
     mean, var = _moments(x.astype(jnp.float32), None, *axes)
+    return y, _batch_update(stats, x, None, mean, var, momentum, convention, axes)
+
+
+def batch_norm_stopgrad(
+    x: Array,
+    stats: Stats,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    momentum: float | Array = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    convention: Convention = "flax",
+    allow_single_value: bool = False,
+) -> tuple[Array, Stats]:
+    """BN without gradient through the batch statistics: `batch_norm`'s values, not its gradient.
+
+    The ablation of the statistics' terms of BN's backward (Ioffe & Szegedy 2015, Sec. 3): the
+    batch moments `mu_B`, `var_B` (over the devices of `axis_name` too) enter as constants::
+
+        y = (x - stop_gradient(mu_B)) / sqrt(stop_gradient(var_B) + epsilon) * scale + bias
+
+    so `dy/dx = scale / sqrt(var_B + epsilon)`. Output, running statistics and evaluation equal
+    `batch_norm`'s exactly; only the gradient w.r.t. `x` lacks the two centring terms.
+
+    Args:
+      x, stats, scale, bias, training, momentum, epsilon, axis, axis_name, axis_index_groups,
+        convention, allow_single_value: as in `batch_norm`.
+
+    Returns:
+      `(y, new_stats)` as `batch_norm`.
+
+    Raises:
+      ValueError: on `batch_norm`'s bad arguments.
+    """
+    x = _float_input(x)
+    lay = _layout(x, stats, scale, bias, axis, momentum, epsilon, convention, "autodiff")
+    if not training:
+        return _normalize_with(x, stats, lay, epsilon), stats
+    if axis_name is None and not allow_single_value:
+        check_values_per_feature(x.shape, lay.reduce_axes)
+    axes = (lay.reduce_axes, axis_name, _freeze_groups(axis_index_groups))
+    mean, var = lax.stop_gradient(_moments(x.astype(jnp.float32), None, *axes))
+    y = _affine(x, mean, lax.rsqrt(var + float(epsilon)), lay.scale, lay.bias)
     return y, _batch_update(stats, x, None, mean, var, momentum, convention, axes)

@@ -7,12 +7,13 @@ and the weight-decay rate (1e-5, 1e-4, 1e-3) are chosen separately, each by its 
 *validation* accuracy over seeds 0 and 1 (`SELECT`; the test split is not read for any choice).
 Confirmation: {none, BN} x {no regularizer, dropout, weight decay, both} at the chosen rates,
 with seeds 10-14, which selection did not use; test accuracy, the train-test gap (the 10,000
-training examples evaluated as test is: running statistics, dropout off) and the curves. Small data, so that regularization matters: 10,000 training examples (the first), the
-last 10,000 of the training split held out as validation. MLP: 784-100x3-10 ReLU, He init,
-SGD momentum 0.9, lr 0.05 constant, batch 60, 20 epochs (3,320 steps). CNN: the reference CNN
-of `mnist_cnn.py` (lr 0.1 cosine, momentum 0.9, BN momentum 0.9), batch 128, 10 epochs (780
-steps). Dropout after each hidden block of the MLP and the CNN's dense block; weight decay is
-L2 added to the gradient.
+training examples evaluated as test is: running statistics, dropout off) and the curves. Small
+data, so that regularization matters: 10,000 training examples (the first), the last 10,000 of
+the training split held out as validation. MLP: 784-100x3-10 ReLU, He init, SGD momentum 0.9,
+lr 0.05 constant, batch 60, 20 epochs (3,320 steps). CNN: the reference CNN of `mnist_cnn.py`
+(lr 0.1 cosine, momentum 0.9, BN momentum 0.9), batch 128, 10 epochs (780 steps). Dropout after
+each hidden block of the MLP and the CNN's dense block; weight decay is L2 added to the
+gradient.
 Command: bnlab sweep experiments/regularization.py --workdir runs/regularization
   && bnlab report runs/regularization
 Runtime: about 95 minutes on the 2-core CPU (selection 35, confirmation 60; the CNN dominates).

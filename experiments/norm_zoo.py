@@ -45,6 +45,8 @@ VARIANTS = (
 ALL_ARMS = tuple(range(len(VARIANTS)))
 CPU_ARMS = (0, 2, 6, 7, 8)  # BN, batch renorm, LayerNorm, GroupNorm, none: what verdicts rest on
 ARMS = CPU_ARMS
+# BN's momentum as experiments/reference_cnn.py chose it on validation (its selection.json).
+BN_MOMENTUM = 0.9
 
 
 def arm(norm, extra):
@@ -62,8 +64,15 @@ def get_config():
 
 def candidates(smoke=False):
     lrs = LRS if not smoke else (0.1,)
-    return {arm(norm, extra): [{"model.norm": norm, **extra, "opt.lr": lr} for lr in lrs]
+    return {arm(norm, extra): [{"model.norm": norm, **extra, **_momentum(norm), "opt.lr": lr}
+                               for lr in lrs]
             for norm, extra in (VARIANTS[i] for i in ARMS)}  # fmt: skip
+
+
+def _momentum(norm):
+    """BN's momentum, for the normalizations that keep running statistics: stated in the
+    overrides, so that BN's and no normalization's trials are those of reference_cnn.py."""
+    return {} if norm in ("layernorm", "groupnorm", "none") else {"norm.momentum": BN_MOMENTUM}
 
 
 def sweep(chosen, smoke=False):

@@ -381,3 +381,12 @@ def make_optimizer(
     tx = optax.inject_hyperparams(chain)(**values)
     schedule = make_schedule(dataclasses.replace(c, **values), total_steps)
     return tx, schedule
+
+
+def lr_now(c: OptConfig, opt_state: optax.OptState, step: ArrayLike, total_steps: int) -> jax.Array:
+    """The learning rate in force at `step`, as the training records log it: the schedule of the
+    state's injected hyperparameters (one trial's under `vmap`) times reduce-on-plateau's scale."""
+    injected = getattr(opt_state, "hyperparams", None) or {}
+    values = {k: injected[k] for k in INJECTED if k in injected}
+    schedule = make_schedule(dataclasses.replace(c, **values), total_steps)
+    return jnp.asarray(schedule(step), jnp.float32) * lr_scale(opt_state)

@@ -162,13 +162,15 @@ def _train_loss(model, state, batch):
     return loss
 
 
-@pytest.mark.parametrize("scale", ["lr", "absolute"])
+@pytest.mark.parametrize("scale", ["lr", "lr_now", "absolute"])
 def test_landscape_equals_a_python_loop(batch, scale):
-    lr, grid = 0.2, (0.5, 1.0, 2.0, 4.0)
+    lr, now, grid = 0.2, 0.05, (0.5, 1.0, 2.0, 4.0)  # peak lr, the lr in force (decayed)
     opt = opt_config(lr=lr)
     cfg = run_config(opt, landscape_step_sizes=grid, landscape_scale=scale)
-    ctx = context(tiny_mlp(), batch, opt=opt, cfg=cfg)
+    ctx = context(tiny_mlp(), batch, opt=opt, cfg=cfg)._replace(lr=jnp.float32(now))
     out = measured(ctx, "landscape")
+    factor = {"lr": lr, "lr_now": now, "absolute": 1.0}[scale]
+    np.testing.assert_allclose(out["landscape/step_scale"], factor, rtol=1e-6)
 
     loss_fn = _train_loss(ctx.model, ctx.state, batch)
     loss = jit(loss_fn)
@@ -177,7 +179,7 @@ def test_landscape_equals_a_python_loop(batch, scale):
     g = np.asarray(grad(flat), np.float64)
     losses, changes, ratios = [], [], []
     for s in grid:
-        eta = s * lr if scale == "lr" else s
+        eta = s * factor
         w = flat - eta * jnp.asarray(g, jnp.float32)
         losses.append(float(loss(unravel(w))))
         changes.append(np.linalg.norm(np.asarray(grad(w), np.float64) - g))

@@ -107,6 +107,7 @@ class Context(NamedTuple):
     batch: tuple[Array, Array]  # images f32[B,28,28,1] in [0, 1], labels i32[B]: fixed batch
     rng: Array  # this measurement's key (noisy normalizations draw from it)
     cfg: Any  # the run's validated Config: cfg.diagnostics.<field>, cfg.model, cfg.norm, ...
+    lr: Any = None  # f32[]: the learning rate in force at step t (`bnlab.optim.lr_now`)
 
 
 class SplitMeasure(NamedTuple):
@@ -302,6 +303,13 @@ register_diagnostic(
         fn=_from("activations", "measure"),
         doc="every block's nonlinearity input (training mode): mean, std, 15/50/85th pct.",
         fields=fields.ACTIVATIONS,
+    ),
+)
+register_diagnostic(
+    "weight_norms",
+    DiagnosticSpec(
+        fn=_from("weight_norms", "measure"),
+        doc="each kernel's norm; lr_t / ||W||^2 where a normalization follows (effective lr)",
     ),
 )
 register_diagnostic(

@@ -28,7 +28,7 @@ ACTIVATIONS = {
     ),
 }
 
-SCALES = ("lr", "absolute")
+SCALES = ("lr", "lr_now", "absolute")
 
 
 def _step_sizes_problem(v: tuple) -> str | None:
@@ -46,7 +46,8 @@ LANDSCAPE = {
     ),
     "landscape_scale": field(
         "lr",
-        'landscape: "lr" (step sizes are multiples of the run\'s learning rate) | "absolute"',
+        'landscape: "lr" (step sizes are multiples of the run\'s peak learning rate) | "lr_now" '
+        '(of the learning rate in force at that step) | "absolute"',
         choices=SCALES,
     ),
 }

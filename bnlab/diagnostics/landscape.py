@@ -58,16 +58,26 @@ def landscape_measures(
     }
 
 
+def step_scale(ctx: Any) -> Array:
+    """What `diagnostics.landscape_step_sizes` multiplies: the run's peak learning rate
+    (`landscape_scale="lr"`), the learning rate in force at this step (`"lr_now"`: late in a
+    decayed run the optimizer's own steps are that small), or 1 (`"absolute"`)."""
+    scale = ctx.cfg.diagnostics.landscape_scale
+    if scale == "absolute":
+        return jnp.ones((), jnp.float32)
+    if scale == "lr_now":
+        return jnp.asarray(ctx.lr, jnp.float32)
+    return jnp.asarray(learning_rate(ctx.state.opt_state), jnp.float32)
+
+
 def step_sizes(ctx: Any) -> Array:
-    """The grid of `diagnostics.landscape_step_sizes`, scaled by the run's (peak) learning
-    rate from the optimizer state when `landscape_scale="lr"`."""
-    d = ctx.cfg.diagnostics
-    grid = jnp.asarray(d.landscape_step_sizes, jnp.float32)
-    if d.landscape_scale == "absolute":
-        return grid
-    return grid * learning_rate(ctx.state.opt_state)
+    """The grid of `diagnostics.landscape_step_sizes` times `step_scale(ctx)`."""
+    grid = jnp.asarray(ctx.cfg.diagnostics.landscape_step_sizes, jnp.float32)
+    return grid * step_scale(ctx)
 
 
 def measure(ctx: Any) -> dict[str, Array]:
-    """The landscape measures at the state's weights on the fixed batch, BN in training mode."""
-    return landscape_measures(batch_loss(ctx), ctx.state.params, step_sizes(ctx))
+    """The landscape measures at the state's weights on the fixed batch, BN in training mode,
+    and `step_scale`, the factor its step sizes were multiplied by (recorded)."""
+    out = landscape_measures(batch_loss(ctx), ctx.state.params, step_sizes(ctx))
+    return {**out, "step_scale": step_scale(ctx)}

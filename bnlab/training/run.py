@@ -298,10 +298,12 @@ def diagnose_program(cfg: Config, model, tx, train_set, rng, *, trials: bool = F
         train_set.labels[: d.batch_size],
     )
 
+    total = train_set.size // cfg.train.batch_size * cfg.train.epochs
+
     def measure(state, run_rng, step, names):
-        ctx = diagnostics.Context(
-            model, tx, state, batch, diagnostics.measurement_key(run_rng, step), cfg
-        )
+        lr = optim.lr_now(cfg.opt, state.opt_state, state.step, total)
+        key = diagnostics.measurement_key(run_rng, step)
+        ctx = diagnostics.Context(model, tx, state, batch, key, cfg, lr)
         return diagnostics.measure(ctx, names)
 
     @functools.cache

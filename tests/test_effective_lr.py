@@ -87,3 +87,30 @@ def test_weight_norms_without_normalization_report_norms_only(batch):  # noqa: F
         optax.tree.norm(ctx.state.params["dense0"]["kernel"]),
         rtol=1e-6,
     )
+
+
+def test_effective_rank_closed_forms():
+    from bnlab.diagnostics.rank import effective_rank
+
+    ones = jnp.ones((16, 5))
+    np.testing.assert_allclose(effective_rank(ones), 1.0, rtol=1e-4)  # every row the same
+    eye = jnp.eye(6, 10)  # six equal singular values
+    np.testing.assert_allclose(effective_rank(eye), 6.0, rtol=1e-4)
+    assert float(effective_rank(jnp.zeros((4, 3)))) == 0.0
+    x = jax.random.normal(jax.random.key(0), (12, 7, 3))
+    s = np.linalg.svd(np.asarray(x, np.float64).reshape(12, -1), compute_uv=False)
+    p = s / s.sum()
+    np.testing.assert_allclose(effective_rank(x), np.exp(-(p * np.log(p)).sum()), rtol=1e-4)
+
+
+def test_rank_diagnostic_is_each_layers_output_rank(batch):  # noqa: F811 - the fixture
+    from bnlab.diagnostics.rank import layer_outputs
+
+    ctx = context(_bn_mlp(), batch, cfg=run_config())
+    out = measured(ctx, "rank")
+    outputs = layer_outputs(ctx)
+    assert list(outputs) == ["dense0", "block0", "dense1", "block1", "head"]
+    for name, y in outputs.items():
+        s = np.linalg.svd(np.asarray(y, np.float64).reshape(y.shape[0], -1), compute_uv=False)
+        p = s[s > 0] / s.sum()
+        np.testing.assert_allclose(out[f"rank/{name}"], np.exp(-(p * np.log(p)).sum()), rtol=1e-3)

@@ -313,6 +313,13 @@ register_diagnostic(
     ),
 )
 register_diagnostic(
+    "rank",
+    DiagnosticSpec(
+        fn=_from("rank", "measure"),
+        doc="effective rank of each layer's output on the batch (rank collapse with depth)",
+    ),
+)
+register_diagnostic(
     "ics",
     DiagnosticSpec(
         fn=_from("ics", "measure"),

@@ -14,8 +14,10 @@ STUDIES = ROOT / "docs" / "studies"
 # traced yet. Each leaves this list when its study is re-run and its study.json committed;
 # docs/results.md marks their verdicts as not yet traceable.
 UNTRACEABLE = frozenset({
-    "bn_paper_fig1", "depth_gradients", "norm_zoo", "optimizers", "plateau",
-    "santurkar_ics", "schedules_and_clipping", "seed_cnn_binary", "small_batch",
+    "bn_momentum", "bn_paper_fig1", "depth_gradients", "hessian_spectrum", "lr_sensitivity",
+    "norm_zoo", "norm_zoo_mlp", "optimizers", "plateau", "regularization",
+    "regularization_select", "santurkar_ics", "schedules_and_clipping", "seed_cnn_binary",
+    "small_batch",
 })  # fmt: skip
 
 

@@ -36,7 +36,7 @@ def _dense_flop(widths: list[int]) -> int:
 # conv3x3 1->32 at 28x28, conv3x3 32->64 at 14x14, dense 3136->256, dense 256->10
 _CNN_FORWARD = 2 * (28 * 28 * 32 * 9 * 1 + 14 * 14 * 64 * 9 * 32) + _dense_flop([3136, 256, 10])
 JOBS = {
-    "cnn": Job("mnist_cnn.py", 128, 2, 0.1, 0.9, True, 0.9, None, 3 * _CNN_FORWARD),
+    "cnn": Job("mnist_cnn.py", 128, 2, 0.3, 0.9, True, 0.9, None, 3 * _CNN_FORWARD),
     "mlp": Job(
         "bn_paper_mlp.py",
         60,

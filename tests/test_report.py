@@ -461,3 +461,25 @@ def test_a_run_that_reports_its_best_epoch_is_read_at_that_epoch():
     assert "test_accuracy=0.9500" in line and "epoch 4, the best validation epoch" in line
     assert "last epoch: test_accuracy=0.9000" in line
     assert result_line(summary, "w").startswith("status=early_stopped test_accuracy=0.9000 ")
+
+
+def test_a_setting_without_a_baseline_counterpart_says_so(tmp_path):
+    trials = [
+        (
+            {"model.norm": norm, "opt.lr": lr, "train.seed": seed},
+            {"status": "ok", "test_accuracy": 0.9 + 0.01 * seed, "test_loss": 0.1, "steps": 10},
+            [],
+        )
+        for norm, lr in (("none", 0.1), ("batchnorm", 0.1), ("batchnorm", 1.0))
+        for seed in (0, 1)
+    ]
+    _written_sweep(tmp_path, trials)
+    experiment = tmp_path / "x.py"
+    experiment.write_text('BASELINE = {"model.norm": "none"}\n')
+    spec = json.loads((tmp_path / "sweep.json").read_text())
+    write_json(tmp_path / "sweep.json", {**spec, "experiment": str(experiment)})
+    rows = [line for line in report.write_report(tmp_path).read_text().splitlines()
+            if line.startswith(("| none", "| batchnorm"))]  # fmt: skip
+    assert rows[0].endswith("| baseline |")
+    assert "indistinguishable" in rows[1]  # BN at lr 0.1 against none at lr 0.1
+    assert rows[2].endswith("| no baseline setting to compare with |")  # no none at lr 1.0

@@ -33,6 +33,12 @@ def tuned_keys(selection: dict[str, Any] | None) -> set[str]:
     return keys
 
 
+def is_baseline(group: Group, sweep: Sweep, baseline: dict[str, Any]) -> bool:
+    """Whether `group` is a baseline setting (it has every value `baseline` names)."""
+    setting = _setting(group, sweep)
+    return all(k in setting and setting[k] == v for k, v in baseline.items())
+
+
 def _setting(group: Group, sweep: Sweep) -> dict[str, Any]:
     """A group's varying keys and the keys that follow them (a chosen clipping that follows
     the chosen learning rate, say)."""
@@ -53,12 +59,15 @@ def against_baseline(
     if unknown:
         raise ValueError(f"BASELINE names {unknown}, which the sweep does not vary")
     tuned = tuned_keys(sweep.selection)
+    # Not matched: the keys chosen per arm, and those that follow a key the baseline sets or
+    # a chosen one (a clipping threshold that comes with the clipping the baseline replaces).
+    ignored = tuned | {k for k, leader in sweep.follows.items() if leader in {*baseline, *tuned}}
     settings = {g.name: _setting(g, sweep) for g in sweep.groups}
 
     def key(setting: dict[str, Any]) -> tuple:
-        return tuple(sorted(repr(kv) for kv in setting.items() if kv[0] not in tuned))
+        return tuple(sorted(repr(kv) for kv in setting.items() if kv[0] not in ignored))
 
-    bases = [g for g in sweep.groups if all(settings[g.name][k] == v for k, v in baseline.items())]
+    bases = [g for g in sweep.groups if is_baseline(g, sweep, baseline)]
     by_setting = {key(settings[g.name]): g for g in bases}
     pairs = []
     for group in sweep.groups:

@@ -15,7 +15,7 @@ STUDIES = ROOT / "docs" / "studies"
 # docs/results.md marks their verdicts as not yet traceable.
 UNTRACEABLE = frozenset({
     "bn_momentum", "bn_paper_fig1", "depth_gradients", "hessian_spectrum", "lr_sensitivity",
-    "norm_zoo", "norm_zoo_mlp", "optimizers", "plateau", "regularization",
+    "norm_zoo", "optimizers", "plateau", "regularization",
     "regularization_select", "santurkar_ics", "schedules_and_clipping", "seed_cnn_binary",
     "small_batch",
 })  # fmt: skip

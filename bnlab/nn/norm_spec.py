@@ -21,6 +21,11 @@ LayerBuilder = Callable[[Any, dict[str, Any]], ModuleDef]
 # (cfg.norm, num_features, axis, rngs) -> a Flax NNX module called as `layer(x, rngs=...)`, in
 # the mode its `use_running_average` attribute sets (`bnlab.nnx`); `axis` as for `layer`.
 NNXBuilder = Callable[[Any, Any, dict[str, Any], Any], Any]
+# cfg.norm -> a linen module factory: `factory(name=...)(kernel) -> kernel` (its variables, if
+# any, initialized from the kernel's initial value).
+KernelBuilder = Callable[[Any], ModuleDef]
+# (cfg.norm, initial kernel, rngs) -> a Flax NNX module called as `module(kernel) -> kernel`.
+NNXKernelBuilder = Callable[[Any, Any, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +52,19 @@ class NormSpec:
     # Its Flax NNX layer, or None when it has none (`bnlab.nnx.norm_from_config` then raises a
     # ConfigError saying so). Import Flax inside the builders: a config validates without it.
     nnx: NNXBuilder | None = None
+    # A normalization of weights: its action on the kernel of each layer that feeds a
+    # normalization site (`bnlab.models.dense`, `Conv`), which declares it as its submodule
+    # `norm` and computes with the kernel it returns; `layer` is then what normalizes the
+    # site's output (`Identity` when nothing does). None: the normalization acts on outputs.
+    kernel: KernelBuilder | None = None
+    # Its NNX twin, or None (the NNX models then refuse the normalization).
+    nnx_kernel: NNXKernelBuilder | None = None
     origin: str = ""  # where it was registered (file:line), set by `register_norm`
+
+    @property
+    def on_kernel(self) -> bool:
+        """Whether it reparameterizes the kernels of the layers before its sites."""
+        return self.kernel is not None
 
 
 # Fields every normalization shares (those with batch statistics read momentum/convention).

@@ -9,6 +9,8 @@ inside the package or from an experiment file::
                                   fields={"rms_eps": field(1e-6, "added to the mean square",
                                                            check=schema.positive)}))
 
+A normalization of weights (`weightnorm`, `ws_groupnorm`) also sets `NormSpec.kernel`: the
+models then reparameterize the kernel of each layer that feeds a normalization site with it.
 The table and `NormSpec` live in `bnlab.nn.norm_spec`; this module re-exports them. Registering
 a different piece under a taken name is an error that names both.
 """
@@ -25,9 +27,11 @@ from bnlab.nn.norm_checks import batches_of, ghost_check, groupnorm_check
 from bnlab.nn.norm_spec import (  # noqa: F401 - the registry's public names, re-exported
     BASE_FIELDS,
     NORMS,
+    KernelBuilder,
     LayerBuilder,
     ModuleDef,
     NNXBuilder,
+    NNXKernelBuilder,
     NormSpec,
     get,
     norm_config_class,
@@ -85,6 +89,13 @@ def build(cfg: Any, axis: dict[str, Any] | None = None) -> ModuleDef:
     return spec.layer(cfg.norm, dict(axis or {}) if spec.batch_stats else {})
 
 
+def build_kernel(cfg: Any) -> ModuleDef | None:
+    """The kernel normalization factory of `cfg.model.norm` (`NormSpec.kernel`), for a model's
+    `kernel_norm`; None for a normalization that acts on outputs alone."""
+    spec = get(cfg.model.norm)
+    return None if spec.kernel is None else spec.kernel(cfg.norm)
+
+
 # --- the built-in normalizations -------------------------------------------------------------
 # Each builds its layer from a module of layers, `bnlab.nn.layers` (linen) or
 # `bnlab.nn.nnx_variants` (NNX), whose classes have the same names and options.
@@ -107,6 +118,30 @@ def _built_by(layer: LayerOf) -> dict[str, Any]:
         return layer(n, axis, nnx_variants)(num_features, rngs=rngs)
 
     return {"layer": linen, "nnx": nnx}
+
+
+KernelOf = Callable[[Any, Any], ModuleDef]  # (cfg.norm, module) -> kernel normalization factory
+
+
+def _kernel_by(kernel: KernelOf) -> dict[str, Any]:
+    """`NormSpec`'s `kernel` and `nnx_kernel` builders from one `kernel(n, module)`, as
+    `_built_by` builds `layer` and `nnx`."""
+
+    def linen(n):
+        from bnlab.nn import layers
+
+        return kernel(n, layers)
+
+    def nnx(n, initial_kernel, rngs):
+        from bnlab.nn import nnx_variants
+
+        return kernel(n, nnx_variants)(initial_kernel, rngs=rngs)
+
+    return {"kernel": linen, "nnx_kernel": nnx}
+
+
+def _groupnorm(n, axis, m) -> ModuleDef:
+    return functools.partial(m.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon)
 
 
 def _batchnorm(n, axis, layer: type, **extra) -> ModuleDef:
@@ -287,11 +322,7 @@ register_norm(
 register_norm(
     "groupnorm",
     NormSpec(
-        **_built_by(
-            lambda n, axis, m: functools.partial(
-                m.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
-            )
-        ),
+        **_built_by(_groupnorm),
         doc="group normalization (Wu & He 2018)",
         fields={
             "num_groups": field(
@@ -303,5 +334,35 @@ register_norm(
         },
         check=groupnorm_check,
         torch=torch_groupnorm,
+    ),
+)
+# The normalizations of weights: each wraps the kernel of the layer before every site
+# (`NormSpec.kernel`); the site's own layer is the identity, or GroupNorm after WS.
+register_norm(
+    "weightnorm",
+    NormSpec(
+        **_built_by(lambda n, axis, m: m.Identity),
+        **_kernel_by(lambda n, m: m.WeightNorm),
+        doc="weight normalization w = g v / ||v|| of each kernel (Salimans & Kingma 2016)",
+    ),
+)
+register_norm(
+    "ws_groupnorm",
+    NormSpec(
+        **_built_by(_groupnorm),
+        **_kernel_by(lambda n, m: functools.partial(m.WeightStandardization, epsilon=n.ws_epsilon)),
+        doc="weight standardization of each kernel, then group normalization (Qiao et al. 2019)",
+        fields={
+            # Negligible beside a kernel's variance (1/fan-in >= 3e-4 at the fan-in scaled
+            # inits, 1e-4 at the paper MLP's std 0.01), so w_hat has unit variance to float32
+            # precision; the authors' PyTorch code adds 1e-5 to the unbiased std instead.
+            "ws_epsilon": field(
+                1e-8,
+                "ws_groupnorm: added to each output unit's kernel variance (weight "
+                "standardization; the groups are norm.num_groups)",
+                check=schema.positive,
+            ),
+        },
+        check=groupnorm_check,
     ),
 )

@@ -509,6 +509,9 @@ def test_every_layer_promotes_integer_inputs_as_flax(name):
     gives, with the values and statistics of the same input as float32."""
     overrides = {"model.norm": name, "norm.virtual_batch_size": "4", "norm.num_groups": "2"}
     cfg = config.validate(config.apply_overrides(config.default_config(), overrides))
+    if norms.build(cfg) is layers.Identity:
+        pytest.skip(f"{name} normalizes kernels only: its output layer is the identity, which "
+                    "passes an integer input through, as model.norm=none does")  # fmt: skip
     layer, x = norms.build(cfg)(), _int_input(np.int32)
     variables = layer.init(jax.random.key(0), x.astype(jnp.float32), use_running_average=True)
 

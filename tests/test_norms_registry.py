@@ -30,6 +30,8 @@ VARIANTS = (
     "batchnorm_stopgrad",
     "layernorm",
     "groupnorm",
+    "weightnorm",
+    "ws_groupnorm",
 )
 # The variants PyTorch has (BN's values without its gradient evaluate as BN).
 TORCH = {"layernorm", "groupnorm", "batchnorm_noaffine", "batchnorm_stopgrad"}

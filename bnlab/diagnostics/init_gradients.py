@@ -30,6 +30,7 @@ def init_gradient_norms(
     act: Callable[[Array], Array] = nn.relu,
     kernel_init: Callable = LECUN_NORMAL,
     placement: str = "before",
+    kernel_norm: ModuleDef | None = None,
 ) -> Array:
     """`||dL/dW_l||_F` of every weight layer of a freshly initialized MLP (Yang et al. 2019).
 
@@ -45,7 +46,8 @@ def init_gradient_norms(
       images, labels: the batch.
       key: the initialization key (the same key gives the same kernels whatever `norm`).
       num_classes: outputs of the head.
-      act, kernel_init, placement: as `bnlab.models.MLP`.
+      act, kernel_init, placement, kernel_norm: as `bnlab.models.MLP` (`kernel_norm`: the
+        normalization of the hidden layers' kernels, `bnlab.norms.build_kernel`'s kind).
 
     Returns:
       `f32[depth]`: the first layer's kernel gradient norm first, the head's last.
@@ -57,6 +59,7 @@ def init_gradient_norms(
         act=act,
         placement=placement,
         kernel_init=kernel_init,
+        kernel_norm=kernel_norm,
     )
     variables = model.init(key, images, train=False)
     loss = model_loss(
@@ -90,8 +93,12 @@ def measure(ctx: Any) -> dict[str, Array]:
     }
     out = {}
     for name in split_names(d.init_gradients_norms):
-        norm = norms.get(name).layer(ctx.cfg.norm, {})
+        spec = norms.get(name)
+        norm = spec.layer(ctx.cfg.norm, {})
+        kernel_norm = spec.kernel(ctx.cfg.norm) if spec.on_kernel else None
         for depth in range(2, d.init_gradients_max_depth + 1):
             key = jax.random.fold_in(ctx.rng, depth)
-            out[f"{name}/depth{depth}"] = init_gradient_norms(norm, depth=depth, key=key, **kwargs)
+            out[f"{name}/depth{depth}"] = init_gradient_norms(
+                norm, depth=depth, key=key, kernel_norm=kernel_norm, **kwargs
+            )
     return out

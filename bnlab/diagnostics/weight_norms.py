@@ -23,13 +23,16 @@ from bnlab.types import Array
 
 def feeds_normalization(params: Any, order: tuple[str, ...]) -> dict[str, bool]:
     """`{layer with a kernel: whether the module the forward pass calls next normalizes}` (a
-    block whose parameters hold a normalization layer's: `bnlab.nn.model_config.NORM_MODULE`)."""
+    block whose parameters hold a normalization layer's: `bnlab.nn.model_config.NORM_MODULE`),
+    or the layer normalizes its own kernel (weight normalization's `g`: `dense0/norm/scale`)."""
     out = {}
     for i, name in enumerate(order):
         if "kernel" not in params.get(name, {}):
             continue
         after = order[i + 1] if i + 1 < len(order) else None
-        out[name] = after is not None and NORM_MODULE in params.get(after, {})
+        out[name] = NORM_MODULE in params[name] or (
+            after is not None and NORM_MODULE in params.get(after, {})
+        )
     return out
 
 

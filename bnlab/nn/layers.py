@@ -4,7 +4,8 @@ The batch-statistics layers share `BatchNorm`'s variables and checks; each varia
 only `_normalize` (which pure function it calls) and, if it keeps more running state,
 `_extra_stats`. The helpers are `nn.nowrap`, plain methods that flax does not intercept, so
 `capture_intermediates` sees `__call__` alone. `LayerNorm` and `GroupNorm` have no state and
-take the same call arguments.
+take the same call arguments. `WeightNorm` and `WeightStandardization` normalize a kernel, not
+an output: a layer calls them on its own kernel (`bnlab.models.dense`).
 """
 
 from __future__ import annotations
@@ -307,6 +308,35 @@ class Identity(nn.Module):
     def __call__(self, x: Array, use_running_average: bool) -> Array:
         del use_running_average  # nothing to normalize
         return x
+
+
+class WeightNorm(nn.Module):
+    """Weight normalization of the kernel of the layer it is declared in (Salimans & Kingma
+    2016): `w = g * v / ||v||` per output unit (`bnlab.norm.weight_norm`), called as
+    `WeightNorm(name=...)(v) -> w`.
+
+    Variable: `params/scale`, `g`, one length per output unit (`[O]`), initialized to the
+    initial `||v||`, so that the layer starts as it would without it (`w = v`), as PyTorch's
+    `weight_norm` does (flax's `WeightNorm` starts at `g = 1`, `w = v / ||v||`).
+    """
+
+    epsilon: float = norm.WEIGHT_NORM_EPSILON
+
+    @nn.compact
+    def __call__(self, v: Array) -> Array:
+        g = self.param("scale", lambda _: norm.unit_norms(v))
+        return norm.weight_norm(v, g, epsilon=self.epsilon)
+
+
+class WeightStandardization(nn.Module):
+    """Weight standardization of the kernel of the layer it is declared in (Qiao et al. 2019):
+    each output unit's kernel to zero mean and unit variance over its fan-in
+    (`bnlab.norm.weight_standardize`). No variables."""
+
+    epsilon: float = 1e-8
+
+    def __call__(self, w: Array) -> Array:
+        return norm.weight_standardize(w, epsilon=self.epsilon)
 
 
 def _affine_params(module: nn.Module, feature_shape: tuple[int, ...]):

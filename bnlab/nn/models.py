@@ -1,4 +1,9 @@
-"""Models with an injected normalization layer, so an ablation swaps it without touching them."""
+"""Models with an injected normalization layer, so an ablation swaps it without touching them.
+
+A normalization may also act on the kernel of each layer that feeds a normalization site
+(`kernel_norm`, a registered normalization's `NormSpec.kernel`): `dense` and `Conv` then declare
+it as their submodule `norm` and use the kernel it returns.
+"""
 
 from __future__ import annotations
 
@@ -62,10 +67,37 @@ def _dropout(x: Array, rate: float, train: bool) -> Array:
     return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
 
 
+class Dense(nn.Module):
+    """`flax.linen.Dense`'s variables (`kernel` [I, O], `bias`) and product, with the kernel
+    reparameterized by `kernel_norm(name="norm")(kernel)` (e.g. `bnlab.layers.WeightNorm`)."""
+
+    features: int
+    kernel_norm: ModuleDef
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel = self.kernel_norm(name=NORM_MODULE)(kernel)
+        return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+
+
+def dense(
+    features: int, *, kernel_init: Callable, kernel_norm: ModuleDef | None, name: str
+) -> nn.Module:
+    """The dense layer that feeds a normalization site: flax's `Dense` (the variables of every
+    output normalization), or `Dense` when a kernel normalization reparameterizes its kernel."""
+    if kernel_norm is None:
+        return nn.Dense(features, kernel_init=kernel_init, name=name)
+    return Dense(features, kernel_norm, kernel_init=kernel_init, name=name)
+
+
 class MLP(nn.Module):
     """Ioffe & Szegedy (2015) Fig. 1 network: 784-100-100-100-10, sigmoid by default."""
 
     norm: ModuleDef = Identity
+    kernel_norm: ModuleDef | None = None  # of each hidden layer's kernel (NormSpec.kernel)
     hidden: Sequence[int] = MLP_HIDDEN
     num_classes: int = 10
     act: Callable[[Array], Array] = nn.sigmoid
@@ -77,7 +109,8 @@ class MLP(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.hidden):
-            x = nn.Dense(width, kernel_init=self.kernel_init, name=f"dense{i}")(x)
+            kw = {"kernel_init": self.kernel_init, "kernel_norm": self.kernel_norm}
+            x = dense(width, **kw, name=f"dense{i}")(x)
             x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
             x = _dropout(x, self.dropout, train)
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
@@ -89,12 +122,14 @@ class Conv(nn.Module):
     `impl="im2col"` gathers the kh*kw shifted copies of the input and does one matmul. On CPU,
     XLA's convolution gradient w.r.t. the kernel is slow, and over 10x slower inside a loop
     (`lax.scan`), while matmuls stay fast; `impl="xla"` uses `lax.conv_general_dilated`.
+    A `kernel_norm` reparameterizes the kernel as in `Dense`.
     """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     kernel_init: Callable = nn.initializers.lecun_normal()
     impl: str = "im2col"
+    kernel_norm: ModuleDef | None = None
 
     @nn.compact
     def __call__(self, x_BxHxWxC: Array) -> Array:
@@ -102,6 +137,8 @@ class Conv(nn.Module):
         cin = x_BxHxWxC.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.kernel_norm is not None:
+            kernel = self.kernel_norm(name=NORM_MODULE)(kernel)
         return conv_same(x_BxHxWxC, kernel, self.impl) + bias
 
 
@@ -132,6 +169,7 @@ class CNN(nn.Module):
     dense(256)-N-relu, dense(10)."""
 
     norm: ModuleDef = BatchNorm
+    kernel_norm: ModuleDef | None = None  # of conv0, conv1 and dense's kernels (NormSpec.kernel)
     num_classes: int = 10
     act: Callable[[Array], Array] = nn.relu
     placement: str = "before"
@@ -143,15 +181,14 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i, features in enumerate((32, 64)):
-            conv = Conv(
-                features, kernel_init=self.kernel_init, impl=self.conv_impl, name=f"conv{i}"
-            )
-            x = conv(x)
+            kw = {"kernel_init": self.kernel_init, "kernel_norm": self.kernel_norm}
+            x = Conv(features, impl=self.conv_impl, **kw, name=f"conv{i}")(x)
             x = _NormAct(self.norm, self.act, self.placement, name=f"block{i}")(x, train)
             x = avg_pool2(x)
             x = _dropout(x, self.dropout if self.dropout_conv else 0.0, train)
         x = x.reshape((x.shape[0], -1))
-        x = nn.Dense(256, kernel_init=self.kernel_init, name="dense")(x)
+        kw = {"kernel_init": self.kernel_init, "kernel_norm": self.kernel_norm}
+        x = dense(256, **kw, name="dense")(x)
         x = _NormAct(self.norm, self.act, self.placement, name="block2")(x, train)
         x = _dropout(x, self.dropout, train)
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)

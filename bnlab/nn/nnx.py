@@ -31,6 +31,8 @@ from bnlab.nn.nnx_variants import (
     LayerNorm,
     NoisyBatchNorm,
     PopulationBatchNorm,
+    WeightNorm,
+    WeightStandardization,
 )
 from bnlab.schema import ConfigError
 
@@ -45,8 +47,11 @@ __all__ = [
     "LinenVariables",
     "NoisyBatchNorm",
     "PopulationBatchNorm",
+    "WeightNorm",
+    "WeightStandardization",
     "dicts_to_states",
     "from_linen",
+    "kernel_norm_factory",
     "linen_rng",
     "noise_key",
     "norm_factory",
@@ -92,6 +97,32 @@ def norm_factory(
         )
     axis = dict(axis or {}) if spec.batch_stats else {}
     return lambda num_features, *, rngs: spec.nnx(fields, num_features, axis, rngs)
+
+
+def kernel_norm_factory(cfg: Any) -> Callable[..., nnx.Module] | None:
+    """The NNX factory of a config's kernel normalization (`NormSpec.nnx_kernel`), for a model's
+    `kernel_norm`: `factory(initial_kernel, *, rngs)` -> a module called as `module(kernel)`.
+
+    Args:
+      cfg: the whole config.
+
+    Returns:
+      The factory, or None when `cfg.model.norm` acts on outputs alone.
+
+    Raises:
+      bnlab.schema.ConfigError: for a kernel normalization registered without an NNX module.
+    """
+    name = cfg.model.norm
+    spec = norms.get(name)
+    if spec.kernel is None:
+        return None
+    if spec.nnx_kernel is None:
+        raise ConfigError(
+            f"model.norm={name!r} (registered at {spec.origin}) normalizes kernels but has no NNX "
+            "module for them: its NormSpec has nnx_kernel=None. Give it one, NormSpec(..., "
+            "nnx_kernel=lambda n, kernel, rngs: module), or train the linen model."
+        )
+    return lambda kernel, *, rngs: spec.nnx_kernel(cfg.norm, kernel, rngs)
 
 
 def norm_from_config(

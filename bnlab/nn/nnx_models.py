@@ -3,7 +3,9 @@
 Their state maps one-to-one onto the linen models' variables (`bnlab.nnx.to_linen`/
 `from_linen`): `conv0/kernel` (HWIO), `conv0/bias`, `block0/norm/scale`, ..., `dense/kernel`,
 `head/bias`, and `batch_stats/block0/norm/mean`, ... As in linen, the normalization is
-injected: any registered one through `bnlab.nnx.norm_factory(cfg)`, or `build_model(cfg)`.
+injected: any registered one through `bnlab.nnx.norm_factory(cfg)` (and, for a normalization of
+weights, `bnlab.nnx.kernel_norm_factory(cfg)`, held by the layers before each site as `norm`:
+`dense0/norm/scale`), or `build_model(cfg)`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,6 +28,9 @@ from bnlab.types import Array
 # the model's call gets `rngs`), e.g. `bnlab.nnx.BatchNorm`,
 # `functools.partial(bnlab.nnx.BatchNorm, momentum=0.9)` or `bnlab.nnx.norm_factory(cfg)`.
 NormFactory = Callable[..., Callable[..., Array]]
+# `kernel_norm(initial_kernel, rngs=...)` -> a module called as `module(kernel) -> kernel`, e.g.
+# `bnlab.nnx.WeightNorm` or `bnlab.nnx.kernel_norm_factory(cfg)`; None: plain kernels.
+KernelNormFactory = Callable[..., Callable[[Array], Array]]
 LECUN_NORMAL = nnx.initializers.lecun_normal()  # the default kernel init, as in linen
 
 
@@ -32,6 +38,7 @@ class Conv(nnx.Module):
     """Stride-1 SAME convolution with the variables of `bnlab.models.Conv`: `kernel` HWIO, `bias`.
 
     `impl` as there: "im2col" (one matmul; fast on CPU, also inside `lax.scan`) or "xla".
+    A `kernel_norm` reparameterizes the kernel, held as `norm` (linen's `Conv`).
     """
 
     def __init__(
@@ -42,17 +49,61 @@ class Conv(nnx.Module):
         kernel_size: tuple[int, int] = (3, 3),
         kernel_init: Callable = LECUN_NORMAL,
         impl: str = "im2col",
+        kernel_norm: KernelNormFactory | None = None,
         rngs: nnx.Rngs,
     ):
         if impl not in models.CONV_IMPLS:
             raise ValueError(f"Conv: unknown impl {impl!r}; use one of {models.CONV_IMPLS}.")
         shape = (*kernel_size, in_features, out_features)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
+        kernel = kernel_init(rngs.params(), shape, jnp.float32)
+        self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         self.impl = impl
+        self.norm = None if kernel_norm is None else kernel_norm(kernel, rngs=rngs)
 
     def __call__(self, x_BxHxWxC: Array) -> Array:
-        return models.conv_same(x_BxHxWxC, self.kernel[...], self.impl) + self.bias[...]
+        kernel = self.kernel[...] if self.norm is None else self.norm(self.kernel[...])
+        return models.conv_same(x_BxHxWxC, kernel, self.impl) + self.bias[...]
+
+
+class Linear(nnx.Module):
+    """`nnx.Linear`'s variables (`kernel` [I, O], `bias`) and product, with the kernel
+    reparameterized by `kernel_norm(initial_kernel, rngs=rngs)`, held as `norm` (linen's
+    `models.Dense`)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        kernel_norm: KernelNormFactory,
+        kernel_init: Callable = LECUN_NORMAL,
+        rngs: nnx.Rngs,
+    ):
+        kernel = kernel_init(rngs.params(), (in_features, out_features), jnp.float32)
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.norm = kernel_norm(kernel, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        kernel = self.norm(self.kernel[...])
+        return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + self.bias[...]
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    kernel_init: Callable,
+    kernel_norm: KernelNormFactory | None,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """The dense layer that feeds a normalization site (linen's `models.dense`): flax's
+    `nnx.Linear`, or `Linear` when a kernel normalization reparameterizes its kernel."""
+    if kernel_norm is None:
+        return nnx.Linear(in_features, out_features, kernel_init=kernel_init, rngs=rngs)
+    return Linear(in_features, out_features, kernel_init=kernel_init, kernel_norm=kernel_norm,
+                  rngs=rngs)  # fmt: skip
 
 
 class NormAct(nnx.Module):
@@ -86,6 +137,7 @@ class MLP(nnx.Module):
 
     Args:
       norm: the normalization factory, `norm(num_features, rngs=rngs)`.
+      kernel_norm: the kernel normalization of each hidden layer, or None.
       hidden: the widths of the hidden layers.
       num_classes: outputs of the head.
       act: the nonlinearity.
@@ -99,6 +151,7 @@ class MLP(nnx.Module):
         self,
         *,
         norm: NormFactory = bnlab_nnx.Identity,
+        kernel_norm: KernelNormFactory | None = None,
         hidden: Sequence[int] = models.MLP.hidden,
         num_classes: int = 10,
         act: Callable[[Array], Array] = nnx.sigmoid,
@@ -110,7 +163,8 @@ class MLP(nnx.Module):
         widths = (math.prod(image_shape), *hidden)
         self.depth = len(hidden)
         for i in range(self.depth):
-            dense = nnx.Linear(widths[i], widths[i + 1], kernel_init=kernel_init, rngs=rngs)
+            kw = {"kernel_init": kernel_init, "kernel_norm": kernel_norm, "rngs": rngs}
+            dense = linear(widths[i], widths[i + 1], **kw)
             setattr(self, f"dense{i}", dense)
             block = NormAct(norm(widths[i + 1], rngs=rngs), act, placement, name=f"block{i}")
             setattr(self, f"block{i}", block)
@@ -137,6 +191,7 @@ class CNN(nnx.Module):
 
     Args:
       norm: the normalization factory, `norm(num_features, rngs=rngs)`.
+      kernel_norm: the kernel normalization of conv0, conv1 and dense, or None.
       num_classes: outputs of the head.
       act: the nonlinearity.
       placement: normalization "before" or "after" the nonlinearity.
@@ -150,6 +205,7 @@ class CNN(nnx.Module):
         self,
         *,
         norm: NormFactory = bnlab_nnx.BatchNorm,
+        kernel_norm: KernelNormFactory | None = None,
         num_classes: int = 10,
         act: Callable[[Array], Array] = nnx.relu,
         placement: str = "before",
@@ -159,13 +215,14 @@ class CNN(nnx.Module):
         rngs: nnx.Rngs,
     ):
         h, w, c = image_shape
-        conv = dict(kernel_init=kernel_init, impl=conv_impl, rngs=rngs)
+        kw = dict(kernel_init=kernel_init, kernel_norm=kernel_norm, rngs=rngs)
+        conv = dict(impl=conv_impl, **kw)
         self.conv0 = Conv(c, 32, **conv)
         self.block0 = NormAct(norm(32, rngs=rngs), act, placement, name="block0")
         self.conv1 = Conv(32, 64, **conv)
         self.block1 = NormAct(norm(64, rngs=rngs), act, placement, name="block1")
         flat = (h // 2 // 2) * (w // 2 // 2) * 64
-        self.dense = nnx.Linear(flat, 256, kernel_init=kernel_init, rngs=rngs)
+        self.dense = linear(flat, 256, **kw)
         self.block2 = NormAct(norm(256, rngs=rngs), act, placement, name="block2")
         self.head = nnx.Linear(256, num_classes, kernel_init=kernel_init, rngs=rngs)
 
@@ -196,7 +253,7 @@ def build_model(cfg: Any, *, rngs: nnx.Rngs, axis: dict[str, Any] | None = None)
 
     Raises:
       bnlab.schema.ConfigError: with dropout (the NNX models have none), or for a
-        normalization without an NNX layer.
+        normalization without an NNX layer (or kernel module).
     """
     m = cfg.model
     if m.dropout:
@@ -207,6 +264,7 @@ def build_model(cfg: Any, *, rngs: nnx.Rngs, axis: dict[str, Any] | None = None)
     kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
     return MODELS[m.name](
         norm=bnlab_nnx.norm_factory(cfg, axis=axis),
+        kernel_norm=bnlab_nnx.kernel_norm_factory(cfg),
         num_classes=data_lib.num_classes(cfg.data.task),
         act=models.ACTIVATIONS[m.activation],
         placement=m.placement,

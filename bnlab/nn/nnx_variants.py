@@ -1,5 +1,6 @@
-"""The NNX variants of BN (ghost, renorm, noisy, population, stop-gradient) and the per-example
-normalizations (LayerNorm, GroupNorm) and `Identity`, each over its `bnlab.ops` function."""
+"""The NNX variants of BN (ghost, renorm, noisy, population, stop-gradient), the per-example
+normalizations (LayerNorm, GroupNorm), `Identity`, and the kernel normalizations (WeightNorm,
+WeightStandardization), each over its `bnlab.ops` function."""
 
 from __future__ import annotations
 
@@ -319,3 +320,38 @@ class Identity(nnx.Module):
     ) -> Array:
         del use_running_average, mask, rngs  # nothing to normalize
         return x
+
+
+class WeightNorm(nnx.Module):
+    """Weight normalization of a kernel (Salimans & Kingma 2016), `bnlab.layers.WeightNorm` in
+    NNX: `WeightNorm(initial_v, rngs=...)`, then `layer(v) -> g * v / ||v||` per output unit.
+
+    Variable: Param `scale`, `g` (`[O]`), initialized to `||initial_v||`, so that the layer
+    starts as it would without it, as the linen layer does.
+    """
+
+    def __init__(
+        self,
+        kernel: Array,
+        *,
+        epsilon: float = norm.WEIGHT_NORM_EPSILON,
+        rngs: nnx.Rngs | None = None,
+    ):
+        del rngs  # `g` is drawn from no stream: it is the initial kernel's norm
+        self.scale = nnx.Param(norm.unit_norms(kernel))
+        self.epsilon = epsilon
+
+    def __call__(self, v: Array) -> Array:
+        return norm.weight_norm(v, self.scale[...], epsilon=self.epsilon)
+
+
+class WeightStandardization(nnx.Module):
+    """Weight standardization of a kernel (Qiao et al. 2019), `bnlab.layers.WeightStandardization`
+    in NNX: no variables; the constructor takes (and ignores) the initial kernel."""
+
+    def __init__(self, kernel: Any = None, *, epsilon: float = 1e-8, rngs: nnx.Rngs | None = None):
+        del kernel, rngs  # nothing to declare
+        self.epsilon = epsilon
+
+    def __call__(self, w: Array) -> Array:
+        return norm.weight_standardize(w, epsilon=self.epsilon)

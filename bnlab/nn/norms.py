@@ -9,107 +9,37 @@ inside the package or from an experiment file::
                                   fields={"rms_eps": field(1e-6, "added to the mean square",
                                                            check=schema.positive)}))
 
-Registering a different piece under a taken name is an error that names both.
+A normalization of weights (`weightnorm`, `ws_groupnorm`) also sets `NormSpec.kernel`: the
+models then reparameterize the kernel of each layer that feeds a normalization site with it.
+The table and `NormSpec` live in `bnlab.nn.norm_spec`; this module re-exports them. Registering
+a different piece under a taken name is an error that names both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from bnlab import schema
 from bnlab.nn.norm_checks import batches_of, ghost_check, groupnorm_check
-from bnlab.nn.torch_state import torch_batchnorm, torch_groupnorm, torch_layernorm
-from bnlab.registry import Registry
-from bnlab.schema import field
-
-ModuleDef = Any
-# (cfg.norm, axis) -> a layer factory: `factory(name=...)` is a linen module called as
-# `layer(x, use_running_average=...)`. `axis` holds `axis_name`/`axis_index_groups` for a
-# normalization with batch statistics in a multi-device run, else nothing.
-LayerBuilder = Callable[[Any, dict[str, Any]], ModuleDef]
-# (cfg.norm, num_features, axis, rngs) -> a Flax NNX module called as `layer(x, rngs=...)`, in
-# the mode its `use_running_average` attribute sets (`bnlab.nnx`); `axis` as for `layer`.
-NNXBuilder = Callable[[Any, Any, dict[str, Any], Any], Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class NormSpec:
-    """How one normalization is built, configured, checked and exported."""
-
-    layer: LayerBuilder
-    doc: str = ""  # one line, for the config reference and reports
-    # Its own config fields under `norm` (`schema.field(default, doc, check=...)`).
-    fields: Mapping[str, dataclasses.Field] = dataclasses.field(default_factory=dict)
-    # Statistics over the batch: across devices through `axis_name` in pmap/sharded runs.
-    batch_stats: bool = False
-    # Problems of the config when this normalization is selected: `check(cfg.norm, widths=,
-    # batches=)` (see `problems`).
-    check: Callable[..., list[str]] | None = None
-    # PyTorch export: (module key, params, stats, cfg.norm, shape) -> state_dict entries; None
-    # when PyTorch has no such layer (`bnlab export --format torch` then exits 2 saying so).
-    torch: Callable[..., dict[str, Any]] | None = None
-    # Float fields that a vmapped sweep may vary within one compiled program.
-    injected: tuple[str, ...] = ()
-    # (cfg.norm, step) -> scalars logged with the training metrics at that step (e.g. a
-    # schedule's current value), or None.
-    step_metrics: Callable[[Any, Any], dict[str, Any]] | None = None
-    # Its Flax NNX layer, or None when it has none (`bnlab.nnx.norm_from_config` then raises a
-    # ConfigError saying so). Import Flax inside the builders: a config validates without it.
-    nnx: NNXBuilder | None = None
-    origin: str = ""  # where it was registered (file:line), set by `register_norm`
-
-
-# Fields every normalization shares (those with batch statistics read momentum/convention).
-BASE_FIELDS: dict[str, dataclasses.Field] = {
-    "momentum": field(
-        0.99,
-        "weight of the old running statistics (flax convention)",
-        check=lambda v: schema.unit_interval(v) and "must lie in [0, 1] (weight of old statistics)",
-    ),
-    "epsilon": field(1e-5, "added to the variance", check=schema.positive),
-    "convention": field(
-        "flax",
-        'running variance "flax" (biased) | "torch" (unbiased)',
-        choices=("flax", "torch"),  # bnlab.ops.CONVENTIONS, named here: no JAX to validate
-    ),
-    "allow_single_value": field(
-        False,
-        "BN: allow training statistics over one value per feature (a batch of 1 in a dense "
-        "layer; refused by default, as PyTorch refuses it)",
-    ),
-    "backward": field(
-        "analytic",
-        'BN gradient: "analytic" (closed-form custom VJP) | "autodiff"',
-        choices=("analytic", "autodiff"),  # bnlab.ops.BACKWARDS
-    ),
-}
-
-NORMS: Registry[NormSpec] = Registry(
-    "normalization", "model.norm", "norm", BASE_FIELDS, "every normalization"
+from bnlab.nn.norm_spec import (  # noqa: F401 - the registry's public names, re-exported
+    BASE_FIELDS,
+    NORMS,
+    KernelBuilder,
+    LayerBuilder,
+    ModuleDef,
+    NNXBuilder,
+    NNXKernelBuilder,
+    NormSpec,
+    get,
+    norm_config_class,
+    register_norm,
+    unregister_norm,
 )
-# Adds a spec under a name and returns it; the same registration again (an experiment file
-# imported twice) replaces itself; a taken name or config field is a ValueError naming both.
-register_norm = NORMS.register
-
-
-def unregister_norm(name: str) -> NormSpec:
-    """Removes `name` from the registry and returns its spec: a test or a notebook that
-    registered a normalization of its own leaves the table as it found it."""
-    return NORMS.pop(name)
-
-
-def get(name: str) -> NormSpec:
-    """The spec registered under `name`; a `ConfigError` listing the known names otherwise."""
-    return NORMS.lookup(name)
-
-
-def norm_config_class() -> type:
-    """The frozen dataclass of the `norm` group: the shared fields, then each registered
-    normalization's own (rebuilt when the registry changes)."""
-    return NORMS.config_class("NormConfig")
+from bnlab.nn.torch_state import torch_batchnorm, torch_groupnorm, torch_layernorm
+from bnlab.schema import field
 
 
 def problems(
@@ -159,6 +89,13 @@ def build(cfg: Any, axis: dict[str, Any] | None = None) -> ModuleDef:
     return spec.layer(cfg.norm, dict(axis or {}) if spec.batch_stats else {})
 
 
+def build_kernel(cfg: Any) -> ModuleDef | None:
+    """The kernel normalization factory of `cfg.model.norm` (`NormSpec.kernel`), for a model's
+    `kernel_norm`; None for a normalization that acts on outputs alone."""
+    spec = get(cfg.model.norm)
+    return None if spec.kernel is None else spec.kernel(cfg.norm)
+
+
 # --- the built-in normalizations -------------------------------------------------------------
 # Each builds its layer from a module of layers, `bnlab.nn.layers` (linen) or
 # `bnlab.nn.nnx_variants` (NNX), whose classes have the same names and options.
@@ -181,6 +118,30 @@ def _built_by(layer: LayerOf) -> dict[str, Any]:
         return layer(n, axis, nnx_variants)(num_features, rngs=rngs)
 
     return {"layer": linen, "nnx": nnx}
+
+
+KernelOf = Callable[[Any, Any], ModuleDef]  # (cfg.norm, module) -> kernel normalization factory
+
+
+def _kernel_by(kernel: KernelOf) -> dict[str, Any]:
+    """`NormSpec`'s `kernel` and `nnx_kernel` builders from one `kernel(n, module)`, as
+    `_built_by` builds `layer` and `nnx`."""
+
+    def linen(n):
+        from bnlab.nn import layers
+
+        return kernel(n, layers)
+
+    def nnx(n, initial_kernel, rngs):
+        from bnlab.nn import nnx_variants
+
+        return kernel(n, nnx_variants)(initial_kernel, rngs=rngs)
+
+    return {"kernel": linen, "nnx_kernel": nnx}
+
+
+def _groupnorm(n, axis, m) -> ModuleDef:
+    return functools.partial(m.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon)
 
 
 def _batchnorm(n, axis, layer: type, **extra) -> ModuleDef:
@@ -361,11 +322,7 @@ register_norm(
 register_norm(
     "groupnorm",
     NormSpec(
-        **_built_by(
-            lambda n, axis, m: functools.partial(
-                m.GroupNorm, num_groups=n.num_groups, epsilon=n.epsilon
-            )
-        ),
+        **_built_by(_groupnorm),
         doc="group normalization (Wu & He 2018)",
         fields={
             "num_groups": field(
@@ -377,5 +334,35 @@ register_norm(
         },
         check=groupnorm_check,
         torch=torch_groupnorm,
+    ),
+)
+# The normalizations of weights: each wraps the kernel of the layer before every site
+# (`NormSpec.kernel`); the site's own layer is the identity, or GroupNorm after WS.
+register_norm(
+    "weightnorm",
+    NormSpec(
+        **_built_by(lambda n, axis, m: m.Identity),
+        **_kernel_by(lambda n, m: m.WeightNorm),
+        doc="weight normalization w = g v / ||v|| of each kernel (Salimans & Kingma 2016)",
+    ),
+)
+register_norm(
+    "ws_groupnorm",
+    NormSpec(
+        **_built_by(_groupnorm),
+        **_kernel_by(lambda n, m: functools.partial(m.WeightStandardization, epsilon=n.ws_epsilon)),
+        doc="weight standardization of each kernel, then group normalization (Qiao et al. 2019)",
+        fields={
+            # Negligible beside a kernel's variance (1/fan-in >= 3e-4 at the fan-in scaled
+            # inits, 1e-4 at the paper MLP's std 0.01), so w_hat has unit variance to float32
+            # precision; the authors' PyTorch code adds 1e-5 to the unbiased std instead.
+            "ws_epsilon": field(
+                1e-8,
+                "ws_groupnorm: added to each output unit's kernel variance (weight "
+                "standardization; the groups are norm.num_groups)",
+                check=schema.positive,
+            ),
+        },
+        check=groupnorm_check,
     ),
 )

@@ -9,7 +9,9 @@ variants reuse its one-pass moments and closed-form backward (`bnlab.ops.bn_vari
 (Santurkar et al. 2018, Sec. 2), `population_batch_norm` (Ghorbani et al. 2019) and
 `batch_norm_stopgrad` (BN without gradient through the batch statistics).
 `group_norm` (Wu & He 2018) and `layer_norm` (Ba et al. 2016) normalize each example on its own
-(`bnlab.ops.example_norms`). This module is where they are imported from.
+(`bnlab.ops.example_norms`); `weight_norm` (Salimans & Kingma 2016) and `weight_standardize`
+(Qiao et al. 2019) normalize a layer's kernel (`bnlab.ops.kernel_norms`).
+This module is where they are imported from.
 
 May import: `bnlab.types` only (and jax). Imported by everything above it; users import it
 as `bnlab.norm` or from `bnlab` itself.
@@ -40,10 +42,17 @@ from bnlab.ops.bn_variants import (
     renorm_schedule,
 )
 from bnlab.ops.example_norms import group_norm, layer_norm
+from bnlab.ops.kernel_norms import (
+    WEIGHT_NORM_EPSILON,
+    unit_norms,
+    weight_norm,
+    weight_standardize,
+)
 
 __all__ = [
     "BACKWARDS",
     "CONVENTIONS",
+    "WEIGHT_NORM_EPSILON",
     "AxisGroups",
     "Backward",
     "Convention",
@@ -64,4 +73,7 @@ __all__ = [
     "renorm_schedule",
     "stats_from_torch",
     "torch_momentum",
+    "unit_norms",
+    "weight_norm",
+    "weight_standardize",
 ]

@@ -34,7 +34,8 @@ class TrainState(NamedTuple):
 
 def build_model(cfg: Config) -> nn.Module:
     """The model that `cfg.model`/`cfg.norm` describe, with its normalization layer injected
-    (BN statistics across the devices that `cfg.parallel` names)."""
+    (BN statistics across the devices that `cfg.parallel` names), and the normalization of its
+    kernels for a normalization of weights (`NormSpec.kernel`)."""
     m, par = cfg.model, cfg.parallel
     axis = {}
     if par.mode != "none":
@@ -50,6 +51,7 @@ def build_model(cfg: Config) -> nn.Module:
     kwargs |= {"conv_impl": m.conv_impl, "dropout_conv": m.dropout_conv} if m.name == "cnn" else {}
     return models.MODELS[m.name](
         norm=norm,
+        kernel_norm=norms.build_kernel(cfg),
         num_classes=data_lib.num_classes(cfg.data.task),
         act=models.ACTIVATIONS[m.activation],
         placement=m.placement,

@@ -483,3 +483,30 @@ def test_a_setting_without_a_baseline_counterpart_says_so(tmp_path):
     assert rows[0].endswith("| baseline |")
     assert "indistinguishable" in rows[1]  # BN at lr 0.1 against none at lr 0.1
     assert rows[2].endswith("| no baseline setting to compare with |")  # no none at lr 1.0
+
+
+def test_recalibrated_accuracy_is_a_column_when_trials_were_recalibrated(tmp_path):
+    trials = [
+        (
+            {"norm.momentum": m, "train.seed": seed},
+            {"status": "ok", "test_accuracy": acc, "test_loss": 0.1, "steps": 10},
+            [],
+        )
+        for m, accs in ((0.9, (0.96, 0.97)), (0.999, (0.90, 0.92)))
+        for seed, acc in enumerate(accs)
+    ]
+    _written_sweep(tmp_path, trials)
+    text = report.write_report(tmp_path).read_text()
+    assert "recalibrated" not in text  # none recalibrated: no column
+    spec = json.loads((tmp_path / "sweep.json").read_text())
+    for t, recal in zip(spec["trials"], (0.965, 0.975, 0.963, 0.971), strict=True):
+        evaluation = {"step": 10, "accuracy": 0.0, "loss": 0.0}
+        evaluation["recalibrated"] = {"examples": 100, "accuracy": recal, "loss": 0.1}
+        write_json(tmp_path / "runs" / t["trial_id"] / "evaluate.json", evaluation)
+    text = report.write_report(tmp_path).read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| 0.9 |", "| 0.999 |"))]
+    assert "test accuracy, recalibrated statistics" in text
+    assert "| 0.9700 ± 0.0071 |" in rows[0] and "| 0.9670 ± 0.0057 |" in rows[1]
+    data = tmp_path / "data"
+    report.write_report(tmp_path, data)  # the compact data keeps it
+    assert (data / "report.md").read_text() == text

@@ -52,8 +52,14 @@ def table(sweep: Sweep) -> list[dict[str, Any]]:
         }
         if _has_validation(sweep):
             row["validation_accuracy"] = group.stats("accuracy", CONFIDENCE, split="validation")
+        if _has_recalibrated(sweep):
+            row["recalibrated_accuracy"] = group.stats("accuracy", CONFIDENCE, "recalibrated")
         rows.append(row)
     return rows
+
+
+def _has_recalibrated(sweep: Sweep) -> bool:
+    return any(t.final("accuracy", "recalibrated") is not None for t in sweep.trials)
 
 
 def _has_validation(sweep: Sweep) -> bool:
@@ -90,6 +96,8 @@ def table_markdown(sweep: Sweep, baseline: dict[str, Any] | None = None) -> str:
     header += ["validation accuracy, mean ± std"] if validation else []
     header += ["test accuracy, mean ± std", f"accuracy {level} CI"]
     header += ["test loss, mean ± std", f"loss {level} CI"]
+    recalibrated = _has_recalibrated(sweep)
+    header += ["test accuracy, recalibrated statistics"] if recalibrated else []
     header += [f"test accuracy - baseline [{level} CI], Holm p"] if versus is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for group, row in zip(sweep.groups, table(sweep), strict=True):
@@ -98,6 +106,7 @@ def table_markdown(sweep: Sweep, baseline: dict[str, Any] | None = None) -> str:
         cells += [_mean_std(row["validation_accuracy"])] if validation else []
         for metric in ("accuracy", "loss"):
             cells += [_mean_std(row[metric]), _interval(row[metric])]
+        cells += [_mean_std(row["recalibrated_accuracy"])] if recalibrated else []
         if versus is not None:
             cells.append(_versus(versus.get(group.name), is_baseline(group, sweep, baseline)))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

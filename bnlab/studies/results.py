@@ -82,6 +82,7 @@ class TrialResult:
     diag_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_eval_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     override_text: dict[str, str] = dataclasses.field(default_factory=dict)  # as in sweep.json
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)  # evaluate.json
 
     def records(self, split: str) -> list[dict[str, Any]]:
         """The records of `split` (one of SPLITS)."""
@@ -103,7 +104,11 @@ class TrialResult:
     def final(self, metric: str, split: str = "test") -> float | None:
         """`summary.json`'s `<split>_<metric>` when it is a finite number; for a run that
         reports its best validation epoch (`"reported": "best"`: early-stopped, or with
-        `checkpoint.best_metric`), that epoch's `best_<split>_<metric>`."""
+        `checkpoint.best_metric`), that epoch's `best_<split>_<metric>`. `split="recalibrated"`:
+        the test metric with recalibrated statistics, from evaluate.json."""
+        if split == "recalibrated":  # `bnlab evaluate --recalibrate N` (evaluate.json)
+            value = self.evaluation.get("recalibrated", {}).get(metric)
+            return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
         best = self.summary.get("reported") == "best"
         value = self.summary.get(f"best_{split}_{metric}" if best else f"{split}_{metric}")
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
@@ -257,6 +262,7 @@ def _load_trial(run_dir: Path, tid: str, overrides: dict[str, str]) -> TrialResu
         by_split["diag"],
         by_split["train_eval"],
         override_text=overrides,
+        evaluation=_read_json(run_dir / "evaluate.json") or {},
     )
 
 
@@ -271,6 +277,7 @@ def _stored_trial(t: dict[str, Any]) -> TrialResult:
         t["config"],
         *(records.get(split, []) for split in ("test", "validation", "diag", "train_eval")),
         override_text=t["overrides"],
+        evaluation=t.get("evaluation", {}),
     )
 
 

@@ -3,10 +3,11 @@
 `write(sweep, out)` writes `OUT/study.json` for a sweep read back (`results.load_sweep`): the
 sweep's index (experiment, smoke, overrides, key order), the experiment's docstring and
 `BASELINE`, the selection phase's choice (`selection.json`, also copied beside it), and per trial
-its overrides, status, summary.json (without a failure's traceback), config.json and the
-records a report reads (test, validation, train_eval, diag; not the training windows).
-`results.load_sweep(OUT)` reads such a folder into the same `Sweep` as the sweep folder it came
-from, so `bnlab report OUT` rebuilds the committed report from the folder alone.
+its overrides, status, summary.json (without a failure's traceback), config.json, evaluate.json
+(`bnlab evaluate --recalibrate`) where there is one, and the records a report reads (test,
+validation, train_eval, diag; not the training windows). `results.load_sweep(OUT)` reads such a
+folder into the same `Sweep` as the sweep folder it came from, so `bnlab report OUT` rebuilds
+the committed report from the folder alone.
 
 One trial per line, keys sorted, floats as Python writes them (they read back exactly): a
 re-run shows in `git diff` as the trials whose numbers changed.
@@ -43,6 +44,7 @@ def to_dict(sweep: Any) -> dict[str, Any]:
                 "summary": {k: v for k, v in t.summary.items() if k != "traceback"},
                 "config": t.config,
                 "records": {split: t.records(split) for split in SPLITS if t.records(split)},
+                **({"evaluation": t.evaluation} if t.evaluation else {}),
             }
             for t in sweep.trials
         ],

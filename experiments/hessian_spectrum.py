@@ -12,7 +12,8 @@ largest eigenvalues (Lanczos, 30 iterations) and the spectral density by stochas
 quadrature (2 probes).
 Command: bnlab sweep experiments/hessian_spectrum.py --workdir runs/hessian_spectrum &&
   bnlab report runs/hessian_spectrum
-Runtime: 137 s on the 2-core CPU (3 vmapped programs of 3 seeds).
+Runtime: 210 s on the 2-core CPU shared with another study's run (3 vmapped programs of 3
+seeds), 2026-12-08.
 Expected: lambda_max and the gap between the top eigenvalues and the bulk far larger without
 BN than with it, and population BN closer to none than to BN.
 """

@@ -6,8 +6,8 @@ Grid: 10 learning rates from 0.001 to 30 (4.5 decades) x BN/none x 5 seeds, 3 ep
 full MNIST at batch 60 (3,000 steps), He-normal init.
 Command: bnlab sweep experiments/lr_sensitivity.py --workdir runs/lr_sensitivity &&
   bnlab report runs/lr_sensitivity
-Runtime: 4 minutes (227 s) on the 2-core CPU, shared with other jobs (two vmapped programs of
-30 trials).
+Runtime: 850 s on the 2-core CPU shared with another study's run (two vmapped programs of 50
+trials), 2026-12-08.
 Expected: accuracy vs lr flat and high over a wider range with BN; no-BN diverging first.
 """
 

@@ -11,7 +11,8 @@ accuracy. Every trial: 2 epochs at batch 128, SGD momentum 0.9, cosine decay, tr
 first 50,000 training examples; the last 10,000 are the validation split.
 Command: bnlab sweep experiments/reference_cnn.py --workdir runs/reference_cnn &&
   bnlab report runs/reference_cnn
-Runtime: about 30 minutes on the 2-core CPU (30 selection trials, 10 confirmation trials).
+Runtime: 41.5 min on the 2-core CPU shared with test runs (`--engine sequential`: 30 selection
+and 10 confirmation trials; vmapped, the CNN's trials ran 1.7x-3x slower per trial here).
 Expected: BN's choice near lr 0.1; no normalization's choice a smaller lr; BN ahead on test by
 a few tenths of a point.
 """

@@ -91,8 +91,8 @@ def test_placement_before_and_after_differ_as_defined():
 def test_unknown_norm_lists_known():
     from bnlab import norms
 
-    with pytest.raises(ValueError, match=r"model.norm='spectralnorm' is not one of \[.*'batchnorm'"):
-        norms.get("spectralnorm")
+    with pytest.raises(ValueError, match=r"model.norm='spectral' is not one of \[.*'batchnorm'"):
+        norms.get("spectral")
 
 
 def test_unknown_placement_is_an_error():

@@ -14,7 +14,8 @@ final validation accuracy (the last 10,000 training examples held out; training 
 BN's (Welch, Holm-adjusted).
 Command: bnlab sweep experiments/norm_zoo.py --workdir runs/norm_zoo &&
   bnlab report runs/norm_zoo
-Runtime: about 45 minutes on the 2-core CPU (50 selection and 25 confirmation trials).
+Runtime: 74 min on the 2-core CPU shared with test runs (`--engine sequential`; 45 trials, the
+other 30, BN's and none's, copied from experiments/reference_cnn.py's identical trials).
 Expected: batch renorm within 0.1 point of BN; LayerNorm/GroupNorm within 0.3 points of BN;
 none below.
 """

@@ -15,7 +15,7 @@ STUDIES = ROOT / "docs" / "studies"
 # docs/results.md marks their verdicts as not yet traceable.
 UNTRACEABLE = frozenset({
     "bn_paper_fig1", "depth_gradients",
-    "norm_zoo", "optimizers", "plateau", "regularization",
+    "optimizers", "plateau", "regularization",
     "regularization_select", "santurkar_ics", "schedules_and_clipping", "seed_cnn_binary",
     "small_batch",
 })  # fmt: skip

@@ -36,7 +36,8 @@ def tuned_keys(selection: dict[str, Any] | None) -> set[str]:
 def is_baseline(group: Group, sweep: Sweep, baseline: dict[str, Any]) -> bool:
     """Whether `group` is a baseline setting (it has every value `baseline` names)."""
     setting = _setting(group, sweep)
-    return all(k in setting and setting[k] == v for k, v in baseline.items())
+    first = group.trials[0].overrides
+    return all(setting.get(k, first.get(k, UNSET)) == v for k, v in baseline.items())
 
 
 def _setting(group: Group, sweep: Sweep) -> dict[str, Any]:
@@ -56,8 +57,15 @@ def against_baseline(
 ) -> dict[str, VsBaseline]:
     """`group name -> VsBaseline` for every group that is not a baseline and has one."""
     unknown = sorted(set(baseline) - set(sweep.varying) - set(sweep.follows))
-    if unknown:
-        raise ValueError(f"BASELINE names {unknown}, which the sweep does not vary")
+    # A key every trial holds at the baseline's value (a grid cut to fewer arms) says nothing.
+    same = {
+        k for k in unknown if all(t.overrides.get(k, UNSET) == baseline[k] for t in sweep.trials)
+    }
+    if set(unknown) - same:
+        raise ValueError(
+            f"BASELINE names {sorted(set(unknown) - same)}, which the sweep does not vary"
+        )
+    baseline = {k: v for k, v in baseline.items() if k not in same}
     tuned = tuned_keys(sweep.selection)
     # Not matched: the keys chosen per arm, and those that follow a key the baseline sets or
     # a chosen one (a clipping threshold that comes with the clipping the baseline replaces).

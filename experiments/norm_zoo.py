@@ -22,7 +22,7 @@ none below.
 
 from pathlib import Path
 
-from bnlab.config import load_config
+from bnlab.config import load_module
 
 SMOKE = {"data.train_size": 1280, "data.validation_size": 1280, "train.epochs": 1}
 SELECT = {"split": "validation", "metric": "accuracy", "seeds": [0, 1]}
@@ -55,12 +55,8 @@ def arm(norm, extra):
     return norm + ("+adaptive_clip" if extra.get("opt.clip") == "adaptive" else "")
 
 
-def get_config():
-    c = load_config(Path(__file__).with_name("mnist_cnn.py"))
-    c.data.validation_size = 10_000
-    c.train.log_every_steps = 100
-    c.checkpoint.every_steps = 0
-    return c
+# reference_cnn's config, so that BN's and none's trials are the same trials in both studies.
+get_config = load_module(Path(__file__).with_name("reference_cnn.py")).get_config
 
 
 def candidates(smoke=False):

@@ -33,7 +33,6 @@ import inspect
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -199,12 +198,6 @@ def choose(p: Plan, sweep: Sweep, trial_id: Callable[[dict], str]) -> dict[str, 
 
 def chosen(selection: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {arm: entry["chosen"] for arm, entry in selection["arms"].items()}
-
-
-def read(directory: str | Path) -> dict[str, Any] | None:
-    """DIR/selection.json, or None when the folder has none."""
-    path = Path(directory) / SELECTION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _finite(x: float) -> float | None:

@@ -389,8 +389,12 @@ def test_vmapped_trials_equal_separate_runs(batch):
         init_gradients_width=8,
         hessian_num_iters=8,
         hessian_top_k=2,
+        hessian_data_batch_size=8,
+        hessian_data_num_iters=8,
+        hessian_data_top_k=2,
+        hessian_data_num_probes=2,
     )
-    names = ("activations", "ics", "landscape", "hessian", "init_gradients")
+    names = ("activations", "ics", "landscape", "hessian", "hessian_data", "init_gradients")
     assert set(names) <= set(diagnostics.DIAGNOSTICS)
     # Two trials that differ in seed and in the injected learning rate (in the opt state).
     trials = [

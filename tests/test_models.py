@@ -99,3 +99,24 @@ def test_unknown_placement_is_an_error():
     block = models._NormAct(layers.BatchNorm, nn.relu, "middle")
     with pytest.raises(ValueError, match="unknown placement 'middle'"):
         block.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+
+
+def test_mlp_depth_and_width_build_the_model_and_its_checks():
+    from bnlab import config
+    from bnlab.training import train
+
+    cfg = config.validate(
+        config.apply_overrides(
+            config.default_config(),
+            {"model.name": "mlp", "model.mlp_depth": "5", "model.mlp_width": "12"},
+        )
+    )
+    variables = train.build_model(cfg).init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), False)
+    kernels = [variables["params"][f"dense{i}"]["kernel"].shape for i in range(5)]
+    assert kernels == [(784, 12)] + [(12, 12)] * 4 and "dense5" not in variables["params"]
+    assert variables["batch_stats"]["block4"]["norm"]["mean"].shape == (12,)
+    # The normalization's checks see these widths: 5 groups do not divide 12 units.
+    bad = {"model.name": "mlp", "model.mlp_width": "12", "model.norm": "groupnorm",
+           "norm.num_groups": "5"}  # fmt: skip
+    with pytest.raises(config.ConfigError, match="12"):
+        config.validate(config.apply_overrides(config.default_config(), bad))

@@ -117,7 +117,8 @@ def _nnx_step(layer, x, ct, noise):
 
 def test_every_builtin_normalization_has_an_nnx_layer():
     builtin = {"batchnorm", "none", "batchnorm_noaffine", "ghost_batchnorm", "batch_renorm",
-               "noisy_batchnorm", "population_batchnorm", "batchnorm_stopgrad", "layernorm",
+               "noisy_batchnorm", "population_batchnorm", "population_batchnorm_data",
+               "batchnorm_stopgrad", "layernorm",
                "groupnorm", "weightnorm", "ws_groupnorm"}  # fmt: skip
     assert set(NAMES) == builtin
     assert all(norms.get(name).nnx is not None for name in NAMES)

@@ -27,6 +27,7 @@ VARIANTS = (
     "batch_renorm",
     "noisy_batchnorm",
     "population_batchnorm",
+    "population_batchnorm_data",
     "batchnorm_stopgrad",
     "layernorm",
     "groupnorm",
@@ -52,6 +53,8 @@ SMALL = {
     "norm.renorm_warmup_steps": 1,
     "norm.r_max_steps": 2,
     "norm.d_max_steps": 4,
+    "norm.refresh_every": 3,
+    "norm.refresh_examples": 2 * BATCH,
 }
 
 

@@ -46,3 +46,12 @@ def test_a_verdict_says_indistinguishable_at_p_005_and_above():
     c = results.welch([0.981, 0.979, 0.983, 0.980, 0.982], [0.975, 0.978, 0.970, 0.976, 0.974])
     assert results.verdict(c).startswith(f"{c.difference:+.4g} [")
     assert results.verdict(c, p_adjusted=0.05).startswith("indistinguishable (")
+
+
+def test_a_p_value_never_reads_as_if_on_the_other_side_of_005():
+    from bnlab.studies.significance import p_text
+
+    assert p_text(0.0497) == "0.0497" and p_text(0.012) == "0.012" and p_text(0.05) == "0.05"
+    assert p_text(0.2) == "0.2" and p_text(2.4e-5) == "2.4e-05"
+    c = results.welch([0.981, 0.979, 0.983, 0.980, 0.982], [0.975, 0.978, 0.970, 0.976, 0.974])
+    assert results.verdict(c, p_adjusted=0.0497).endswith("p=0.0497")

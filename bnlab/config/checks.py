@@ -143,12 +143,12 @@ def _check_across(c: Config) -> list[str]:
     measured = diagnostics.parse_names(c.diagnostics.names)
     p += norms.problems(
         c,
-        widths=model_config.NORM_WIDTHS[c.model.name],
+        widths=model_config.norm_widths(c.model),
         per_device_batch=c.train.batch_size // max(devices, 1),
         diagnostic_batch=c.diagnostics.batch_size if measured else None,
     )
     p += diagnostics.problems(c.diagnostics)
-    last = model_config.NORM_WIDTHS[c.model.name][-1]
+    last = model_config.norm_widths(c.model)[-1]
     if c.train.probe_unit >= last:
         p.append(
             f"train.probe_unit={c.train.probe_unit} but the last hidden layer of model.name="

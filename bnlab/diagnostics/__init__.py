@@ -20,7 +20,8 @@ running statistics (`DiagnosticSpec.on_split`, a `SplitMeasure`): its arrays joi
 records, and a config field of its own selects it rather than `diagnostics.names`.
 
 The built-in diagnostics (docs/diagnostics.md): `activations`, `ics` (Santurkar et al. 2018),
-`landscape` (Santurkar et al. 2018), `hessian` (Ghorbani et al. 2019), `init_gradients`
+`landscape` (Santurkar et al. 2018), `hessian` (Ghorbani et al. 2019), `hessian_data` (the
+same over many batches, with its outliers), `weight_norms`, `rank`, `init_gradients`
 (Yang et al. 2019), and `probe` (Ioffe & Szegedy 2015, Fig. 1b,c; in evaluation, selected by
 `train.probe_unit`).
 
@@ -60,7 +61,8 @@ _MEASURES = {
     "init_gradient_norms": "init_gradients",
     "landscape_measures": "landscape",
 }
-_MODULES = ("activations", "common", "hessian", "ics", "init_gradients", "landscape", "probe")
+_MODULES = ("activations", "common", "hessian", "hessian_data", "ics", "init_gradients",
+            "landscape", "probe")  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
@@ -341,6 +343,16 @@ register_diagnostic(
         doc="top Hessian eigenvalues (Lanczos) and spectral density (SLQ)",
         fields=fields.HESSIAN,
         check=fields.hessian_check,
+    ),
+)
+register_diagnostic(
+    "hessian_data",
+    DiagnosticSpec(
+        fn=_from("hessian_data", "measure"),
+        doc="Hessian of the loss over many batches: top eigenvalues, bulk edge, outliers, "
+        "gradient in the top eigenspace, lr*lambda_max/2",
+        fields=fields.HESSIAN_DATA,
+        check=fields.hessian_data_check,
     ),
 )
 register_diagnostic(

@@ -53,6 +53,7 @@ LANDSCAPE = {
 }
 
 STATISTICS = ("batch", "running")
+UNITS = ("raw", "scale_invariant")
 
 HESSIAN = {
     "hessian_top_k": field(5, "hessian: how many top eigenvalues", check=schema.at_least(1)),
@@ -72,6 +73,12 @@ HESSIAN = {
         "(population statistics, as in Ghorbani et al. 2019)",
         choices=STATISTICS,
     ),
+    "hessian_units": field(
+        "raw",
+        'hessian: "raw" | "scale_invariant" (each kernel that feeds a normalization scaled '
+        "by its norm: the eigenvalues of D H D, unchanged when such a kernel is rescaled)",
+        choices=UNITS,
+    ),
 }
 
 
@@ -84,6 +91,55 @@ def hessian_check(d: Any) -> list[str]:
             "num_iters or lower top_k"
         ]
     return []
+
+
+HESSIAN_DATA = {
+    "hessian_data_batch_size": field(
+        128,
+        "hessian_data: examples normalized together (as a training step sees them); the loss "
+        "is the mean over diagnostics.batch_size / this many batches",
+        check=schema.positive,
+    ),
+    "hessian_data_num_iters": field(
+        90, "hessian_data: Lanczos iterations per probe", check=schema.positive
+    ),
+    "hessian_data_num_probes": field(
+        4,
+        "hessian_data: random start vectors; the first gives the top eigenvalues and their "
+        "eigenspace, all the density and the bulk's edge",
+        check=schema.at_least(1),
+    ),
+    "hessian_data_top_k": field(
+        10, "hessian_data: how many top eigenvalues", check=schema.at_least(1)
+    ),
+    "hessian_data_bulk_weight": field(
+        10.0,
+        "hessian_data: the bulk's edge is the largest quadrature node that stands for at least "
+        "this many eigenvalues (weight >= this / number of parameters)",
+        check=schema.positive,
+    ),
+    "hessian_data_units": field(
+        "raw", 'hessian_data: "raw" | "scale_invariant" (as hessian_units)', choices=UNITS
+    ),
+}
+
+
+def hessian_data_check(d: Any) -> list[str]:
+    """Problems across the hessian_data fields (and the batch they split)."""
+    out = []
+    if d.hessian_data_top_k > d.hessian_data_num_iters:
+        out.append(
+            f"diagnostics.hessian_data_top_k={d.hessian_data_top_k} exceeds "
+            f"diagnostics.hessian_data_num_iters={d.hessian_data_num_iters}; raise num_iters or "
+            "lower top_k"
+        )
+    if d.batch_size % d.hessian_data_batch_size:
+        out.append(
+            f"diagnostics.batch_size={d.batch_size} is not a multiple of "
+            f"diagnostics.hessian_data_batch_size={d.hessian_data_batch_size}: the data Hessian "
+            "averages whole batches (e.g. batch_size=10240 with 128 gives 80 batches)"
+        )
+    return out
 
 
 def _norms_problem(text: str) -> str | None:

@@ -20,10 +20,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 from matfree import decomp
 
-from bnlab.diagnostics.common import batch_loss
+from bnlab.diagnostics.common import batch_loss, call_order
+from bnlab.diagnostics.weight_norms import feeds_normalization
 from bnlab.schema import ConfigError
 from bnlab.types import Array, Params
 
@@ -162,9 +164,46 @@ def _check_sizes(params: Params, num_iters: int, k: int = 1) -> None:
         )
 
 
+def kernel_scales(ctx: Any) -> Params:
+    """A pytree like `ctx.state.params`: `||W||` (Frobenius) at each kernel that feeds a
+    normalization (`weight_norms.feeds_normalization`), 1 everywhere else."""
+    params = ctx.state.params
+    variables = {"params": params, "batch_stats": ctx.state.batch_stats}
+    order = call_order(ctx.model, variables, ctx.batch[0])
+    scales = jax.tree.map(lambda x: jnp.ones((), x.dtype), params)
+    for name, normalized in feeds_normalization(params, order).items():
+        if normalized:
+            scales[name] = {**scales[name], "kernel": optax.tree.norm(params[name]["kernel"])}
+    return scales
+
+
+def in_units(
+    ctx: Any, loss_fn: Callable[[Params], Array], units: str
+) -> tuple[Callable[[Params], Array], Params]:
+    """`(loss, params)` whose Hessian is the one to measure in `units`.
+
+    `"raw"`: `loss_fn` at `ctx.state.params`. `"scale_invariant"`: the loss of `u` with
+    `w = D u`, at `u = D^-1 w`, `D` = `kernel_scales` (per kernel that feeds a normalization,
+    its norm): its Hessian is `D H D` and its gradient `D g`. A kernel `W` that a
+    normalization follows leaves the loss unchanged when rescaled, while its block of `H`
+    scales as `1/||W||^2`; in these units the spectrum is the same for every rescaling of
+    such kernels (van Laarhoven 2017; Arora et al. 2019), so a run whose kernels grow
+    (BN's) and one whose kernels do not are compared on the same footing.
+    """
+    if units == "raw":
+        return loss_fn, ctx.state.params
+    scales = kernel_scales(ctx)
+
+    def loss_u(u):
+        return loss_fn(jax.tree.map(jnp.multiply, u, scales))
+
+    return loss_u, jax.tree.map(jnp.divide, ctx.state.params, scales)
+
+
 def measure(ctx: Any) -> dict[str, Array]:
     """`lambda_max`, `top_eigenvalues f32[k]`, `density_nodes` and `density_weights`
-    (`f32[probes, iters]`) of the loss's Hessian on the fixed batch.
+    (`f32[probes, iters]`) of the loss's Hessian on the fixed batch, in
+    `diagnostics.hessian_units` (`in_units`).
 
     One Lanczos run per probe, all in one vmapped program: the first probe's `k` largest Ritz
     values are the top eigenvalues, and every probe's quadrature is the density's.
@@ -178,7 +217,7 @@ def measure(ctx: Any) -> dict[str, Array]:
         _check_sizes(ctx.state.params, d.hessian_num_iters, d.hessian_top_k)
     except ValueError as err:
         raise ConfigError(f"diagnostics.hessian_num_iters, hessian_top_k: {err}") from err
-    flat, matvec = hessian_matvec(loss_fn, ctx.state.params)
+    flat, matvec = hessian_matvec(*in_units(ctx, loss_fn, d.hessian_units))
     probes = _probes(jax.random.fold_in(ctx.rng, 2), d.hessian_num_probes, flat)
     nodes, weights = _quadratures(matvec, probes, d.hessian_num_iters)
     top = nodes[0, ::-1][: d.hessian_top_k]

@@ -16,8 +16,16 @@ PLACEMENTS = ("before", "after")
 CONV_IMPLS = ("im2col", "xla")
 MLP_HIDDEN = (100, 100, 100)  # Ioffe & Szegedy's Fig. 1 MLP: 784-100-100-100-10
 NORM_MODULE = "norm"  # every model's name for its normalization layers (opt.trainable reads it)
-# Features at each normalization site, in order: what a normalization's config check needs.
+# Features at each normalization site, in order, at the default sizes (`norm_widths`).
 NORM_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": MLP_HIDDEN, "cnn": (32, 64, 256)}
+
+
+def norm_widths(model: "ModelConfig") -> tuple[int, ...]:
+    """Features at each normalization site of `model`, in order: what a normalization's config
+    check needs (the MLP's `mlp_depth` hidden layers of `mlp_width` units)."""
+    if model.name == "mlp":
+        return (model.mlp_width,) * model.mlp_depth
+    return NORM_WIDTHS[model.name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,12 @@ class ModelConfig:
         "training only)",
         check=lambda v: None if 0.0 <= v < 1.0 else "must lie in [0, 1) (0 turns dropout off)",
     )
+    mlp_depth: int = field(
+        len(MLP_HIDDEN),
+        "MLP: hidden layers (3: the Fig. 1 MLP; deeper for rank collapse)",
+        check=schema.positive,
+    )
+    mlp_width: int = field(MLP_HIDDEN[0], "MLP: units per hidden layer", check=schema.positive)
     dropout_conv: bool = field(
         False, "CNN: dropout after the conv blocks too (model.dropout's rate)"
     )

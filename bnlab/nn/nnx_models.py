@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnlab import data as data_lib
-from bnlab.nn import models
+from bnlab.nn import model_config, models
 from bnlab.nn import nnx as bnlab_nnx
 from bnlab.schema import ConfigError
 from bnlab.types import Array
@@ -262,6 +262,7 @@ def build_model(cfg: Any, *, rngs: nnx.Rngs, axis: dict[str, Any] | None = None)
             "or train the linen model (bnlab.training.train.build_model)."
         )
     kwargs = {"conv_impl": m.conv_impl} if m.name == "cnn" else {}
+    kwargs |= {"hidden": model_config.norm_widths(m)} if m.name == "mlp" else {}
     return MODELS[m.name](
         norm=bnlab_nnx.norm_factory(cfg, axis=axis),
         kernel_norm=bnlab_nnx.kernel_norm_factory(cfg),

@@ -59,6 +59,10 @@ class NormSpec:
     kernel: KernelBuilder | None = None
     # Its NNX twin, or None (the NNX models then refuse the normalization).
     nnx_kernel: NNXKernelBuilder | None = None
+    # Statistics computed from the data by the training loop: cfg.norm -> (every K steps,
+    # over the first N training examples), recomputed with the weights of that step before it
+    # trains (`bnlab.nn.recalibrate`); None: the layer keeps its own statistics.
+    refresh: Callable[[Any], tuple[int, int]] | None = None
     origin: str = ""  # where it was registered (file:line), set by `register_norm`
 
     @property

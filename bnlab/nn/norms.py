@@ -302,6 +302,36 @@ register_norm(
     ),
 )
 register_norm(
+    "population_batchnorm_data",
+    NormSpec(
+        # The running statistics never move by themselves (momentum 1: all weight on the old
+        # statistics); the training loop replaces them with the data's (`refresh`).
+        **_built_by(
+            lambda n, axis, m: functools.partial(
+                _batchnorm(n, axis, m.PopulationBatchNorm), momentum=1.0
+            )
+        ),
+        doc="population BN with statistics computed from the data: the exact mean and variance "
+        "of each layer's inputs over norm.refresh_examples training examples, recomputed with "
+        "the current weights every norm.refresh_every steps of each epoch",
+        fields={
+            "refresh_every": field(
+                100,
+                "population_batchnorm_data: recompute the statistics at each epoch's first step "
+                "and every N steps after it",
+                check=schema.positive,
+            ),
+            "refresh_examples": field(
+                1024,
+                "population_batchnorm_data: over the first N training examples",
+                check=schema.positive,
+            ),
+        },
+        batch_stats=True,
+        refresh=lambda n: (n.refresh_every, n.refresh_examples),
+    ),
+)
+register_norm(
     "batchnorm_stopgrad",
     NormSpec(
         **_built_by(lambda n, axis, m: _batchnorm(n, axis, m.BatchNormStopGrad)),

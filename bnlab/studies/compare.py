@@ -11,6 +11,7 @@ baseline arm at its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from bnlab.studies.results import UNSET, Group, Sweep, baseline_of  # noqa: F401 - part of this API
@@ -47,15 +48,20 @@ def _setting(group: Group, sweep: Sweep) -> dict[str, Any]:
     return {**group.setting, **{k: first.get(k, UNSET) for k in sweep.follows}}
 
 
-def _finals(group: Group, metric: str) -> list[float]:
-    values = [t.final(metric) for t in group.with_result()]
+def _finals(group: Group, value: Callable[[Any], float | None]) -> list[float]:
+    values = [value(t) for t in group.with_result()]
     return [v for v in values if v is not None]
 
 
 def against_baseline(
-    sweep: Sweep, baseline: dict[str, Any], metric: str = "accuracy"
+    sweep: Sweep,
+    baseline: dict[str, Any],
+    metric: str = "accuracy",
+    value: Callable[[Any], float | None] | None = None,
 ) -> dict[str, VsBaseline]:
-    """`group name -> VsBaseline` for every group that is not a baseline and has one."""
+    """`group name -> VsBaseline` for every group that is not a baseline and has one: the
+    final test `metric` of each trial, or `value(trial)`."""
+    value = value or (lambda t: t.final(metric))
     unknown = sorted(set(baseline) - set(sweep.varying) - set(sweep.follows))
     # A key every trial holds at the baseline's value (a grid cut to fewer arms) says nothing.
     same = {
@@ -84,7 +90,7 @@ def against_baseline(
             pairs.append((group, base))
     comparisons = {}
     for group, base in pairs:
-        a, b = _finals(group, metric), _finals(base, metric)
+        a, b = _finals(group, value), _finals(base, value)
         comparisons[group.name] = (base.name, welch(a, b) if min(len(a), len(b)) >= 2 else None)
     tested = [name for name, (_, c) in comparisons.items() if c is not None]
     adjusted = dict(zip(tested, holm([comparisons[n][1].p for n in tested]), strict=True))

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bnlab.studies import study_data
+from bnlab.studies import diag_table, study_data
 from bnlab.studies.compare import against_baseline, is_baseline
 from bnlab.studies.plots import FIGURES, Plot, all_figures
 from bnlab.studies.results import (
@@ -263,6 +263,7 @@ def render(sweep: Sweep, plots: list[Plot]) -> str:
         table_markdown(sweep, baseline),
         "",
         *_selection(sweep),
+        *diag_table.section(sweep),
         "## Trials that did not finish ok",
         "",
         *_not_ok(sweep),

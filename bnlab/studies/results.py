@@ -150,6 +150,7 @@ class Sweep:
     doc: str | None = None  # the experiment file's docstring
     baseline: dict[str, Any] | None = None  # its BASELINE (studies.compare)
     selection: dict[str, Any] | None = None  # selection.json of a selection phase
+    diag_table: list[str] | None = None  # its DIAG_TABLE: diagnostics' keys to tabulate
 
     def counts(self) -> dict[str, int]:
         """Trials per status, every status of STATUSES included."""
@@ -182,6 +183,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         ]
         spec["doc"] = _docstring(spec.get("experiment", ""))
         spec["baseline"] = baseline_of(spec.get("experiment", ""))
+        spec["diag_table"] = literal_of(spec.get("experiment", ""), "DIAG_TABLE")
         spec["selection"] = _read_json(path / "selection.json")
     elif (path / study_data.STUDY_FILE).is_file():
         spec = study_data.read(path)
@@ -207,6 +209,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         doc=spec.get("doc"),
         baseline=spec.get("baseline"),
         selection=spec.get("selection"),
+        diag_table=spec.get("diag_table"),
     )
 
 
@@ -217,22 +220,27 @@ def _docstring(experiment: str) -> str | None:
         return None
 
 
-def baseline_of(experiment: str | Path) -> dict[str, Any] | None:
-    """The experiment file's `BASELINE` literal (None when it declares none), read without
-    running the file."""
+def literal_of(experiment: str | Path, name: str) -> Any:
+    """The value of the experiment file's module-level literal `name` (None when it declares
+    none), read without running the file."""
     try:
         tree = ast.parse(Path(experiment).read_text())
     except (OSError, SyntaxError, ValueError):
         return None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "BASELINE" for t in node.targets
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
-            value = ast.literal_eval(node.value)
-            if not isinstance(value, dict):
-                raise ValueError(f"{experiment}: BASELINE must be a dict of dotted keys")
-            return value
+            return ast.literal_eval(node.value)
     return None
+
+
+def baseline_of(experiment: str | Path) -> dict[str, Any] | None:
+    """The experiment file's `BASELINE` literal (None when it declares none)."""
+    value = literal_of(experiment, "BASELINE")
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{experiment}: BASELINE must be a dict of dotted keys")
+    return value
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -72,9 +72,18 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def p_text(p: float) -> str:
+    """`p` to 2 significant digits, or 3 where 2 would round it onto the other side of `ALPHA`
+    (0.0497 reads `0.0497`, not `0.05`)."""
+    text = f"{p:.2g}"
+    return text if (float(text) < ALPHA) == (p < ALPHA) else f"{p:.3g}"
+
+
 def verdict(comparison: Comparison, p_adjusted: float | None = None) -> str:
     """`"+0.42 [0.10, 0.74], p=0.012"`, or `"indistinguishable (...)"` at p >= `ALPHA` (the
     adjusted p when given)."""
     p = comparison.p if p_adjusted is None else p_adjusted
-    text = f"{comparison.difference:+.4g} [{comparison.low:.4g}, {comparison.high:.4g}], p={p:.2g}"
+    text = (
+        f"{comparison.difference:+.4g} [{comparison.low:.4g}, {comparison.high:.4g}], p={p_text(p)}"
+    )
     return text if p < ALPHA else f"indistinguishable ({text})"

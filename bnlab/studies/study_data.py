@@ -36,6 +36,7 @@ def to_dict(sweep: Any) -> dict[str, Any]:
         "doc": sweep.doc,
         "baseline": sweep.baseline,
         "selection": sweep.selection,
+        **({"diag_table": sweep.diag_table} if sweep.diag_table else {}),
         "trials": [
             {
                 "trial_id": t.trial_id,

@@ -129,9 +129,10 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
     def epoch(state, values, images, labels, key, start, rng, steps, *, length):
         # The update reads the hyperparameters from the state; `values` only feed the logged lr.
         _, schedule = optimizer(values)
+        model = train_lib.build_model(trial_cfg(values))
         step_fn = functools.partial(
             train_lib.train_step,
-            model=train_lib.build_model(trial_cfg(values)),
+            model=model,
             tx=single.tx,
             schedule=schedule,
             extra_metrics=train_lib.norm_metrics(trial_cfg(values)),
@@ -147,6 +148,7 @@ def make_batched_programs(cfg: Config, num_train: int) -> BatchedPrograms:
             step_fn=step_fn,
             length=length,
             rng=rng,
+            refresh=train_lib.stats_refresh(trial_cfg(values), model),
         )
 
     def evaluate(params, batch_stats, values, images, labels):

@@ -18,7 +18,7 @@ from jax import lax
 from bnlab import data as data_lib
 from bnlab import optim
 from bnlab.config import Config, ConfigError
-from bnlab.nn import models, norms
+from bnlab.nn import model_config, models, norms, recalibrate
 from bnlab.training import parallel
 from bnlab.types import Array, BatchStats, Params
 
@@ -41,14 +41,15 @@ def build_model(cfg: Config) -> nn.Module:
     if par.mode != "none":
         devices = parallel.device_count(par, cfg.train.batch_size)
         axis = parallel.bn_axis(par, devices)
-        problems = norms.problems(
-            cfg, widths=models.NORM_WIDTHS[m.name], per_device_batch=cfg.train.batch_size // devices
-        )
+        per_device = cfg.train.batch_size // devices
+        widths = model_config.norm_widths(m)
+        problems = norms.problems(cfg, widths=widths, per_device_batch=per_device)
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     norm = norms.build(cfg, axis)
     kwargs = {"dropout": m.dropout}
     kwargs |= {"conv_impl": m.conv_impl, "dropout_conv": m.dropout_conv} if m.name == "cnn" else {}
+    kwargs |= {"hidden": model_config.norm_widths(m)} if m.name == "mlp" else {}
     return models.MODELS[m.name](
         norm=norm,
         kernel_norm=norms.build_kernel(cfg),
@@ -66,6 +67,43 @@ def norm_metrics(cfg: Config) -> Callable[[Array], Metrics] | None:
     if spec.step_metrics is None:
         return None
     return functools.partial(spec.step_metrics, cfg.norm)
+
+
+def stats_refresh(
+    cfg: Config, model: nn.Module
+) -> Callable[[TrainState, Array, Array], TrainState] | None:
+    """For a normalization whose statistics come from the data (`NormSpec.refresh`): `(state,
+    images, index) -> state` that, at the epoch's step `index` 0 and every `K`-th after it,
+    replaces the running statistics by the exact moments of each layer's inputs over the first
+    `N` examples of `images` (the whole training split, uint8) with the step's weights
+    (`bnlab.nn.recalibrate`), before the step trains. None for any other normalization.
+
+    The condition reads the step's index within the epoch, the same for every trial of a
+    vmapped group, so that the refresh stays a branch taken at those steps alone (a per-trial
+    condition would compute it at every step).
+    """
+    spec = norms.get(cfg.model.norm)
+    if spec.refresh is None:
+        return None
+    every, n = spec.refresh(cfg.norm)
+    chunk = max(d for d in range(1, min(n, 1000) + 1) if n % d == 0)
+
+    def refresh(state: TrainState, images: Array, index: Array) -> TrainState:
+        if images.shape[0] < n:
+            raise ConfigError(
+                f"norm.refresh_examples={n} exceeds the {images.shape[0]} training examples; "
+                "lower it or raise data.train_size"
+            )
+        sample = data_lib.to_float(images[:n])
+
+        def fresh(batch_stats):
+            variables = {"params": state.params, "batch_stats": batch_stats}
+            return recalibrate.recalibrate(model, variables, sample, batch_size=chunk)
+
+        stats = lax.cond(index % every == 0, fresh, lambda s: s, state.batch_stats)
+        return state._replace(batch_stats=stats)
+
+    return refresh
 
 
 def init_state(

@@ -29,6 +29,7 @@ from bnlab.training.step import (  # noqa: F401 - the step's names, re-exported
     global_norm,
     init_state,
     norm_metrics,
+    stats_refresh,
     step_rngs,
     train_step,
 )
@@ -55,6 +56,7 @@ def train_epoch(
     length: int | None = None,
     axis_name: str | None = None,
     rng: Array | None = None,
+    refresh: Callable[[TrainState, Array, Array], TrainState] | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Steps `[start, start + steps)` of the epoch that `key` shuffles, on device, with the
     metrics of every step.
@@ -71,6 +73,8 @@ def train_epoch(
       length: the buffer's (static) number of steps, >= steps; default `steps` (then static).
       axis_name: under a device map, each device gathers only its part of every batch.
       rng: the run's key for random layers, given to every step.
+      refresh: `(state, images, index in the epoch) -> state` before each step: statistics
+        from the data (`stats_refresh`), or None.
 
     Returns:
       `(state, metrics)`: metrics `f32[length]` each, the first `steps` filled, the rest 0.
@@ -86,6 +90,8 @@ def train_epoch(
         idx = lax.dynamic_index_in_dim(batches, start + i, keepdims=False)
         if axis_name is not None:
             idx = parallel.device_slice(idx, axis_name)
+        if refresh is not None:
+            state = refresh(state, images, start + i)
         return step_fn(state, (data_lib.to_float(images[idx]), labels[idx]), **extra)
 
     def body(carry):
@@ -277,7 +283,11 @@ def _epoch_program(cfg: Config, model, tx, schedule, steps_per_epoch: int):
         extra_metrics=norm_metrics(cfg),
     )
     epoch = functools.partial(
-        train_epoch, batch_size=cfg.train.batch_size, step_fn=step_fn, axis_name=axis_name
+        train_epoch,
+        batch_size=cfg.train.batch_size,
+        step_fn=step_fn,
+        axis_name=axis_name,
+        refresh=stats_refresh(cfg, model),
     )
     chunk = chunk_length(cfg, steps_per_epoch)
     first_chunk = None

@@ -143,3 +143,30 @@ def test_the_batch_must_split_into_whole_batches():
         )
     )
     assert problems and "not a multiple of diagnostics.hessian_data_batch_size=128" in problems[0]
+
+
+def test_vmapped_measurements_call_lapack_one_matrix_at_a_time(batch):  # noqa: F811
+    """jaxlib's batched CPU eigh/svd split a batch over XLA's thread pool and wait for it; two
+    at once on a 2-thread pool deadlocked a vmapped sweep. Every LAPACK call of the vmapped
+    hessian, hessian_data and rank program must be unbatched (`num_batch_dims="0"`)."""
+    from bnlab.diagnostics import common
+
+    a = jax.random.normal(jax.random.key(0), (3, 2, 5, 5))
+    a = a + jnp.swapaxes(a, -1, -2)
+    w, v = jax.vmap(jax.vmap(common.eigh))(a)
+    np.testing.assert_array_equal(w, jnp.linalg.eigh(a)[0])
+    np.testing.assert_array_equal(jnp.abs(v), jnp.abs(jnp.linalg.eigh(a)[1]))
+    np.testing.assert_allclose(
+        jax.vmap(common.singular_values)(a[0]), jnp.linalg.svd(a[0], compute_uv=False)
+    )
+    ctx = _ctx(batch, hessian_num_iters=8, hessian_top_k=2)
+    names = ("hessian", "hessian_data", "rank")
+
+    def fn(state, rng):
+        return diagnostics.measure(ctx._replace(state=state, rng=rng), names)
+
+    states = jax.tree.map(lambda x: jnp.stack([x, x, x]), ctx.state)
+    rngs = jax.random.split(ctx.rng, 3)
+    hlo = jax.jit(jax.vmap(fn)).lower(states, rngs).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack" in line]
+    assert calls and all('num_batch_dims="0"' in line for line in calls), calls[:2]

@@ -245,3 +245,34 @@ def test_the_report_names_the_split_that_chose_and_compares_each_arm_at_its_choi
         (row,) = [line for line in text.splitlines() if line.startswith(f"| {norm} | {lr} |")
                   and ("adaptive" in line) == ("clip=adaptive" in name)]  # fmt: skip
         assert row.endswith(f"| {verdict(c, adjusted[name])} |"), row
+
+
+SHARED_LR = """
+def sweep(chosen, smoke=False):
+    for arm in ("batchnorm", "none"):
+        shared = {"model.norm": arm, "opt.lr": 0.01}
+        for setting in [chosen[arm]] + [shared] * (chosen[arm] != shared):
+            for seed in (10, 11, 12):
+                yield {**setting, "train.seed": seed}
+
+BASELINE = {"model.norm": "none"}
+"""
+
+
+def test_a_setting_away_from_its_choice_is_compared_at_its_own_learning_rate(tmp_path):
+    """BN at its choice (0.3) against none at its own (0.03); BN at a shared 0.01 against none
+    at 0.01, not against none's choice."""
+    text = _study(tmp_path).read_text()
+    path = tmp_path / "shared.py"
+    path.write_text(text[: text.index("def sweep")] + SHARED_LR)
+    out = tmp_path / "out"
+    sweep.run_sweep(path, out, runner=_runner([]), engine="sequential", log=print)
+    from bnlab.studies.compare import against_baseline
+    from bnlab.studies.results import load_sweep
+
+    loaded = load_sweep(out)
+    pairs = {name: v.baseline for name, v in against_baseline(loaded, loaded.baseline).items()}
+    assert pairs == {
+        "norm=batchnorm, lr=0.3": "norm=none, lr=0.03",
+        "norm=batchnorm, lr=0.01": "norm=none, lr=0.01",
+    }

@@ -7,10 +7,49 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
+from jax import lax
+from jax.custom_batching import custom_vmap
 
 from bnlab.diagnostics.fields import split_names  # noqa: F401 - shared by the diagnostics
 from bnlab.types import Array, Params
+
+# Small LAPACK decompositions, one matrix at a time however they are vmapped. jaxlib's CPU kernels
+# split a batch of matrices over XLA's intra-op thread pool and wait for the parts; two such
+# batched calls running at once on a 2-thread pool (a vmapped sweep measuring `hessian` and
+# `hessian_data`, say) each hold a worker while waiting for the other's: the run hung at 0% CPU.
+# A batch is instead a loop (`lax.map`) of unbatched calls, which wait for nothing.
+
+
+@custom_vmap
+def eigh(a: Array) -> tuple[Array, Array]:
+    """`jnp.linalg.eigh(a)` of one symmetric matrix `a f32[m, m]`: `(eigenvalues ascending,
+    eigenvectors as columns)`; vmapped, one matrix after the other."""
+    w, v = jnp.linalg.eigh(a)
+    return w, v
+
+
+@eigh.def_vmap
+def _eigh_batched(axis_size, in_batched, a):
+    del axis_size
+    if not in_batched[0]:
+        return eigh(a), (False, False)
+    return lax.map(eigh, a), (True, True)
+
+
+@custom_vmap
+def singular_values(x: Array) -> Array:
+    """`jnp.linalg.svd(x, compute_uv=False)` of one matrix; vmapped, one after the other."""
+    return jnp.linalg.svd(x, compute_uv=False)
+
+
+@singular_values.def_vmap
+def _singular_values_batched(axis_size, in_batched, x):
+    del axis_size
+    if not in_batched[0]:
+        return singular_values(x), False
+    return lax.map(singular_values, x), True
 
 
 def measurement_rngs(key: Array) -> dict[str, Array]:

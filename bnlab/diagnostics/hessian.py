@@ -24,7 +24,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from matfree import decomp
 
-from bnlab.diagnostics.common import batch_loss, call_order
+from bnlab.diagnostics.common import batch_loss, call_order, eigh
 from bnlab.diagnostics.weight_norms import feeds_normalization
 from bnlab.schema import ConfigError
 from bnlab.types import Array, Params
@@ -66,7 +66,7 @@ def lanczos_quadrature(matvec: Matvec, v: Array, *, num_iters: int) -> tuple[Arr
     """
     tridiag = decomp.tridiag_sym(num_iters, reortho="full", custom_vjp=False)
     _, t, *_ = tridiag(lambda x: matvec(x), v)
-    nodes, vectors = jnp.linalg.eigh(t)
+    nodes, vectors = eigh(t)
     return nodes, vectors[0] ** 2
 
 

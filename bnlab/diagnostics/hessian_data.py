@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from matfree import decomp
 
-from bnlab.diagnostics.common import measurement_rngs, model_loss
+from bnlab.diagnostics.common import eigh, measurement_rngs, model_loss
 from bnlab.diagnostics.hessian import _check_sizes, hessian_matvec, in_units
 from bnlab.schema import ConfigError
 from bnlab.types import Array, Params
@@ -64,7 +64,7 @@ def data_loss(ctx: Any, batch_size: int):
                 params
             )
 
-        return jnp.mean(jax.lax.map(one, chunks))
+        return jnp.mean(jax.vmap(one)(chunks))
 
     return loss
 
@@ -96,7 +96,7 @@ def top_eigen(matvec, v: Array, num_iters: int) -> tuple[Array, Array, Array, Ar
     """Lanczos from `v`: `(nodes ascending, weights, Ritz vectors f32[n, iters] (columns, in
     the order of the nodes), residual norms ||H y_i - theta_i y_i||)`."""
     result = decomp.tridiag_sym(num_iters, reortho="full", custom_vjp=False)(matvec, v)
-    nodes, vectors = jnp.linalg.eigh(result.J_small)
+    nodes, vectors = eigh(result.J_small)
     residuals = jnp.linalg.norm(result.residual) * jnp.abs(vectors[-1])
     return nodes, vectors[0] ** 2, result.Q_tall.T @ vectors, residuals
 

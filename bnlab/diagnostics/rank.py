@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bnlab.diagnostics.common import measurement_rngs
+from bnlab.diagnostics.common import measurement_rngs, singular_values
 from bnlab.types import Array
 
 
@@ -23,7 +23,7 @@ def effective_rank(x: Array) -> Array:
     """`exp(entropy(s / sum(s)))` of the singular values `s` of `x` (B x ...) flattened to
     B x D; 0 for an all-zero `x`."""
     x = jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32)
-    s = jnp.linalg.svd(x, compute_uv=False)
+    s = singular_values(x)
     # Singular values below numpy's matrix_rank tolerance are rounding noise, not directions.
     s = jnp.where(s > jnp.max(s) * max(x.shape) * jnp.finfo(jnp.float32).eps, s, 0.0)
     total = jnp.sum(s)

@@ -6,7 +6,8 @@ An experiment file names its baseline arm with a module-level literal, e.g.
 values of the other varying keys and the baseline's values of these (at each learning rate, BN
 against no BN at that learning rate). In a study with a selection phase, the keys it chose
 per arm (each arm's own learning rate) are not matched: each arm at its choice against the
-baseline arm at its own.
+baseline arm at its own. A setting that runs another value of a chosen key (every arm at one
+shared learning rate, beside each at its own) is matched with the baseline arm at that value.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def tuned_keys(selection: dict[str, Any] | None) -> set[str]:
         rows = [row["overrides"] for row in entry["candidates"]]
         keys |= {k for k in rows[0] if len({repr(r.get(k)) for r in rows}) > 1}
     return keys
+
+
+def chosen_settings(selection: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The overrides each arm's selection chose."""
+    return [entry["chosen"] for entry in (selection or {}).get("arms", {}).values()]
+
+
+def _at_a_choice(group: Group, chosen: list[dict[str, Any]]) -> bool:
+    """Whether `group` runs some arm's chosen setting (every chosen override, same value)."""
+    first = group.trials[0].overrides
+    return any(all(k in first and first[k] == v for k, v in c.items()) for c in chosen)
 
 
 def is_baseline(group: Group, sweep: Sweep, baseline: dict[str, Any]) -> bool:
@@ -77,15 +89,21 @@ def against_baseline(
     # a chosen one (a clipping threshold that comes with the clipping the baseline replaces).
     ignored = tuned | {k for k, leader in sweep.follows.items() if leader in {*baseline, *tuned}}
     settings = {g.name: _setting(g, sweep) for g in sweep.groups}
+    chosen = chosen_settings(sweep.selection)
+    # A setting away from its arm's choice (the same learning rate for every arm, say) is
+    # matched at its own values of the chosen keys.
+    at_choice = {g.name: bool(tuned) and _at_a_choice(g, chosen) for g in sweep.groups}
 
-    def key(setting: dict[str, Any]) -> tuple:
-        return tuple(sorted(repr(kv) for kv in setting.items() if kv[0] not in ignored))
+    def key(setting: dict[str, Any], choice: bool) -> tuple:
+        skip = ignored if choice else ignored - tuned
+        return choice, tuple(sorted(repr(kv) for kv in setting.items() if kv[0] not in skip))
 
     bases = [g for g in sweep.groups if is_baseline(g, sweep, baseline)]
-    by_setting = {key(settings[g.name]): g for g in bases}
+    by_setting = {key(settings[g.name], at_choice[g.name]): g for g in bases}
     pairs = []
     for group in sweep.groups:
-        base = by_setting.get(key({**settings[group.name], **baseline}))
+        wanted = key({**settings[group.name], **baseline}, at_choice[group.name])
+        base = by_setting.get(wanted)
         if base is not None and base is not group:
             pairs.append((group, base))
     comparisons = {}

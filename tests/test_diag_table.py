@@ -87,3 +87,24 @@ def test_without_diag_table_nothing_is_added(study):
     (study / study_data.STUDY_FILE).write_text(json.dumps(data))
     assert diag_table.section(load_sweep(study)) == []
     assert "## Diagnostics" not in report.write_report(study).read_text()
+
+
+def test_values_at_matched_loss(study):
+    # Losses: BN falls to 0.2 at step 10; none stays at 0.5: the matched level is 0.5, which
+    # BN reaches at step 0 already (it starts there) and none at step 10.
+    data = json.loads((study / study_data.STUDY_FILE).read_text())
+    for t in data["trials"]:
+        first, last = t["records"]["diag"]
+        bn = t["overrides"]["model.norm"] == "batchnorm"
+        first["hessian/loss"], last["hessian/loss"] = (0.5, 0.2) if bn else (0.9, 0.5)
+    data["diag_match"] = "hessian/loss"
+    (study / study_data.STUDY_FILE).write_text(json.dumps(data))
+    sweep = load_sweep(study)
+    assert diag_table.match_target(sweep, "hessian/loss") == 0.5
+    text = "\n".join(diag_table.section(sweep))
+    assert "at matched `hessian/loss`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| batchnorm"))
+    bn_first = RANKS["batchnorm"][0]  # BN's value at matched loss is its step-0 value
+    assert row.count(f"{np.mean(bn_first):.4g} ± {np.std(bn_first, ddof=1):.4g}") == 2
+    steps = text.split("### Steps at matched")[1]
+    assert "| batchnorm | 0, 0, 0 |" in steps and "| none | 10, 10, 10 |" in steps

@@ -55,3 +55,20 @@ def test_a_p_value_never_reads_as_if_on_the_other_side_of_005():
     assert p_text(0.2) == "0.2" and p_text(2.4e-5) == "2.4e-05"
     c = results.welch([0.981, 0.979, 0.983, 0.980, 0.982], [0.975, 0.978, 0.970, 0.976, 0.974])
     assert results.verdict(c, p_adjusted=0.0497).endswith("p=0.0497")
+
+
+def test_paired_equals_scipys_related_t_test():
+    from scipy import stats
+
+    from bnlab.studies.significance import paired
+
+    running = [0.95, 0.97, 0.91, 0.96, 0.94]
+    recalibrated = [0.97, 0.98, 0.95, 0.965, 0.96]
+    c = paired(recalibrated, running)
+    ref = stats.ttest_rel(recalibrated, running)
+    np.testing.assert_allclose([c.t, c.p], [ref.statistic, ref.pvalue], rtol=1e-10)
+    interval = ref.confidence_interval(0.95)
+    np.testing.assert_allclose([c.low, c.high], [interval.low, interval.high], rtol=1e-10)
+    assert c.df == 4 and c.difference == pytest.approx(np.mean(recalibrated) - np.mean(running))
+    with pytest.raises(ValueError, match="same n"):
+        paired([1.0, 2.0], [1.0])

@@ -5,7 +5,9 @@ An experiment file names them with a module-level literal, e.g.
 the scalar keys of its diagnostics). For each matching key the report gets a table: per setting,
 mean ± std over the seeds at the first and at the last measurement, and with a `BASELINE` the
 last value's difference to the baseline setting's (Welch, 95% interval, Holm-adjusted over the
-table), as the final metrics have.
+table), as the final metrics have. With `DIAG_MATCH = "hessian_data/loss"` (a diagnostic key), each
+table also gives the value at matched loss: every trial at its first measurement where that
+key has fallen to a level every trial reaches, with the difference to the baseline there too.
 """
 
 from __future__ import annotations
@@ -41,14 +43,37 @@ def value_at(trial: Any, key: str, which: str) -> float | None:
     return float(values[0 if which == "first" else -1][1])
 
 
+def matched_step(trial: Any, match: str, target: float) -> int | None:
+    """The trial's first measurement step at which `match` is at most `target`."""
+    for r in trial.diag_records:
+        if match in r and r[match] <= target:
+            return r["step"]
+    return None
+
+
+def match_target(sweep: Sweep, match: str) -> float | None:
+    """The level of `match` that every trial with a result reaches: the largest of their
+    last values (each trial reaches its own last value, so every one reaches this)."""
+    lasts = [value_at(t, match, "last") for g in sweep.groups for t in g.with_result()]
+    lasts = [v for v in lasts if v is not None]
+    return max(lasts) if lasts else None
+
+
+def value_matched(trial: Any, key: str, match: str, target: float) -> float | None:
+    """The trial's `key` at its first measurement where `match` <= `target`."""
+    step = matched_step(trial, match, target)
+    values = [r[key] for r in trial.diag_records if r["step"] == step and key in r]
+    return float(values[0]) if values else None
+
+
 def steps(sweep: Sweep, key: str) -> tuple[int, int]:
     """The first and last step at which any trial measured `key`."""
     found = [r["step"] for t in sweep.trials for r in t.diag_records if key in r]
     return min(found), max(found)
 
 
-def _stats(group, key: str, which: str) -> Stats:
-    values = [value_at(t, key, which) for t in group.with_result()]
+def _stats(group, value) -> Stats:
+    values = [value(t) for t in group.with_result()]
     return summarize([v for v in values if v is not None])
 
 
@@ -70,33 +95,60 @@ def section(sweep: Sweep) -> list[str]:
         "Per setting, each diagnostic at the first and the last step it was measured: mean ± "
         "sample standard deviation over the seeds that finished with a result"
         + (
-            "; the last value's difference to the baseline setting's, with its 95% interval "
-            "(Welch) and the Holm-adjusted p over the table."
+            "; the difference of each later column to the baseline setting's, with its 95% "
+            "interval (Welch) and the Holm-adjusted p over that column."
             if sweep.baseline
             else "."
         ),
         "",
     ]
+    match = sweep.diag_match
+    target = match_target(sweep, match) if match else None
+    if target is not None:
+        lines += [
+            f"At matched `{match}`: each trial at its first measurement where `{match}` <= "
+            f"{target:.4g}, the level every trial reaches (the largest of their last values); "
+            "the steps those are at, per setting, in the last table.",
+            "",
+        ]
     for key in names:
-        first, last = steps(sweep, key)
-        versus = None
-        if sweep.baseline:
-            versus = against_baseline(
-                sweep, sweep.baseline, value=lambda t, key=key: value_at(t, key, "last")
-            )
-        header = [f"`{k}`" for k in sweep.varying]
-        header += [f"step {first}", f"step {last}"]
-        header += [f"step {last} - baseline [95% CI], Holm p"] if versus is not None else []
-        lines += [f"### `{key}`", "", "| " + " | ".join(header) + " |"]
-        lines.append("|" + " --- |" * len(header))
+        lines += _key_table(sweep, key, match, target)
+    if target is not None:
+        lines += [f"### Steps at matched `{match}`", "", "| "]
+        lines[-1] += " | ".join([*(f"`{k}`" for k in sweep.varying), "steps"]) + " |"
+        lines.append("|" + " --- |" * (len(sweep.varying) + 1))
         for group in sweep.groups:
+            found = [matched_step(t, match, target) for t in group.with_result()]
             cells = [format_value(group.setting[k]) for k in sweep.varying]
-            cells += [_cell(_stats(group, key, "first")), _cell(_stats(group, key, "last"))]
-            if versus is not None:
-                base = is_baseline(group, sweep, sweep.baseline)
-                cells.append(_versus(versus.get(group.name), base))
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            cells.append(", ".join(str(s) for s in found if s is not None) or "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def _key_table(sweep: Sweep, key: str, match: str | None, target: float | None) -> list[str]:
+    first, last = steps(sweep, key)
+    columns = {
+        f"step {first}": lambda t: value_at(t, key, "first"),
+        f"step {last}": lambda t: value_at(t, key, "last"),
+    }
+    if target is not None:
+        columns[f"at matched `{match}`"] = lambda t: value_matched(t, key, match, target)
+    versus = {}
+    if sweep.baseline:
+        for name in list(columns)[1:]:
+            versus[name] = against_baseline(sweep, sweep.baseline, value=columns[name])
+    header = [f"`{k}`" for k in sweep.varying] + list(columns)
+    header += [f"{name} - baseline [95% CI], Holm p" for name in versus]
+    lines = [f"### `{key}`", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + " --- |" * len(header))
+    for group in sweep.groups:
+        cells = [format_value(group.setting[k]) for k in sweep.varying]
+        cells += [_cell(_stats(group, value)) for value in columns.values()]
+        base = sweep.baseline and is_baseline(group, sweep, sweep.baseline)
+        cells += [_versus(v.get(group.name), base) for v in versus.values()]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
     return lines
 
 

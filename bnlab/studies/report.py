@@ -31,6 +31,7 @@ from bnlab.studies.results import (
     short_names,
     verdict,
 )
+from bnlab.studies.significance import holm, paired
 
 __all__ = ["all_figures", "load_sweep", "render", "table", "table_markdown", "write_report"]
 
@@ -56,6 +57,20 @@ def table(sweep: Sweep) -> list[dict[str, Any]]:
             row["recalibrated_accuracy"] = group.stats("accuracy", CONFIDENCE, "recalibrated")
         rows.append(row)
     return rows
+
+
+def recalibration_gains(sweep: Sweep) -> dict[str, tuple[Any, float]]:
+    """`group name -> (paired comparison, Holm p)`: per setting, test accuracy with recalibrated
+    statistics against the running statistics of the same trials (the same weights), a paired
+    t test over the seeds with both, Holm-adjusted over the settings."""
+    tests = {}
+    for group in sweep.groups:
+        pairs = [(t.final("accuracy", "recalibrated"), t.final("accuracy")) for t in group.trials]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if len(pairs) >= 2:
+            tests[group.name] = paired([a for a, _ in pairs], [b for _, b in pairs])
+    adjusted = holm([c.p for c in tests.values()])
+    return {name: (c, p) for (name, c), p in zip(tests.items(), adjusted, strict=True)}
 
 
 def _has_recalibrated(sweep: Sweep) -> bool:
@@ -98,6 +113,8 @@ def table_markdown(sweep: Sweep, baseline: dict[str, Any] | None = None) -> str:
     header += ["test loss, mean ± std", f"loss {level} CI"]
     recalibrated = _has_recalibrated(sweep)
     header += ["test accuracy, recalibrated statistics"] if recalibrated else []
+    header += ["recalibrated - running [95% CI], paired, Holm p"] if recalibrated else []
+    gains = recalibration_gains(sweep) if recalibrated else {}
     header += [f"test accuracy - baseline [{level} CI], Holm p"] if versus is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for group, row in zip(sweep.groups, table(sweep), strict=True):
@@ -107,6 +124,9 @@ def table_markdown(sweep: Sweep, baseline: dict[str, Any] | None = None) -> str:
         for metric in ("accuracy", "loss"):
             cells += [_mean_std(row[metric]), _interval(row[metric])]
         cells += [_mean_std(row["recalibrated_accuracy"])] if recalibrated else []
+        if recalibrated:
+            gain = gains.get(group.name)
+            cells.append("n/a (< 2 recalibrated seeds)" if gain is None else verdict(*gain))
         if versus is not None:
             cells.append(_versus(versus.get(group.name), is_baseline(group, sweep, baseline)))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

@@ -151,6 +151,7 @@ class Sweep:
     baseline: dict[str, Any] | None = None  # its BASELINE (studies.compare)
     selection: dict[str, Any] | None = None  # selection.json of a selection phase
     diag_table: list[str] | None = None  # its DIAG_TABLE: diagnostics' keys to tabulate
+    diag_match: str | None = None  # its DIAG_MATCH: the diagnostic key to match them at
 
     def counts(self) -> dict[str, int]:
         """Trials per status, every status of STATUSES included."""
@@ -184,6 +185,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         spec["doc"] = _docstring(spec.get("experiment", ""))
         spec["baseline"] = baseline_of(spec.get("experiment", ""))
         spec["diag_table"] = literal_of(spec.get("experiment", ""), "DIAG_TABLE")
+        spec["diag_match"] = literal_of(spec.get("experiment", ""), "DIAG_MATCH")
         spec["selection"] = _read_json(path / "selection.json")
     elif (path / study_data.STUDY_FILE).is_file():
         spec = study_data.read(path)
@@ -210,6 +212,7 @@ def load_sweep(directory: str | os.PathLike) -> Sweep:
         baseline=spec.get("baseline"),
         selection=spec.get("selection"),
         diag_table=spec.get("diag_table"),
+        diag_match=spec.get("diag_match"),
     )
 
 

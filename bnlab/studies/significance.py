@@ -60,6 +60,31 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Compar
     return Comparison(difference, difference - half, difference + half, p, float(df), float(t))
 
 
+def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Comparison:
+    """The paired t test of `a` against `b` (two measurements of the same seeds, in the same
+    order: recalibrated and running statistics on the same weights), as
+    `scipy.stats.ttest_rel(a, b)`: the mean difference, its interval, p, df = n - 1, t.
+
+    Raises:
+      ValueError: samples of different lengths, or fewer than two pairs.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(
+            f"a paired t test needs two samples of the same n >= 2 ({a.size}, {b.size})"
+        )
+    d = a - b
+    difference, se, df = float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), d.size - 1
+    if se == 0.0:
+        p = 1.0 if difference == 0.0 else 0.0
+        return Comparison(difference, difference, difference, p, float(df),
+                          math.copysign(math.inf, difference) if difference else 0.0)  # fmt: skip
+    t = difference / se
+    half = float(scipy.stats.t.ppf((1 + level) / 2, df)) * se
+    p = float(2 * scipy.stats.t.sf(abs(t), df))
+    return Comparison(difference, difference - half, difference + half, p, float(df), t)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-adjusted p values, in the order given: the i-th smallest of m is multiplied by
     `m - i` (i from 0), made non-decreasing in that order, and capped at 1."""

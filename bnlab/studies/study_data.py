@@ -37,6 +37,7 @@ def to_dict(sweep: Any) -> dict[str, Any]:
         "baseline": sweep.baseline,
         "selection": sweep.selection,
         **({"diag_table": sweep.diag_table} if sweep.diag_table else {}),
+        **({"diag_match": sweep.diag_match} if sweep.diag_match else {}),
         "trials": [
             {
                 "trial_id": t.trial_id,

@@ -170,3 +170,35 @@ def test_vmapped_measurements_call_lapack_one_matrix_at_a_time(batch):  # noqa: 
     hlo = jax.jit(jax.vmap(fn)).lower(states, rngs).compile().as_text()
     calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack" in line]
     assert calls and all('num_batch_dims="0"' in line for line in calls), calls[:2]
+
+
+def test_landscape_in_scale_invariant_units_ignores_a_rescaled_kernel(batch):  # noqa: F811
+    ctx = _ctx(batch)
+    params = ctx.state.params
+    kernel = params["dense0"]["kernel"]
+    bigger = {**params, "dense0": {**params["dense0"], "kernel": 3 * kernel}}
+    rescaled = ctx._replace(state=ctx.state._replace(params=bigger))
+    fields = {"landscape_scale": "absolute", "landscape_step_sizes": (0.05, 0.1, 0.2)}
+    keys = ("loss_range", "grad_predictiveness", "beta_smoothness")
+
+    def measure(c, units):
+        out = measured(c._replace(cfg=run_config(**fields, landscape_units=units)), "landscape")
+        return np.array([out[f"landscape/{k}"] for k in keys])
+
+    si, si_rescaled = measure(ctx, "scale_invariant"), measure(rescaled, "scale_invariant")
+    np.testing.assert_allclose(si_rescaled, si, rtol=5e-3)  # up to BN's epsilon, as above
+    raw, raw_rescaled = measure(ctx, "raw"), measure(rescaled, "raw")
+    assert not np.allclose(raw_rescaled, raw, rtol=5e-2)
+    # In u = w / ||W|| the steps and gradients are those of D: by hand for the loss range.
+    norm = jnp.linalg.norm(kernel)
+    scales = jax.tree.map(lambda x: jnp.ones(()), params)
+    scales["dense0"] = {**scales["dense0"], "kernel": norm}
+    loss = hessian_data.data_loss(ctx._replace(batch=ctx.batch), 32)
+
+    def loss_u(u):
+        return loss(jax.tree.map(jnp.multiply, u, scales))
+
+    u = jax.tree.map(jnp.divide, params, scales)
+    g = jax.grad(loss_u)(u)
+    values = [loss_u(jax.tree.map(lambda a, b, e=e: a - e * b, u, g)) for e in (0.05, 0.1, 0.2)]
+    np.testing.assert_allclose(si[0], max(values) - min(values), rtol=1e-3)

@@ -112,10 +112,11 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("norm", ["batch_renorm", "noisy_batchnorm"])
+@pytest.mark.parametrize("norm", ["batch_renorm", "noisy_batchnorm", "population_batchnorm_data"])
 def test_resume_is_bit_identical(norm, tmp_path, tfds_dir):
-    """The renorm counter and the noise derive from the state and the run's key: a run resumed
-    from its checkpoint at step 6 (mid-epoch) ends as the uninterrupted one."""
+    """The renorm counter, the noise and the statistics' refresh steps derive from the state,
+    the run's key and the step's index in its epoch: a run resumed from its checkpoint at step
+    6 (mid-epoch) ends as the uninterrupted one."""
     cfg = _config(tfds_dir, norm, **{"train.epochs": 2, "checkpoint.every_steps": 2})
     reference = tmp_path / "reference"
     run.run(cfg, reference)

@@ -29,6 +29,7 @@ ACTIVATIONS = {
 }
 
 SCALES = ("lr", "lr_now", "absolute")
+UNITS = ("raw", "scale_invariant")
 
 
 def _step_sizes_problem(v: tuple) -> str | None:
@@ -50,10 +51,16 @@ LANDSCAPE = {
         '(of the learning rate in force at that step) | "absolute"',
         choices=SCALES,
     ),
+    "landscape_units": field(
+        "raw",
+        'landscape: "raw" | "scale_invariant" (the loss in coordinates u = w / ||W|| for each '
+        "kernel that feeds a normalization: unchanged when such a kernel is rescaled; "
+        'pair it with landscape_scale="absolute")',
+        choices=UNITS,
+    ),
 }
 
 STATISTICS = ("batch", "running")
-UNITS = ("raw", "scale_invariant")
 
 HESSIAN = {
     "hessian_top_k": field(5, "hessian: how many top eigenvalues", check=schema.at_least(1)),

@@ -24,7 +24,8 @@ reorthogonalization) from `hessian_data_num_probes` Gaussian probes of
   (Cohen et al. 2021; with momentum beta the limit is at `1 + beta`), in raw units only;
 - `loss`: the mean loss itself (to compare runs at matched training loss).
 
-In `hessian_data_units="scale_invariant"` every quantity is that of `D H D` (`hessian.in_units`).
+In `hessian_data_units="scale_invariant"` every quantity is that of `D H D`
+(`weight_norms.in_units`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from jax.flatten_util import ravel_pytree
 from matfree import decomp
 
 from bnlab.diagnostics.common import eigh, measurement_rngs, model_loss
-from bnlab.diagnostics.hessian import _check_sizes, hessian_matvec, in_units
+from bnlab.diagnostics.hessian import _check_sizes, hessian_matvec
+from bnlab.diagnostics.weight_norms import in_units
 from bnlab.schema import ConfigError
 from bnlab.types import Array, Params
 

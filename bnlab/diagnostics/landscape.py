@@ -13,6 +13,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from bnlab.diagnostics.common import batch_loss, learning_rate
+from bnlab.diagnostics.weight_norms import in_units
 from bnlab.types import Array, Params
 
 
@@ -78,6 +79,9 @@ def step_sizes(ctx: Any) -> Array:
 
 def measure(ctx: Any) -> dict[str, Array]:
     """The landscape measures at the state's weights on the fixed batch, BN in training mode,
-    and `step_scale`, the factor its step sizes were multiplied by (recorded)."""
-    out = landscape_measures(batch_loss(ctx), ctx.state.params, step_sizes(ctx))
+    and `step_scale`, the factor its step sizes were multiplied by (recorded); in
+    `landscape_units="scale_invariant"`, of the loss in the coordinates `u = D^-1 w` of
+    `weight_norms.in_units` (steps `u - eta grad_u`, gradients `grad_u = D grad_w`)."""
+    loss_fn, params = in_units(ctx, batch_loss(ctx), ctx.cfg.diagnostics.landscape_units)
+    out = landscape_measures(loss_fn, params, step_sizes(ctx))
     return {**out, "step_scale": step_scale(ctx)}

@@ -11,14 +11,16 @@ normalization does not have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from bnlab.diagnostics.common import call_order
 from bnlab.nn.model_config import NORM_MODULE
-from bnlab.types import Array
+from bnlab.types import Array, Params
 
 
 def feeds_normalization(params: Any, order: tuple[str, ...]) -> dict[str, bool]:
@@ -50,3 +52,39 @@ def measure(ctx: Any) -> dict[str, Array]:
         if normalized:
             out[f"{name}/effective_lr"] = jnp.asarray(ctx.lr, jnp.float32) / jnp.square(norm)
     return out
+
+
+def kernel_scales(ctx: Any) -> Params:
+    """A pytree like `ctx.state.params`: `||W||` (Frobenius) at each kernel that feeds a
+    normalization (`weight_norms.feeds_normalization`), 1 everywhere else."""
+    params = ctx.state.params
+    variables = {"params": params, "batch_stats": ctx.state.batch_stats}
+    order = call_order(ctx.model, variables, ctx.batch[0])
+    scales = jax.tree.map(lambda x: jnp.ones((), x.dtype), params)
+    for name, normalized in feeds_normalization(params, order).items():
+        if normalized:
+            scales[name] = {**scales[name], "kernel": optax.tree.norm(params[name]["kernel"])}
+    return scales
+
+
+def in_units(
+    ctx: Any, loss_fn: Callable[[Params], Array], units: str
+) -> tuple[Callable[[Params], Array], Params]:
+    """`(loss, params)` whose Hessian is the one to measure in `units`.
+
+    `"raw"`: `loss_fn` at `ctx.state.params`. `"scale_invariant"`: the loss of `u` with
+    `w = D u`, at `u = D^-1 w`, `D` = `kernel_scales` (per kernel that feeds a normalization,
+    its norm): its Hessian is `D H D` and its gradient `D g`. A kernel `W` that a
+    normalization follows leaves the loss unchanged when rescaled, while its block of `H`
+    scales as `1/||W||^2`; in these units the spectrum is the same for every rescaling of
+    such kernels (van Laarhoven 2017; Arora et al. 2019), so a run whose kernels grow
+    (BN's) and one whose kernels do not are compared on the same footing.
+    """
+    if units == "raw":
+        return loss_fn, ctx.state.params
+    scales = kernel_scales(ctx)
+
+    def loss_u(u):
+        return loss_fn(jax.tree.map(jnp.multiply, u, scales))
+
+    return loss_u, jax.tree.map(jnp.divide, ctx.state.params, scales)

@@ -168,7 +168,7 @@ def test_vmapped_measurements_call_lapack_one_matrix_at_a_time(batch):  # noqa: 
     states = jax.tree.map(lambda x: jnp.stack([x, x, x]), ctx.state)
     rngs = jax.random.split(ctx.rng, 3)
     hlo = jax.jit(jax.vmap(fn)).lower(states, rngs).compile().as_text()
-    calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack" in line]
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="lapack' in line]
     assert calls and all('num_batch_dims="0"' in line for line in calls), calls[:2]
 
 

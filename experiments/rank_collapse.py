@@ -15,7 +15,8 @@ held-out examples). Confirmation: each arm at its choice with seeds 10-14; test 
 the ranks, BN against none at each activation and depth (Welch, Holm-adjusted).
 Command: bnlab sweep experiments/rank_collapse.py --workdir runs/rank_collapse &&
   bnlab report runs/rank_collapse --data docs/studies/rank_collapse
-Runtime: see docs/studies/rank_collapse/report.md.
+Runtime: 628 s on the 2-core CPU (144 selection and 60 confirmation trials, vmapped),
+2026-12-08.
 Expected: without BN the last block's rank near 1 at depth 50 and lower with depth; with BN
 tens at every depth; the deep unnormalized networks train worse.
 """

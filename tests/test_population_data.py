@@ -107,3 +107,27 @@ def test_registered_with_its_fields_and_refuses_more_examples_than_the_split():
     model, state, images, labels, epoch = _setup(_cfg(**{"norm.refresh_examples": "500"}))
     with pytest.raises(config.ConfigError, match="norm.refresh_examples=500 exceeds the 120"):
         epoch(state, images, labels, jax.random.key(3), 0, 1, length=1)
+
+
+def test_a_measurement_at_a_refresh_step_sees_the_statistics_that_step_trains_with():
+    """At step 0 the state still holds the initial 0/1 statistics; the diagnostics measure
+    the network as the first step trains it, with the data's statistics."""
+    from bnlab import data, diagnostics
+    from bnlab.training import run
+
+    cfg = _cfg(**{"diagnostics.names": "activations", "diagnostics.batch_size": "40"})
+    model, state, images, labels, _ = _setup(cfg)
+    train_set = data.Dataset(images, labels)
+    tx = optax.sgd(0.5)
+    diagnose = run.diagnose_program(cfg, model, tx, train_set, jax.random.key(4))["diagnose"]
+    got = diagnose(state, 0)
+    fresh = state._replace(batch_stats=_data_stats(model, state, images))
+    batch = (images[:40].astype(jnp.float32) / 255.0, labels[:40])
+    key = diagnostics.measurement_key(jax.random.key(4), 0)
+    ctx = diagnostics.Context(model, tx, fresh, batch, key, cfg, jnp.float32(0.5))
+    want = diagnostics.measure(ctx, ("activations",))
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    stale = diagnostics.measure(ctx._replace(state=state), ("activations",))
+    assert not np.allclose(got["activations/block0/std"], stale["activations/block0/std"])

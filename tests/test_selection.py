@@ -250,21 +250,23 @@ def test_the_report_names_the_split_that_chose_and_compares_each_arm_at_its_choi
 SHARED_LR = """
 def sweep(chosen, smoke=False):
     for arm in ("batchnorm", "none"):
-        shared = {"model.norm": arm, "opt.lr": 0.01}
+        shared = {{"model.norm": arm, "opt.lr": {shared}}}
         for setting in [chosen[arm]] + [shared] * (chosen[arm] != shared):
             for seed in (10, 11, 12):
-                yield {**setting, "train.seed": seed}
+                yield {{**setting, "train.seed": seed}}
 
-BASELINE = {"model.norm": "none"}
+BASELINE = {{"model.norm": "none"}}
 """
 
 
-def test_a_setting_away_from_its_choice_is_compared_at_its_own_learning_rate(tmp_path):
-    """BN at its choice (0.3) against none at its own (0.03); BN at a shared 0.01 against none
-    at 0.01, not against none's choice."""
+@pytest.mark.parametrize("shared", [0.01, 0.03])
+def test_a_setting_away_from_its_choice_is_compared_at_its_own_learning_rate(tmp_path, shared):
+    """BN at its choice (0.3) against none at its own (0.03); BN at a shared learning rate
+    against none at that rate, not against none's choice (0.01), or against none's choice
+    where that is the shared rate (0.03)."""
     text = _study(tmp_path).read_text()
     path = tmp_path / "shared.py"
-    path.write_text(text[: text.index("def sweep")] + SHARED_LR)
+    path.write_text(text[: text.index("def sweep")] + SHARED_LR.format(shared=shared))
     out = tmp_path / "out"
     sweep.run_sweep(path, out, runner=_runner([]), engine="sequential", log=print)
     from bnlab.studies.compare import against_baseline
@@ -274,5 +276,5 @@ def test_a_setting_away_from_its_choice_is_compared_at_its_own_learning_rate(tmp
     pairs = {name: v.baseline for name, v in against_baseline(loaded, loaded.baseline).items()}
     assert pairs == {
         "norm=batchnorm, lr=0.3": "norm=none, lr=0.03",
-        "norm=batchnorm, lr=0.01": "norm=none, lr=0.01",
+        f"norm=batchnorm, lr={shared}": f"norm=none, lr={shared}",
     }

@@ -53,6 +53,7 @@ def test_a_p_value_never_reads_as_if_on_the_other_side_of_005():
 
     assert p_text(0.0497) == "0.0497" and p_text(0.012) == "0.012" and p_text(0.05) == "0.05"
     assert p_text(0.2) == "0.2" and p_text(2.4e-5) == "2.4e-05"
+    assert p_text(0.04996) == "0.04996" and p_text(0.049999) == "0.049999"
     c = results.welch([0.981, 0.979, 0.983, 0.980, 0.982], [0.975, 0.978, 0.970, 0.976, 0.974])
     assert results.verdict(c, p_adjusted=0.0497).endswith("p=0.0497")
 

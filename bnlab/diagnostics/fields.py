@@ -83,7 +83,8 @@ HESSIAN = {
     "hessian_units": field(
         "raw",
         'hessian: "raw" | "scale_invariant" (each kernel that feeds a normalization scaled '
-        "by its norm: the eigenvalues of D H D, unchanged when such a kernel is rescaled)",
+        "by its norm: the eigenvalues of D H D, unchanged when such a kernel is rescaled where "
+        "batch statistics follow it; see weight_norms.in_units)",
         choices=UNITS,
     ),
 }

@@ -17,7 +17,10 @@ reorthogonalization) from `hessian_data_num_probes` Gaussian probes of
   weight (v.u)^2/||v||^2, about 1/n, while a node inside the bulk stands for about n/iters
   of them; the light nodes at the bulk's end are not resolved;
 - `outliers`: the first probe's Ritz values above the edge (Ghorbani et al.'s outliers: light,
-  resolved, separated from the bulk);
+  resolved, separated from the bulk). A count, not a spectrum: it is as fine as the Lanczos
+  resolution (a tail of resolved eigenvalues above a dense bulk counts whole), and two nearly
+  equal top eigenvalues can leave the upper one unresolved, which moves the edge above both;
+  read it beside `top_eigenvalues` and the density;
 - `gradient_fraction`: `||P_k g||^2 / ||g||^2`, the share of the gradient in the span of the
   top-k Ritz vectors (Gur-Ari et al. 2018 find it near 1 after a few steps);
 - `edge_of_stability`: `lr_t * lambda_max / 2`, 1 at gradient descent's stability limit
@@ -61,12 +64,14 @@ def data_loss(ctx: Any, batch_size: int):
     rngs = measurement_rngs(ctx.rng)
 
     def loss(params: Params) -> Array:
-        def one(batch):
-            return model_loss(ctx.model, ctx.state.batch_stats, *batch, train=True, rngs=rngs)(
+        def one(batch, i):
+            # Each batch its own dropout mask and noise, as consecutive training steps draw.
+            own = {name: jax.random.fold_in(key, i) for name, key in rngs.items()}
+            return model_loss(ctx.model, ctx.state.batch_stats, *batch, train=True, rngs=own)(
                 params
             )
 
-        return jnp.mean(jax.vmap(one)(chunks))
+        return jnp.mean(jax.vmap(one)(chunks, jnp.arange(n // batch_size)))
 
     return loss
 

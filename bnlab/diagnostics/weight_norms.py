@@ -79,6 +79,12 @@ def in_units(
     scales as `1/||W||^2`; in these units the spectrum is the same for every rescaling of
     such kernels (van Laarhoven 2017; Arora et al. 2019), so a run whose kernels grow
     (BN's) and one whose kernels do not are compared on the same footing.
+
+    Exact where the loss is invariant: batch statistics after the layer (BN and its
+    batch-statistics variants, `placement="before"`). Not where it is not: a normalization
+    after the nonlinearity (`placement="after"`), per-example normalizations (LayerNorm,
+    GroupNorm) of a layer with a bias, or fixed statistics (`hessian_statistics="running"`,
+    the population variants); there these units rescale without the invariance.
     """
     if units == "raw":
         return loss_fn, ctx.state.params

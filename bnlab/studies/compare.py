@@ -100,6 +100,8 @@ def against_baseline(
 
     bases = [g for g in sweep.groups if is_baseline(g, sweep, baseline)]
     by_setting = {key(settings[g.name], at_choice[g.name]): g for g in bases}
+    for g in bases:  # a baseline at its choice is also the baseline at that value
+        by_setting.setdefault(key(settings[g.name], False), g)
     pairs = []
     for group in sweep.groups:
         wanted = key({**settings[group.name], **baseline}, at_choice[group.name])

@@ -98,10 +98,13 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def p_text(p: float) -> str:
-    """`p` to 2 significant digits, or 3 where 2 would round it onto the other side of `ALPHA`
-    (0.0497 reads `0.0497`, not `0.05`)."""
-    text = f"{p:.2g}"
-    return text if (float(text) < ALPHA) == (p < ALPHA) else f"{p:.3g}"
+    """`p` to 2 significant digits, or as many more as it takes not to round it onto the other
+    side of `ALPHA` (0.0497 reads `0.0497`, 0.04996 `0.04996`, never `0.05`)."""
+    for digits in range(2, 17):
+        text = f"{p:.{digits}g}"
+        if (float(text) < ALPHA) == (p < ALPHA):
+            return text
+    return repr(p)
 
 
 def verdict(comparison: Comparison, p_adjusted: float | None = None) -> str:

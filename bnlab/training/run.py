@@ -298,9 +298,17 @@ def diagnose_program(cfg: Config, model, tx, train_set, rng, *, trials: bool = F
         train_set.labels[: d.batch_size],
     )
 
-    total = train_set.size // cfg.train.batch_size * cfg.train.epochs
+    steps_per_epoch = train_set.size // cfg.train.batch_size
+    total = steps_per_epoch * cfg.train.epochs
+    # Statistics from the data are recomputed before a refresh step trains (`stats_refresh`):
+    # a measurement at that step sees them as that step will, not the previous ones (at step
+    # 0, not the initial 0/1).
+    refresh = train_lib.stats_refresh(cfg, model)
+    refresh_images = None if refresh is None else train_set.images[: refresh.examples]
 
     def measure(state, run_rng, step, names):
+        if refresh is not None:
+            state = refresh(state, refresh_images, step % steps_per_epoch)
         lr = optim.lr_now(cfg.opt, state.opt_state, state.step, total)
         key = diagnostics.measurement_key(run_rng, step)
         ctx = diagnostics.Context(model, tx, state, batch, key, cfg, lr)

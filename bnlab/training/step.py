@@ -103,6 +103,7 @@ def stats_refresh(
         stats = lax.cond(index % every == 0, fresh, lambda s: s, state.batch_stats)
         return state._replace(batch_stats=stats)
 
+    refresh.examples = n  # type: ignore[attr-defined]  # the first N images are all it reads
     return refresh
 
 

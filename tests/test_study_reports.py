@@ -14,7 +14,7 @@ STUDIES = ROOT / "docs" / "studies"
 # traced yet. Each leaves this list when its study is re-run and its study.json committed;
 # docs/results.md marks their verdicts as not yet traceable.
 UNTRACEABLE = frozenset({
-    "bn_paper_fig1", "depth_gradients",
+    "depth_gradients",
     "optimizers", "plateau", "regularization",
     "regularization_select", "santurkar_ics", "schedules_and_clipping", "seed_cnn_binary",
     "small_batch",

@@ -122,9 +122,11 @@ def measure(ctx: Any) -> dict[str, Array]:
     probes = jax.random.normal(
         jax.random.fold_in(ctx.rng, 3), (d.hessian_data_num_probes, n), flat.dtype
     )
-    nodes, weights, ritz, residuals = jax.vmap(
-        lambda v: top_eigen(matvec, v, d.hessian_data_num_iters)
-    )(probes)
+    # One probe after the other: a Hessian-vector product already runs every batch at once,
+    # and a CNN over 10,240 examples holds that much in its backward pass per probe.
+    nodes, weights, ritz, residuals = jax.lax.map(
+        lambda v: top_eigen(matvec, v, d.hessian_data_num_iters), probes
+    )
     edge = bulk_edge(nodes, weights, residuals, n, d.hessian_data_bulk_weight)
     top = nodes[0, ::-1][:k]
     basis = ritz[0][:, ::-1][:, :k]  # orthonormal: the top-k Ritz vectors of the first probe

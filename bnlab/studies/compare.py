@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from bnlab.studies.results import UNSET, Group, Sweep, baseline_of  # noqa: F401 - part of this API
-from bnlab.studies.significance import Comparison, holm, welch
+from bnlab.studies.significance import Comparison, holm, verdict, welch
 
 
 class VsBaseline(NamedTuple):
@@ -117,3 +117,12 @@ def against_baseline(
     return {
         name: VsBaseline(base, c, adjusted.get(name)) for name, (base, c) in comparisons.items()
     }
+
+
+def versus_text(v: VsBaseline | None, base: bool) -> str:
+    """A report cell for one setting against its baseline: its verdict, or why there is none."""
+    if v is None:
+        return "baseline" if base else "no baseline setting to compare with"
+    if v.comparison is None:
+        return f"n/a (< 2 results in this arm or {v.baseline})"
+    return verdict(v.comparison, v.p_holm)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-from bnlab.studies.compare import against_baseline, is_baseline
+from bnlab.studies.compare import against_baseline, is_baseline, versus_text
 from bnlab.studies.results import Stats, Sweep, format_value, summarize
-from bnlab.studies.significance import ALPHA, p_text
 
 
 def keys(sweep: Sweep) -> list[str]:
@@ -146,17 +145,7 @@ def _key_table(sweep: Sweep, key: str, match: str | None, target: float | None) 
         cells = [format_value(group.setting[k]) for k in sweep.varying]
         cells += [_cell(_stats(group, value)) for value in columns.values()]
         base = sweep.baseline and is_baseline(group, sweep, sweep.baseline)
-        cells += [_versus(v.get(group.name), base) for v in versus.values()]
+        cells += [versus_text(v.get(group.name), base) for v in versus.values()]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     return lines
-
-
-def _versus(v, base: bool) -> str:
-    if v is None:
-        return "baseline" if base else "no baseline setting"
-    if v.comparison is None:
-        return "n/a (< 2 results)"
-    c = v.comparison
-    verdict = "indistinguishable" if v.p_holm >= ALPHA else "differs"
-    return f"{c.difference:+.4g} [{c.low:+.4g}, {c.high:+.4g}], p={p_text(v.p_holm)} ({verdict})"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.studies import diag_table, study_data
-from bnlab.studies.compare import against_baseline, is_baseline
+from bnlab.studies.compare import against_baseline, is_baseline, versus_text
 from bnlab.studies.plots import FIGURES, Plot, all_figures
 from bnlab.studies.results import (
     RESULTS,
@@ -128,17 +128,9 @@ def table_markdown(sweep: Sweep, baseline: dict[str, Any] | None = None) -> str:
             gain = gains.get(group.name)
             cells.append("n/a (< 2 recalibrated seeds)" if gain is None else verdict(*gain))
         if versus is not None:
-            cells.append(_versus(versus.get(group.name), is_baseline(group, sweep, baseline)))
+            cells.append(versus_text(versus.get(group.name), is_baseline(group, sweep, baseline)))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
-
-
-def _versus(v, base: bool) -> str:
-    if v is None:
-        return "baseline" if base else "no baseline setting to compare with"
-    if v.comparison is None:
-        return f"n/a (< 2 results in this arm or {v.baseline})"
-    return verdict(v.comparison, v.p_holm)
 
 
 def _overview(sweep: Sweep) -> list[str]:
